@@ -1,0 +1,58 @@
+"""The exception hierarchy. Each error carries a message a person can act on; the HTTP layer
+maps these classes (and only these) to status codes in one place."""
+
+from __future__ import annotations
+
+
+class AsropsError(Exception):
+    """Base of every error asrops raises on purpose."""
+
+
+# --- audio input -------------------------------------------------------------------------
+class AudioError(AsropsError):
+    """The input audio cannot be used; the client must send something else."""
+
+
+class EmptyAudioError(AudioError):
+    """Zero bytes, or a container with no samples."""
+
+
+class UndecodableAudioError(AudioError):
+    """Not audio, truncated, or a codec we cannot read."""
+
+
+class InvalidAudioError(AudioError):
+    """Decodes, but the signal itself is unusable (NaN/inf samples, absurd sample rate or channel count)."""
+
+
+class AudioTooLongError(AudioError):
+    """Longer than the configured maximum duration."""
+
+
+class AudioTooLargeError(AudioError):
+    """Upload larger than the configured maximum size."""
+
+
+# --- model registry ----------------------------------------------------------------------
+class RegistryError(AsropsError):
+    """A registry operation failed."""
+
+
+class VersionNotFoundError(RegistryError):
+    """No such version id or alias."""
+
+
+class VersionExistsError(RegistryError):
+    """A version with this id is already published (versions are immutable)."""
+
+
+class ConflictError(RegistryError):
+    """A compare-and-swap write lost: someone else changed the record since it was read."""
+
+
+class ChecksumMismatchError(RegistryError):
+    """A file of a version does not match the sha256 in its manifest (tampered or corrupt)."""
+
+
+class ModelImportError(AsropsError):
+    """A model could not be imported (missing files, unknown layout)."""

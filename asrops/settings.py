@@ -1,0 +1,82 @@
+"""The one settings object. Every field can be set by an env var with the `ASROPS_` prefix;
+nested fields use a double underscore (`ASROPS_ENGINE__KIND=torch`)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "asrops"
+
+
+class RegistrySettings(BaseModel):
+    uri: str = ""
+    """Where model versions live: a local directory, or `s3://bucket/prefix`.
+    Empty means `<data_dir>/registry`."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto, ...); None means AWS's own."""
+    s3_region: str = "us-east-1"
+    cache_dir: Path | None = None
+    """Local copy of versions fetched from S3, verified before use. None means `<data_dir>/cache`."""
+
+
+class EngineSettings(BaseModel):
+    kind: Literal["torch", "onnx", "onnx-int8"] = "onnx-int8"
+    """Inference engine: `onnx-int8` (ONNX Runtime, int8 weights: fastest on CPU), `onnx` (fp32)
+    or `torch` (transformers; fp16 on CUDA)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` takes CUDA when torch (or onnxruntime-gpu) sees a GPU."""
+    threads: int = Field(default=0, ge=0)
+    """Intra-op threads per engine; 0 means one per CPU core."""
+    beam_size: int = Field(default=1, ge=1, le=16)
+    """Default beam width; 1 is greedy decoding."""
+    max_new_tokens: int = Field(default=224, ge=1, le=448)
+    """Most tokens decoded per 30-s window (Whisper's context is 448; half is for the prompt)."""
+
+
+class AudioSettings(BaseModel):
+    max_upload_bytes: int = 25 * 1024 * 1024
+    """Largest accepted upload, in bytes (OpenAI's limit is 25 MiB)."""
+    max_duration_s: float = 600.0
+    """Longest accepted audio, in seconds."""
+    max_sample_rate_hz: int = 384_000
+    """Highest accepted input sample rate, in Hz."""
+    max_channels: int = 32
+    """Most accepted input channels."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ASROPS_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Root of everything the embedded deployment writes (registry, logs, reports)."""
+    log_level: str = "INFO"
+    speech_data_dir: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech"
+    """Real recorded speech with transcripts (`manifest.jsonl`), beside the checkout by default;
+    used by the engine benchmark and the tests that need real speech."""
+    registry: RegistrySettings = RegistrySettings()
+    engine: EngineSettings = EngineSettings()
+    audio: AudioSettings = AudioSettings()
+
+    @cached_property
+    def registry_uri(self) -> str:
+        return self.registry.uri or str(self.data_dir / "registry")
+
+    @cached_property
+    def cache_dir(self) -> Path:
+        return self.registry.cache_dir or (self.data_dir / "cache")
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment; call once at a process's entry point and pass on."""
+    return Settings()
