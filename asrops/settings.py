@@ -53,6 +53,31 @@ class AudioSettings(BaseModel):
     """Most accepted input channels."""
 
 
+class ServeSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = []
+    """Client keys; empty means no auth. Only their sha256 is kept in memory after start."""
+    request_timeout_s: float = 120.0
+    """A transcription not answered in this many seconds gets 504."""
+    max_batch_size: int = Field(default=8, ge=1)
+    """Most requests one model replica decodes together."""
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
+    """How long a replica waits to fill a batch, in seconds."""
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    """Requests in flight per model replica (a batch is built from these)."""
+    max_queued_requests: int = Field(default=64, ge=-1)
+    """Requests waiting per model deployment before new ones get 503 + Retry-After; -1 = no limit."""
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    """Autoscaling bounds per model version; one replica per 2 cores is right on CPU."""
+    target_ongoing_requests: float = 8.0
+    """Autoscaling target of in-flight requests per replica."""
+    ingress_replicas: int = 1
+    retry_after_s: int = 2
+    """Value of Retry-After on 503 responses, in seconds."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ASROPS_", env_nested_delimiter="__", extra="ignore"
@@ -67,6 +92,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = RegistrySettings()
     engine: EngineSettings = EngineSettings()
     audio: AudioSettings = AudioSettings()
+    serve: ServeSettings = ServeSettings()
 
     @cached_property
     def registry_uri(self) -> str:

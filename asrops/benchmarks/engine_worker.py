@@ -1,0 +1,98 @@
+"""Runs ONE engine over a manifest in its own process, so its peak memory is its own.
+Prints one JSON line on stdout; progress goes to stderr.
+
+    python -m asrops.benchmarks.engine_worker '{"engine": ..., "manifest": ..., ...}'
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from asrops.evaluation import EvalItem, evaluate
+
+
+def _faster_whisper(ct2_dir: str, compute_type: str, threads: int):
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(ct2_dir, device="cpu", compute_type=compute_type, cpu_threads=threads)
+
+    def run(audios: list[np.ndarray]) -> list[str]:
+        texts = []
+        for audio in audios:
+            segments, _ = model.transcribe(
+                audio, beam_size=1, temperature=0.0, language="en", condition_on_previous_text=False
+            )
+            texts.append("".join(s.text for s in segments).strip())
+        return texts
+
+    return run
+
+
+def _hf_pipeline(model_dir: str, threads: int):
+    import torch
+    from transformers import pipeline
+
+    torch.set_num_threads(threads)
+    pipe = pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
+
+    def run(audios: list[np.ndarray]) -> list[str]:
+        return [pipe({"raw": a, "sampling_rate": 16_000}, generate_kwargs={"num_beams": 1})["text"].strip() for a in audios]
+
+    return run
+
+
+def _ours(model_dir: str, kind: str, threads: int):
+    from asrops.engines import DecodeOptions, load_engine
+
+    engine = load_engine(Path(model_dir), kind, "cpu", threads)
+    options = DecodeOptions()
+    return lambda audios: [t.text for t in engine.transcribe(audios, options)]
+
+
+def build(job: dict):
+    name, threads = job["engine"], job["threads"]
+    if name.startswith("fw-"):
+        return _faster_whisper(job["ct2_dir"], name.removeprefix("fw-"), threads)
+    if name == "hf-pipeline":
+        return _hf_pipeline(job["model_dir"], threads)
+    return _ours(job["model_dir"], name, threads)
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    items = [EvalItem.model_validate(i) for i in job["items"]]
+    started = time.perf_counter()
+    transcribe = build(job)
+    from asrops.audio import decode_audio
+
+    transcribe([decode_audio(items[0].audio).samples])  # warm-up, not timed
+    load_s = time.perf_counter() - started
+
+    def progress(done: int, total: int) -> None:
+        if done % 25 == 0 or done == total:
+            print(f"  {job['engine']}: {done}/{total}", file=sys.stderr, flush=True)
+
+    report = evaluate(transcribe, items, slice_fields=[], progress=progress, engine=job["engine"])
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "engine": job["engine"],
+        "rtfx": report.rtfx,
+        "wer": report.overall.wer,
+        "cer": report.overall.cer,
+        "n": report.n,
+        "audio_s": report.audio_s,
+        "wall_s": report.wall_s,
+        "load_s": load_s,
+        "peak_rss_mb": peak_mb,
+        "hypotheses": [r.hypothesis for r in report.items],
+    }))
+
+
+if __name__ == "__main__":
+    main()

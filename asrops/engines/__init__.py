@@ -1,0 +1,58 @@
+"""Inference engines behind one interface (`WhisperEngine.transcribe`).
+
+A version directory holds a transformers checkpoint at its root and its ONNX exports in
+`onnx/fp32/` and `onnx/int8/`; `load_engine` picks the backend that runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from asrops.engines.engine import WhisperEngine
+from asrops.engines.types import DecodeOptions, Segment, Transcription
+from asrops.errors import ModelImportError
+
+log = logging.getLogger(__name__)
+
+EngineKind = Literal["torch", "onnx", "onnx-int8"]
+ONNX_SUBDIRS = {"onnx": "onnx/fp32", "onnx-int8": "onnx/int8"}
+
+__all__ = ["DecodeOptions", "EngineKind", "Segment", "Transcription", "WhisperEngine", "load_engine", "resolve_device"]
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → `cuda` when torch sees a GPU, else `cpu`."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "auto", threads: int = 0) -> WhisperEngine:
+    """Build an engine over a (verified) version directory."""
+    model_dir = Path(model_dir)
+    device = resolve_device(device)
+    if kind == "torch":
+        from asrops.engines.torch_backend import TorchWhisperBackend
+
+        backend = TorchWhisperBackend(model_dir, device=device, threads=threads)
+    else:
+        from asrops.engines.onnx_backend import OnnxWhisperBackend
+
+        onnx_dir = model_dir / ONNX_SUBDIRS[kind]
+        if not (onnx_dir / "encoder_model.onnx").exists():
+            raise ModelImportError(f"{model_dir} has no ONNX export in {ONNX_SUBDIRS[kind]}/; re-publish it with export.")
+        backend = OnnxWhisperBackend(onnx_dir, device=device, threads=threads)
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    log.info("loaded %s engine (%s) from %s", kind, device, model_dir)
+    return WhisperEngine(
+        name=kind,
+        backend=backend,
+        model_dir=model_dir,
+        suppress_tokens=gen["suppress_tokens"],
+        begin_suppress_tokens=gen["begin_suppress_tokens"],
+    )

@@ -1,0 +1,289 @@
+"""Whisper decoding, written once for every engine.
+
+An engine only has to run the network (`WhisperBackend`: encode, first decoder pass,
+one decoder step, reorder its cache); everything Whisper-specific lives here: the initial
+prompt, token suppression, timestamp rules, greedy and beam search, 30-s windows over long
+audio, and the quality signals (avg_logprob, no_speech_prob, compression_ratio).
+It follows openai/whisper's `decoding.py` and `transcribe.py`, minus conditioning on
+previous text, so that every window of every request in a batch starts from the same
+tokens and can be decoded in one batch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from asrops.engines.types import DecodeOptions, Segment, Transcription
+
+SAMPLE_RATE = 16_000
+CHUNK_S = 30
+N_SAMPLES = CHUNK_S * SAMPLE_RATE  # 480,000 samples in a 30-s window
+HOP_LENGTH = 160
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames in a window
+TIME_PRECISION = 0.02  # seconds per timestamp token (2 mel frames)
+NO_SPEECH_THRESHOLD = 0.6
+LOGPROB_THRESHOLD = -1.0
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """English-only Whisper's special token ids (tiny.en to medium.en)."""
+
+    eot: int = 50256
+    sot: int = 50257
+    sot_prev: int = 50360
+    no_speech: int = 50361
+    no_timestamps: int = 50362
+    timestamp_begin: int = 50363
+
+
+class WhisperBackend(Protocol):
+    """The network, and nothing else. Arrays are numpy; `cache` is the backend's own."""
+
+    def encode(self, mel: np.ndarray) -> Any:
+        """[B, n_mels, 3000] float32 log-mel → encoder output (opaque)."""
+
+    def start(self, encoded: Any, tokens: np.ndarray) -> tuple[np.ndarray, Any]:
+        """First decoder pass over [B, T] int64 tokens → (logits [B, T, V] float32, cache)."""
+
+    def step(self, tokens: np.ndarray, cache: Any) -> tuple[np.ndarray, Any]:
+        """One decoder step on [B, 1] tokens → (logits [B, V] float32, cache)."""
+
+    def reorder(self, cache: Any, index: np.ndarray) -> Any:
+        """Keep/duplicate cache rows by `index` (beam search, dropping finished rows)."""
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass
+class DecodedWindow:
+    tokens: list[int]  # sampled tokens, without the initial prompt and without EOT
+    sum_logprob: float
+    no_speech_prob: float
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)  # +1 counts EOT, as openai/whisper
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    peak = logits.max(axis=-1, keepdims=True)
+    shifted = logits - peak
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class LogitRules:
+    """Token suppression and openai/whisper's timestamp rules, applied in place."""
+
+    special: SpecialTokens
+    suppress: np.ndarray
+    begin_suppress: np.ndarray
+    sample_begin: int
+    timestamps: bool
+    max_initial_timestamp_index: int = 50
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        """`logits` [N, V], `tokens` [N, T]: the sequences so far, prompt included."""
+        sp = self.special
+        logits[:, self.suppress] = -np.inf
+        if tokens.shape[1] == self.sample_begin:
+            logits[:, self.begin_suppress] = -np.inf
+        if not self.timestamps:
+            logits[:, sp.timestamp_begin :] = -np.inf
+            return
+        logits[:, sp.no_timestamps] = -np.inf
+        for row in range(tokens.shape[0]):
+            sampled = tokens[row, self.sample_begin :]
+            last_ts = len(sampled) >= 1 and sampled[-1] >= sp.timestamp_begin
+            penultimate_ts = len(sampled) < 2 or sampled[-2] >= sp.timestamp_begin
+            if last_ts:
+                if penultimate_ts:  # a pair just closed: text must follow
+                    logits[row, sp.timestamp_begin :] = -np.inf
+                else:  # a lone timestamp: another timestamp or EOT must follow
+                    logits[row, : sp.eot] = -np.inf
+            seen = sampled[sampled >= sp.timestamp_begin]
+            if len(seen):
+                floor = seen[-1] if (last_ts and not penultimate_ts) else seen[-1] + 1
+                logits[row, sp.timestamp_begin : floor] = -np.inf  # time never goes back
+        if tokens.shape[1] == self.sample_begin:
+            logits[:, : sp.timestamp_begin] = -np.inf
+            logits[:, sp.timestamp_begin + self.max_initial_timestamp_index + 1 :] = -np.inf
+        logprobs = _log_softmax(logits)
+        ts_mass = np.logaddexp.reduce(logprobs[:, sp.timestamp_begin :], axis=-1)
+        best_text = logprobs[:, : sp.timestamp_begin].max(axis=-1)
+        logits[ts_mass > best_text, : sp.timestamp_begin] = -np.inf
+
+
+@dataclass
+class WindowDecoder:
+    """Decodes a batch of 30-s windows that share one set of initial tokens."""
+
+    backend: WhisperBackend
+    special: SpecialTokens
+    suppress: np.ndarray
+    begin_suppress: np.ndarray
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+    def initial_tokens(self, prompt_tokens: list[int], timestamps: bool) -> list[int]:
+        sp = self.special
+        head = [sp.sot_prev, *prompt_tokens[-223:]] if prompt_tokens else []
+        return [*head, sp.sot] + ([] if timestamps else [sp.no_timestamps])
+
+    def decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions) -> list[DecodedWindow]:
+        batch = mel.shape[0]
+        sot_index = initial.index(self.special.sot)
+        rules = LogitRules(self.special, self.suppress, self.begin_suppress, len(initial), options.timestamps)
+        max_len = min(len(initial) + options.max_new_tokens, 448)
+        encoded = self.backend.encode(mel)
+        tokens = np.tile(np.asarray(initial, dtype=np.int64), (batch, 1))
+        logits, cache = self.backend.start(encoded, tokens)
+        sot_logits = logits[:, sot_index].astype(np.float32)
+        no_speech = np.exp(_log_softmax(sot_logits))[:, self.special.no_speech]
+        last = logits[:, -1].astype(np.float32)
+        if options.beam_size > 1:
+            results = self._beam(last, cache, tokens, rules, max_len, options.beam_size)
+        else:
+            results = self._greedy(last, cache, tokens, rules, max_len, options.temperature)
+        return [
+            DecodedWindow(toks, lp, float(ns)) for (toks, lp), ns in zip(results, no_speech, strict=True)
+        ]
+
+    def _greedy(self, logits, cache, tokens, rules, max_len, temperature):
+        eot = self.special.eot
+        batch, begin = tokens.shape[0], tokens.shape[1]
+        rows = np.arange(batch)  # which request each live row belongs to
+        sums = np.zeros(batch)
+        done: dict[int, tuple[list[int], float]] = {}
+        while True:
+            rules.apply(logits, tokens)
+            logprobs = _log_softmax(logits)
+            if temperature > 0:
+                probs = np.exp(_log_softmax(logits / temperature))
+                nxt = np.array([self.rng.choice(len(p), p=p) for p in probs])
+            else:
+                nxt = logits.argmax(axis=-1)
+            sums[rows] += logprobs[np.arange(len(rows)), nxt]
+            tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+            finished = (nxt == eot) | (tokens.shape[1] >= max_len)
+            for i in np.flatnonzero(finished):
+                seq = tokens[i, begin:].tolist()
+                done[int(rows[i])] = ([t for t in seq if t != eot], float(sums[rows[i]]))
+            if finished.all():
+                break
+            if finished.any():
+                keep = np.flatnonzero(~finished)
+                rows, tokens, nxt = rows[keep], tokens[keep], nxt[keep]
+                cache = self.backend.reorder(cache, keep)
+            logits, cache = self.backend.step(nxt[:, None], cache)
+            logits = logits.astype(np.float32)
+        return [done[i] for i in range(batch)]
+
+    def _beam(self, logits, cache, tokens, rules, max_len, beam):
+        """Beam search per request, rows laid out request-major: row = b * beam + k."""
+        eot = self.special.eot
+        batch, begin = tokens.shape[0], tokens.shape[1]
+        expand = np.repeat(np.arange(batch), beam)
+        cache = self.backend.reorder(cache, expand)
+        tokens, logits = tokens[expand], logits[expand]
+        scores = np.tile(np.r_[0.0, np.full(beam - 1, -np.inf)], batch)  # only beam 0 is real at first
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        while True:
+            rules.apply(logits, tokens)
+            cand = (scores[:, None] + _log_softmax(logits)).reshape(batch, -1)  # [B, beam*V]
+            vocab = logits.shape[-1]
+            new_rows, new_tokens, new_scores = [], [], []
+            for b in range(batch):
+                order = np.argsort(-cand[b])[: 2 * beam + 1]
+                picked = 0
+                for flat in order:
+                    k, tok = divmod(int(flat), vocab)
+                    score, row = float(cand[b, flat]), b * beam + k
+                    if not np.isfinite(score):
+                        break
+                    if tok == eot or tokens.shape[1] + 1 >= max_len:
+                        if len(finished[b]) < beam:
+                            seq = tokens[row, begin:].tolist() + ([] if tok == eot else [tok])
+                            finished[b].append((score, seq))
+                        continue
+                    if picked < beam:
+                        new_rows.append(row)
+                        new_tokens.append(tok)
+                        new_scores.append(score)
+                        picked += 1
+                while picked < beam:  # keep the layout: pad with a dead row
+                    new_rows.append(b * beam)
+                    new_tokens.append(eot)
+                    new_scores.append(-np.inf)
+                    picked += 1
+            if all(len(f) >= beam for f in finished) or tokens.shape[1] + 1 >= max_len:
+                break
+            index = np.asarray(new_rows)
+            cache = self.backend.reorder(cache, index)
+            nxt = np.asarray(new_tokens, dtype=np.int64)
+            tokens = np.concatenate([tokens[index], nxt[:, None]], axis=1)
+            scores = np.asarray(new_scores)
+            logits, cache = self.backend.step(nxt[:, None], cache)
+            logits = logits.astype(np.float32)
+        results = []
+        for b in range(batch):
+            if not finished[b]:  # nothing ended: take the best live beam
+                row = b * beam + int(np.argmax(scores[b * beam : (b + 1) * beam]))
+                finished[b].append((float(scores[row]), tokens[row, begin:].tolist()))
+            score, seq = max(finished[b], key=lambda item: item[0] / (len(item[1]) + 1))
+            results.append(([t for t in seq if t != eot], score))
+        return results
+
+
+def split_segments(
+    window: DecodedWindow, offset_s: float, window_s: float, special: SpecialTokens
+) -> tuple[list[tuple[float, float, list[int]]], float]:
+    """Cut a window's tokens at timestamp pairs → (segments as (start, end, text tokens),
+    seconds consumed, i.e. where the next window should start relative to this one)."""
+    ts_begin = special.timestamp_begin
+    toks = window.tokens
+    is_ts = [t >= ts_begin for t in toks]
+    single_ending = len(toks) >= 2 and is_ts[-1] and not is_ts[-2]
+    cuts = [i for i in range(1, len(toks)) if is_ts[i] and is_ts[i - 1]]
+    if single_ending:
+        cuts.append(len(toks))
+    segments: list[tuple[float, float, list[int]]] = []
+    if cuts:
+        last = 0
+        for cut in cuts:
+            piece = toks[last:cut]
+            stamps = [t for t in piece if t >= ts_begin]
+            if len(stamps) >= 1 and any(t < ts_begin for t in piece):
+                start = (stamps[0] - ts_begin) * TIME_PRECISION
+                end = (stamps[-1] - ts_begin) * TIME_PRECISION
+                segments.append((offset_s + start, offset_s + end, [t for t in piece if t < ts_begin]))
+            last = cut
+        if single_ending:
+            consumed = window_s
+        else:  # the window ends mid-segment: resume at the last complete timestamp
+            consumed = (toks[cuts[-1] - 1] - ts_begin) * TIME_PRECISION
+    else:
+        stamps = [t for t in toks if t >= ts_begin]
+        end = window_s
+        if stamps and stamps[-1] != ts_begin:
+            end = (stamps[-1] - ts_begin) * TIME_PRECISION
+        text = [t for t in toks if t < ts_begin]
+        if text:
+            segments.append((offset_s, offset_s + min(end, window_s), text))
+        consumed = window_s
+    if consumed <= 0:  # never loop on the same window
+        consumed = window_s
+    return segments, consumed

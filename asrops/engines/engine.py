@@ -1,0 +1,143 @@
+"""`WhisperEngine`: audio in, `Transcription`s out, for any backend.
+
+Long audio is cut into 30-s windows; the windows of every request in a batch are decoded
+together, each request moving on by as much as its own timestamps say it consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from asrops.engines.decoding import (
+    LOGPROB_THRESHOLD,
+    N_SAMPLES,
+    NO_SPEECH_THRESHOLD,
+    SAMPLE_RATE,
+    DecodedWindow,
+    SpecialTokens,
+    WhisperBackend,
+    WindowDecoder,
+    compression_ratio,
+    split_segments,
+)
+from asrops.engines.types import DecodeOptions, Segment, Transcription
+
+log = logging.getLogger(__name__)
+
+
+class HFTextTokenizer:
+    """Text tokens only (ids below EOT); timestamps and specials are handled by ids."""
+
+    def __init__(self, tokenizer_json: Path, eot: int):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        self._eot = eot
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([i for i in ids if i < self._eot], skip_special_tokens=True)
+
+
+class LogMel:
+    """Whisper's log-mel spectrogram (transformers' feature extractor, torch STFT)."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import WhisperFeatureExtractor
+
+        self._fe = WhisperFeatureExtractor.from_pretrained(model_dir)
+
+    def __call__(self, chunks: list[np.ndarray]) -> np.ndarray:
+        out = self._fe(chunks, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length")
+        return out.input_features.astype(np.float32)
+
+
+@dataclass
+class _Progress:
+    """One request's position in the windowing loop."""
+
+    audio: np.ndarray
+    seek: int = 0  # samples consumed so far
+    segments: list[Segment] | None = None
+
+    def __post_init__(self):
+        self.segments = []
+
+    @property
+    def done(self) -> bool:
+        return self.seek >= len(self.audio) - SAMPLE_RATE // 100  # under 10 ms left
+
+
+class WhisperEngine:
+    """Transcribes batches of 16-kHz mono float32 audio."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: WhisperBackend,
+        model_dir: Path,
+        suppress_tokens: list[int],
+        begin_suppress_tokens: list[int],
+        special: SpecialTokens = SpecialTokens(),
+    ):
+        self.name = name
+        self.backend = backend
+        self.special = special
+        self.tokenizer = HFTextTokenizer(model_dir / "tokenizer.json", special.eot)
+        self.log_mel = LogMel(model_dir)
+        self.decoder = WindowDecoder(
+            backend,
+            special,
+            np.asarray(suppress_tokens, dtype=np.int64),
+            np.asarray(begin_suppress_tokens, dtype=np.int64),
+        )
+
+    def transcribe(self, audios: list[np.ndarray], options: DecodeOptions | None = None) -> list[Transcription]:
+        options = options or DecodeOptions()
+        prompt = self.tokenizer.encode(" " + options.prompt.strip()) if options.prompt else []
+        initial = self.decoder.initial_tokens(prompt, options.timestamps)
+        states = [_Progress(np.asarray(a, dtype=np.float32)) for a in audios]
+        while live := [s for s in states if not s.done]:
+            chunks = [s.audio[s.seek : s.seek + N_SAMPLES] for s in live]
+            windows = self.decoder.decode(self.log_mel(chunks), initial, options)
+            for state, chunk, window in zip(live, chunks, windows, strict=True):
+                self._advance(state, len(chunk), window, options)
+        return [self._result(s) for s in states]
+
+    def _advance(self, state: _Progress, chunk_len: int, window: DecodedWindow, options: DecodeOptions) -> None:
+        offset_s, window_s = state.seek / SAMPLE_RATE, chunk_len / SAMPLE_RATE
+        if window.no_speech_prob > NO_SPEECH_THRESHOLD and window.avg_logprob < LOGPROB_THRESHOLD:
+            state.seek += chunk_len  # silence: skip the window, as openai/whisper does
+            return
+        pieces, consumed_s = split_segments(window, offset_s, window_s, self.special)
+        for start, end, tokens in pieces:
+            text = self.tokenizer.decode(tokens)
+            if not text.strip():
+                continue
+            state.segments.append(
+                Segment(
+                    id=len(state.segments),
+                    start=round(start, 3),
+                    end=round(max(end, start), 3),
+                    text=text,
+                    tokens=tokens,
+                    avg_logprob=window.avg_logprob,
+                    no_speech_prob=window.no_speech_prob,
+                    compression_ratio=compression_ratio(text),
+                    temperature=options.temperature,
+                )
+            )
+        state.seek += max(1, min(chunk_len, round(consumed_s * SAMPLE_RATE)))
+
+    def _result(self, state: _Progress) -> Transcription:
+        return Transcription(
+            text="".join(s.text for s in state.segments).strip(),
+            segments=state.segments,
+            duration_s=len(state.audio) / SAMPLE_RATE,
+        )

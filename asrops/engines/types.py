@@ -1,0 +1,45 @@
+"""What crosses the engine boundary: decode options in, transcriptions out."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class DecodeOptions(BaseModel):
+    """How to decode one request. Requests in one batch share identical options."""
+
+    beam_size: int = Field(default=1, ge=1, le=16)
+    """1 is greedy decoding."""
+    temperature: float = Field(default=0.0, ge=0.0, le=1.0)
+    """0 decodes deterministically; above 0 samples (greedy path only)."""
+    prompt: str | None = None
+    """Initial prompt: previous text or domain vocabulary that biases decoding."""
+    timestamps: bool = True
+    """Decode Whisper's timestamp tokens so segments carry real start/end times."""
+    max_new_tokens: int = Field(default=224, ge=1, le=448)
+
+
+class Segment(BaseModel):
+    """One decoded stretch of speech with Whisper's own quality signals."""
+
+    id: int
+    start: float
+    """Seconds from the start of the audio."""
+    end: float
+    text: str
+    tokens: list[int]
+    avg_logprob: float
+    """Mean log-probability of the segment's tokens (Whisper flags < -1.0 as doubtful)."""
+    no_speech_prob: float
+    """Probability of the no-speech token at the start of the window."""
+    compression_ratio: float
+    """gzip ratio of the text; > 2.4 means repetitive, likely hallucinated."""
+    temperature: float = 0.0
+
+
+class Transcription(BaseModel):
+    text: str
+    segments: list[Segment]
+    language: str = "en"
+    duration_s: float
+    """Duration of the input audio in seconds."""

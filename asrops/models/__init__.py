@@ -1,0 +1,1 @@
+"""Turning model files from elsewhere into transformers Whisper checkpoints we can publish."""

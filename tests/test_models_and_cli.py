@@ -1,0 +1,128 @@
+"""The CTranslate2 importer, checkpoint checks, and the `asrops` command end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from asrops.cli import app
+from asrops.errors import ModelImportError
+from asrops.models.ct2_import import embedded_ct2_dir
+from asrops.models.ct2_reader import read_ct2_model
+from asrops.models.importer import check_checkpoint
+
+runner = CliRunner()
+
+
+def _cli(data_dir, *args):
+    result = runner.invoke(app, list(args), env={"ASROPS_DATA_DIR": str(data_dir)}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_converted_weights_equal_the_ct2_originals(stable_dir):
+    _, ct2 = read_ct2_model(embedded_ct2_dir() / "model.bin")
+    hf = load_file(str(stable_dir / "model.safetensors"))
+    q, k, v = np.split(ct2["decoder/layer_2/self_attention/linear_0/weight"].astype(np.float32), 3)
+    assert np.array_equal(hf["model.decoder.layers.2.self_attn.q_proj.weight"], q)
+    assert np.array_equal(hf["model.decoder.layers.2.self_attn.k_proj.weight"], k)
+    assert np.array_equal(hf["model.decoder.layers.2.self_attn.v_proj.weight"], v)
+    k_x, v_x = np.split(ct2["decoder/layer_1/attention/linear_1/weight"].astype(np.float32), 2)
+    assert np.array_equal(hf["model.decoder.layers.1.encoder_attn.k_proj.weight"], k_x)
+    assert np.array_equal(hf["model.decoder.layers.1.encoder_attn.v_proj.weight"], v_x)
+    assert np.array_equal(
+        hf["model.encoder.embed_positions.weight"], ct2["encoder/position_encodings/encodings"].astype(np.float32)
+    )
+    assert "model.decoder.layers.0.self_attn.k_proj.bias" not in hf  # Whisper's K has no bias
+
+
+def test_generation_config_keeps_whispers_suppression_lists(stable_dir):
+    """Without them the decoder emits quotes and other tokens Whisper never should."""
+    ct2_config = json.loads((embedded_ct2_dir() / "config.json").read_text())
+    gen = json.loads((stable_dir / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == ct2_config["suppress_ids"]
+    assert gen["begin_suppress_tokens"] == ct2_config["suppress_ids_begin"]
+    assert gen["no_timestamps_token_id"] == 50362 and gen["decoder_start_token_id"] == 50257
+
+
+def test_truncated_ct2_file_is_refused(tmp_path):
+    broken = tmp_path / "model.bin"
+    broken.write_bytes((embedded_ct2_dir() / "model.bin").read_bytes()[:5000])
+    with pytest.raises(ModelImportError, match="truncated"):
+        read_ct2_model(broken)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"model_type": "bert", "vocab_size": 30522}, "not Whisper"),
+        ({"model_type": "whisper", "vocab_size": 51865}, "multilingual"),
+    ],
+)
+def test_checkpoints_we_cannot_serve_are_refused(tmp_path, config, message):
+    for name in ("model.safetensors", "preprocessor_config.json", "tokenizer.json", "generation_config.json"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelImportError, match=message):
+        check_checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ModelImportError, match="missing model.safetensors"):
+        check_checkpoint(tmp_path)
+
+
+@pytest.mark.slow
+def test_import_default_is_idempotent(data_dir):
+    first = _cli(data_dir, "models", "list")
+    stable_id = _cli(data_dir, "models", "import-default").strip()
+    assert _cli(data_dir, "models", "list") == first
+    assert re.search(rf"^{re.escape(stable_id)} .* stable$", first, re.M)
+    manifest = json.loads(_cli(data_dir, "models", "show", "stable"))
+    assert manifest["id"] == stable_id and manifest["family"] == "whisper-tiny.en"
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"model.safetensors", "onnx/int8/encoder_model.onnx", "onnx/fp32/decoder_with_past_model.onnx"} <= paths
+    assert all(re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) for f in manifest["files"])
+
+
+@pytest.mark.slow
+def test_transcribe_and_eval_commands(data_dir, speech_dir, tmp_path):
+    srt = _cli(data_dir, "transcribe", str(speech_dir / "faster_whisper/jfk.flac"), "--format", "srt")
+    assert re.match(r"1\n00:00:00,000 --> 00:00:\d\d,\d{3}\n", srt)
+    assert "country" in srt
+    manifest = tmp_path / "m.jsonl"
+    rows = [
+        {"audio": str(speech_dir / "faster_whisper/jfk.flac"), "accent": "us",
+         "text": "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."},
+        {"audio": str(speech_dir / "voiceagent_minilibrispeech/dev-clean-2-0002.wav"), "accent": "uk",
+         "text": "THERE WAS NOT A SINGLE NOTE OF GLOOM"},
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    report = json.loads(_cli(data_dir, "eval", "stable", str(manifest), "--json"))
+    assert report["wer"] == 0.0 and report["cer"] == 0.0
+    assert set(report["slices"]["accent"]) == {"us", "uk"}
+    assert "accent" in _cli(data_dir, "eval", "stable", str(manifest))
+
+
+@pytest.mark.slow
+def test_import_a_local_checkpoint_as_canary(stable_dir, tmp_path):
+    """Any local transformers Whisper checkpoint directory (here: the stable's own files)."""
+    new_id = _cli(tmp_path, "models", "import", str(stable_dir), "--family", "whisper-tiny.en", "--alias", "canary")
+    new_id = new_id.strip().splitlines()[-1]
+    listing = _cli(tmp_path, "models", "list")
+    assert re.search(rf"^{re.escape(new_id)} .* canary$", listing, re.M)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["models"], ["models", "list"], ["models", "show"], ["models", "import"], ["models", "import-default"],
+     ["transcribe"], ["eval"], ["bench"], ["bench", "engine"]],
+)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
