@@ -1,0 +1,225 @@
+"""Sentences to speak: templates per vocabulary domain, with slots filled from word lists.
+
+Each template has a stable id (`<domain>-<nn>`), so a retraining set and its held-out set can be
+drawn from disjoint templates (held-out sentences that share a template with training overstate a
+retrain). Append new patterns at the end of a domain's list: ids are positions.
+
+References are written the way Whisper's English normaliser and both TTS engines agree on:
+integers as digits, money as "N dollars" (espeak reads "$5" as "dollar five"), no years, no clock
+times, no digit strings.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Domain = Literal["commands", "medical", "finance", "numbers", "general"]
+DOMAINS: tuple[Domain, ...] = ("commands", "medical", "finance", "numbers", "general")
+
+SLOTS: dict[str, tuple[str, ...]] = {
+    "name": (
+        "Maria", "James", "Aisha", "Robert", "Chen", "Olivia", "Samuel", "Priya", "Daniel",
+        "Fatima", "George", "Hannah", "Lucas", "Grace", "Omar", "Emily", "Victor", "Sophie",
+        "Martin", "Julia", "Peter", "Laura", "Henry", "Nina", "Thomas", "Rachel", "Kevin", "Anna",
+    ),
+    "surname": (
+        "Lopez", "Patel", "Smith", "Nguyen", "Brown", "Garcia", "Miller", "Wilson", "Taylor",
+        "Anderson", "Thompson", "Walker", "Harris", "Clark", "Lewis", "Young", "Baker", "Turner",
+    ),
+    "drug": (
+        "amoxicillin", "ibuprofen", "metformin", "lisinopril", "atorvastatin", "omeprazole",
+        "insulin", "aspirin", "prednisone", "warfarin", "heparin", "morphine", "paracetamol",
+        "albuterol", "furosemide", "ceftriaxone", "vancomycin", "gabapentin",
+    ),
+    "dose": ("5", "10", "20", "25", "40", "50", "100", "200", "250", "500", "750", "1000"),
+    "unit": ("milligrams", "micrograms", "units", "milliliters"),
+    "room": tuple(str(f * 100 + r) for f in (1, 2, 3, 4) for r in (2, 4, 7, 11, 15, 20)),
+    "ward": ("cardiology", "oncology", "pediatrics", "the emergency department", "radiology",
+             "the intensive care unit", "neurology", "maternity", "orthopedics"),
+    "symptom": ("chest pain", "a fever", "shortness of breath", "a headache", "nausea",
+                "dizziness", "back pain", "a rash", "a persistent cough", "swelling"),
+    "test": ("a blood test", "an x-ray", "an MRI scan", "an ultrasound", "a urine sample",
+             "a CT scan", "an ECG", "a biopsy"),
+    "day": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
+    "date": tuple(f"{m} {d}" for m in ("March", "June", "October", "December")
+                  for d in ("1st", "3rd", "12th", "15th", "21st", "28th")),
+    "amount": ("15", "45", "80", "120", "250", "600", "900", "1,250", "3,000", "4,500",
+               "12,000", "75,000"),
+    "account": ("checking", "savings", "business", "joint", "retirement", "credit card"),
+    "company": ("Apple", "Microsoft", "Amazon", "Tesla", "Google", "Netflix", "Boeing",
+                "Walmart", "Intel", "Disney"),
+    "percent": ("2", "3", "5", "7", "10", "12", "15", "20", "25"),
+    "count": tuple(str(n) for n in (2, 3, 4, 6, 8, 9, 12, 14, 16, 18, 24, 30, 40, 60, 75, 90)),
+    "big": ("150", "320", "480", "700", "1,200", "2,500", "8,000", "15,000", "40,000",
+            "250,000"),
+    "item": ("boxes", "chairs", "laptops", "bottles of water", "pallets", "tickets", "crates",
+             "printers", "bags of rice", "light bulbs"),
+    "city": ("Boston", "Chicago", "Denver", "Seattle", "Houston", "Atlanta", "Phoenix",
+             "Miami", "Portland", "Dallas", "London", "Toronto"),
+    "device": ("the lights", "the television", "the fan", "the heater", "the radio",
+               "the oven", "the dishwasher", "the air conditioner", "the alarm"),
+    "place": ("the kitchen", "the living room", "the bedroom", "the garage", "the office",
+              "the bathroom", "the hallway", "the basement"),
+    "contact": ("my mother", "my brother", "the office", "the doctor", "my manager",
+                "the school", "my neighbor", "the dentist"),
+    "song": ("some jazz", "the news", "classical music", "my workout playlist", "a podcast",
+             "some rock music", "the weather forecast", "an audiobook"),
+    "minutes": ("5", "10", "15", "20", "30", "45", "90"),
+    "food": ("pasta", "soup", "a sandwich", "pizza", "rice and beans", "a salad", "pancakes",
+             "grilled fish", "chicken curry"),
+    "animal": ("dog", "cat", "horse", "rabbit", "parrot", "goat", "fox", "owl"),
+    "weather": ("sunny", "cold", "rainy", "windy", "cloudy", "warm", "foggy"),
+    "activity": ("read a book", "go for a walk", "visit the museum", "cook dinner",
+                 "watch a movie", "clean the house", "ride a bike", "plant some flowers"),
+    "adjective": ("quiet", "busy", "beautiful", "crowded", "peaceful", "noisy", "small",
+                  "large"),
+}  # fmt: skip
+
+_PATTERNS: dict[Domain, tuple[str, ...]] = {
+    "commands": (
+        "Turn off {device} in {place}.",
+        "Please turn on {device} in {place}.",
+        "Set a timer for {minutes} minutes.",
+        "Call {contact} on {day}.",
+        "Play {song} in {place}.",
+        "Remind me to call {contact} in {minutes} minutes.",
+        "Send a message to {name} saying I will be late.",
+        "Add {food} to my shopping list.",
+        "What is the weather like in {city} on {day}?",
+        "Open the door to {place} and turn on {device}.",
+        "Schedule a meeting with {name} {surname} on {day}.",
+        "Navigate to the nearest station in {city}.",
+    ),
+    "medical": (
+        "Give {name} {surname} {dose} {unit} of {drug}.",
+        "The patient in room {room} reports {symptom}.",
+        "Schedule a follow up for {name} {surname} on {day}.",
+        "Order {test} for the patient in room {room}.",
+        "Please move {name} {surname} to {ward}.",
+        "Stop the {drug} and start {dose} {unit} of {drug2}.",
+        "Doctor {surname} will see the patient in room {room} on {day}.",
+        "{name} has been taking {drug} for {count} days.",
+        "The nurse in {ward} needs {test} for {name} {surname}.",
+        "Increase the {drug} to {dose} {unit} twice a day.",
+        "The patient complains of {symptom} after taking {drug}.",
+        "Discharge {name} {surname} from room {room} on {date}.",
+    ),
+    "finance": (
+        "Transfer {amount} dollars from my {account} account to {name}.",
+        "My {account} account balance is {amount} dollars.",
+        "Buy {count} shares of {company} today.",
+        "Sell my {company} stock if it drops {percent} percent.",
+        "The invoice for {amount} dollars is due on {date}.",
+        "Pay {name} {surname} {amount} dollars on {day}.",
+        "The interest rate on the {account} account is {percent} percent.",
+        "{company} shares rose {percent} percent on {day}.",
+        "Please cancel the payment of {amount} dollars to {company}.",
+        "Open a new {account} account for {name} {surname}.",
+        "The quarterly report shows revenue of {big} dollars.",
+        "Set aside {amount} dollars each month for savings.",
+    ),
+    "numbers": (
+        "Order {count} {item} for the office in {city}.",
+        "The warehouse in {city} has {big} {item} in stock.",
+        "We need {count} {item} by {date}.",
+        "There were {big} people at the concert in {city}.",
+        "The package weighs {count} pounds and costs {amount} dollars.",
+        "Room {room} has {count} chairs and {count2} tables.",
+        "The train to {city} leaves in {minutes} minutes.",
+        "The population of the town grew by {percent} percent to {big}.",
+        "Add {count} and {count2} and tell me the total.",
+        "The bus carries {count} passengers and {count2} bags.",
+        "Deliver {count} {item} to room {room} on {day}.",
+        "The distance to {city} is {big} miles.",
+    ),
+    "general": (
+        "The {animal} slept in the garden all afternoon.",
+        "I would like to {activity} on {day}.",
+        "It was {weather} in {city} yesterday.",
+        "{name} cooked {food} for the whole family.",
+        "The streets of {city} were {adjective} this morning.",
+        "My friend {name} wants to {activity} this weekend.",
+        "We saw a {animal} near the river on {day}.",
+        "The library in {city} is {adjective} and {adjective2}.",
+        "After dinner we decided to {activity}.",
+        "{name} {surname} moved to {city} last year.",
+        "The weather will be {weather} and {weather2} on {day}.",
+        "Let us have {food} and then {activity}.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    domain: Domain
+    pattern: str
+
+    @property
+    def slots(self) -> list[str]:
+        """Slot names in order; a trailing digit (`drug2`) draws a different word of `drug`."""
+        return [f for _, f, _, _ in string.Formatter().parse(self.pattern) if f]
+
+    @property
+    def variants(self) -> int:
+        """How many distinct sentences this template can make."""
+        total, used = 1, {}
+        for slot in self.slots:
+            base = slot.rstrip("0123456789")
+            total *= len(SLOTS[base]) - used.get(base, 0)
+            used[base] = used.get(base, 0) + 1
+        return total
+
+    def render(self, rng: np.random.Generator) -> str:
+        values, taken = {}, {}
+        for slot in self.slots:
+            base = slot.rstrip("0123456789")
+            words = [w for w in SLOTS[base] if w not in taken.get(base, ())]
+            values[slot] = words[int(rng.integers(len(words)))]
+            taken.setdefault(base, set()).add(values[slot])
+        text = self.pattern.format(**values)
+        return text[0].upper() + text[1:]
+
+
+TEMPLATES: dict[str, Template] = {
+    f"{domain}-{k:02d}": Template(f"{domain}-{k:02d}", domain, pattern)
+    for domain, patterns in _PATTERNS.items()
+    for k, pattern in enumerate(patterns, 1)
+}
+
+
+def templates_for(domain: Domain, template_ids: list[str] | None = None) -> list[Template]:
+    return [
+        t
+        for t in TEMPLATES.values()
+        if t.domain == domain and (template_ids is None or t.id in template_ids)
+    ]
+
+
+def sentence_count(domain: Domain) -> int:
+    """Distinct sentences a domain can make (templates never produce the same sentence)."""
+    return sum(t.variants for t in templates_for(domain))
+
+
+def split_templates(test_fraction: float = 0.25, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train ids, test ids): disjoint, every domain on both sides, the same for the same seed.
+    Pass each as `SynthSpec.template_ids` so a held-out set shares no template with training."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for domain in DOMAINS:
+        ids = [t.id for t in templates_for(domain)]
+        order = rng.permutation(len(ids))
+        k = min(len(ids) - 1, max(1, math.ceil(test_fraction * len(ids))))
+        test += sorted(ids[i] for i in order[:k])
+        train += sorted(ids[i] for i in order[k:])
+    return train, test
+
+
+def shared_templates(rows_a: list[dict], rows_b: list[dict]) -> set[str]:
+    """Template ids that occur in both manifests' rows (empty when they are disjoint)."""
+    return {r["template"] for r in rows_a} & {r["template"] for r in rows_b}
