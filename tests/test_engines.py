@@ -82,11 +82,15 @@ def test_prompt_biases_vocabulary(engines, speech_dir):
     assert "Virgilius" in prompted
 
 
-def test_silence_yields_no_text(engines):
+def test_silence_yields_no_text_and_speech_after_silence_keeps_its_time(engines, speech_dir):
     silence = np.zeros(16_000 * 5, dtype=np.float32)
     result = engines["onnx-int8"].transcribe([silence])[0]
-    assert result.text == ""
+    assert result.text == "" and result.segments == []
     assert result.duration_s == 5.0
+    speech = _audio(speech_dir, "voiceagent_minilibrispeech/dev-clean-2-0002.wav")
+    late = engines["onnx-int8"].transcribe([np.concatenate([np.zeros(16_000 * 31, np.float32), speech])])[0]
+    assert normalize_english(late.text) == "there was not a single note of gloom"
+    assert late.segments[0].start >= 30.0
 
 
 def test_engines_agree_with_faster_whisper_on_real_speech(engines, speech_dir):

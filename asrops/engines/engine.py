@@ -28,6 +28,8 @@ from asrops.engines.types import DecodeOptions, Segment, Transcription
 
 log = logging.getLogger(__name__)
 
+SILENCE_PEAK = 1e-3  # -60 dBFS: a window this quiet is not decoded (Whisper hallucinates "you" on it)
+
 
 class HFTextTokenizer:
     """Text tokens only (ids below EOT); timestamps and specials are handled by ids."""
@@ -105,9 +107,14 @@ class WhisperEngine:
         states = [_Progress(np.asarray(a, dtype=np.float32)) for a in audios]
         while live := [s for s in states if not s.done]:
             chunks = [s.audio[s.seek : s.seek + N_SAMPLES] for s in live]
-            windows = self.decoder.decode(self.log_mel(chunks), initial, options)
-            for state, chunk, window in zip(live, chunks, windows, strict=True):
-                self._advance(state, len(chunk), window, options)
+            audible = [i for i, c in enumerate(chunks) if np.abs(c).max() >= SILENCE_PEAK]
+            for i in set(range(len(live))) - set(audible):
+                live[i].seek += len(chunks[i])
+            if not audible:
+                continue
+            windows = self.decoder.decode(self.log_mel([chunks[i] for i in audible]), initial, options)
+            for i, window in zip(audible, windows, strict=True):
+                self._advance(live[i], len(chunks[i]), window, options)
         return [self._result(s) for s in states]
 
     def _advance(self, state: _Progress, chunk_len: int, window: DecodedWindow, options: DecodeOptions) -> None:

@@ -56,7 +56,10 @@ def read_ct2_model(path: Path) -> tuple[str, dict[str, np.ndarray]]:
             name = _read_str(f)
             shape = tuple(_read(f, "I") for _ in range(_read(f, "B")))
             dtype_id = _read(f, "B")
-            raw = f.read(_read(f, "I"))
+            size = _read(f, "I")
+            raw = f.read(size)
+            if len(raw) != size:
+                raise ModelImportError(f"{path} ends inside variable {name}: the file is truncated.")
             dtype = _DTYPES.get(dtype_id)
             if dtype is None:
                 raise ModelImportError(f"{path}: variable {name} has unknown dtype id {dtype_id}.")
