@@ -148,7 +148,7 @@ def serve_command(
 
     url = run_config(settings, config, _say) if config else run_local(settings, _say)
     typer.echo(f"asrops is serving at {url}  (OpenAI API at {url}/v1, docs at {url}/docs)")
-    typer.echo(f"try:  {curl_example(url)}")
+    typer.echo(f"try:  {curl_example(url, settings)}")
     typer.echo("Ctrl-C stops it.")
     try:
         while True:

@@ -1,18 +1,9 @@
 #!/usr/bin/env bash
-# Set everything up, then run asrops on its embedded defaults: import the default model into
-# the registry (first time only) and transcribe a sample.
+# Set everything up, then run the whole service locally on its embedded defaults: local Ray,
+# Serve, the registry under ~/.local/share/asrops (the embedded Whisper tiny.en is imported
+# as `stable` on first run, about a minute) and the OpenAI-compatible API on port 8000.
+# Extra arguments go to `asrops serve` (e.g. --port 9000, --config serve/serve_config.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-asrops=.venv/bin/asrops
-
-$asrops models import-default
-$asrops models list
-
-sample=../shared/data/speech/faster_whisper/jfk.flac
-if [ ! -f "$sample" ]; then
-  sample=$(mktemp --suffix=.wav)
-  espeak-ng -w "$sample" "Speech recognition turns spoken words into text."
-fi
-echo "==> asrops transcribe $sample --format verbose_json"
-$asrops transcribe "$sample" --format verbose_json
+exec .venv/bin/asrops serve "$@"

@@ -60,3 +60,72 @@ def moto_endpoint() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
+
+
+@pytest.fixture(scope="session")
+def speech_dir() -> Path:
+    """Real recorded English speech with exact transcripts (../shared/data/speech)."""
+    if not (SPEECH_DIR / "manifest.jsonl").exists():
+        pytest.skip(f"real speech not found at {SPEECH_DIR}; tests that need it are skipped")
+    return SPEECH_DIR
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One asrops data directory for the session, holding the embedded default as `stable`
+    (imported once: conversion, ONNX export and quantisation take about a minute)."""
+    from asrops.models.importer import import_embedded_default
+    from asrops.registry import ModelRegistry
+    from asrops.settings import Settings
+
+    root = tmp_path_factory.mktemp("asrops-data")
+    import_embedded_default(ModelRegistry.from_settings(Settings(data_dir=root)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def stable_dir(data_dir) -> Path:
+    """The verified local directory of the default `stable` version."""
+    from asrops.registry import ModelRegistry
+    from asrops.settings import Settings
+
+    return ModelRegistry.from_settings(Settings(data_dir=data_dir)).fetch("stable")
+
+
+@pytest.fixture(scope="session")
+def engines(stable_dir) -> dict:
+    """Each of our engines over the stable version, loaded once, 2 threads."""
+    from asrops.engines import load_engine
+
+    return {kind: load_engine(stable_dir, kind, "cpu", 2) for kind in ("torch", "onnx", "onnx-int8")}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service(data_dir) -> Iterator[str]:
+    """The real service: local Ray, Serve's HTTP proxy, the stable model application and the
+    ingress, on a free port. Yields the base URL; shuts Serve and Ray down at the end."""
+    import ray
+    from ray import serve
+
+    from asrops.settings import Settings
+    from serve.launcher import run_local
+
+    settings = Settings(data_dir=data_dir)
+    settings.serve.port = free_port()
+    settings.serve.max_batch_size = 8
+    settings.serve.batch_wait_timeout_s = 0.1
+    url = run_local(settings)
+    try:
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,190 @@
+"""The OpenAI-compatible HTTP API, as an app factory.
+
+`build_api(transcriber, settings)` is used both by the Ray Serve ingress (where the
+transcriber forwards to model deployments) and by tests (where it can call an engine
+directly), so the HTTP contract is tested once, without Ray.
+"""
+
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Annotated, Protocol
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+
+from asrops.audio import decode_audio
+from asrops.engines.types import DecodeOptions, Transcription
+from asrops.formats import WRITERS
+from asrops.settings import Settings
+from serve.auth import ClientKeys
+from serve.errors import (
+    INVALID_VALUE,
+    TIMEOUT,
+    UNAUTHORIZED,
+    ApiError,
+    error_response,
+    install_error_handlers,
+)
+
+OPENAI_MODEL_ALIAS = "whisper-1"  # what OpenAI clients send by default; means `stable`
+TEXT_MEDIA_TYPES = {"text": "text/plain", "srt": "text/plain", "vtt": "text/vtt"}
+
+
+class TranscribeResult(BaseModel):
+    transcription: Transcription
+    version: str
+    """The version that actually produced the text."""
+    route: str = "stable"
+    batch_size: int = 1
+
+
+class Transcriber(Protocol):
+    """What the API needs from the serving side."""
+
+    def resolve(self, model: str) -> str:
+        """Model name from the request (alias, version id) → version id; VersionNotFoundError if unknown."""
+
+    def model_names(self) -> list[str]:
+        """Versions and aliases that can be asked for."""
+
+    def ready(self) -> bool:
+        """Models loaded and warm."""
+
+    async def transcribe(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str) -> TranscribeResult:
+        """Transcribe with the version that `model` names (already resolved by the caller's rules)."""
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "asrops"
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def _options(response_format: str, language: str | None, temperature: float, prompt: str | None,
+             granularities: list[str] | None, settings: Settings) -> DecodeOptions:
+    if response_format not in WRITERS:
+        raise ApiError(INVALID_VALUE, f"response_format must be one of {', '.join(WRITERS)}; got {response_format!r}.",
+                       "response_format")
+    if language and language.lower() not in ("en", "english"):
+        raise ApiError(INVALID_VALUE, f"This service transcribes English only; got language={language!r}. "
+                       "Omit language or send 'en'.", "language")
+    if not 0.0 <= temperature <= 1.0:
+        raise ApiError(INVALID_VALUE, f"temperature must be between 0 and 1; got {temperature}.", "temperature")
+    for g in granularities or []:
+        if g not in ("segment", "word"):
+            raise ApiError(INVALID_VALUE, f"timestamp_granularities[] takes 'segment' (or 'word'); got {g!r}.",
+                           "timestamp_granularities[]")
+        if g == "word":
+            raise ApiError(INVALID_VALUE, "Word-level timestamps are not supported yet; ask for 'segment'.",
+                           "timestamp_granularities[]")
+    return DecodeOptions(
+        temperature=temperature,
+        prompt=prompt or None,
+        beam_size=settings.engine.beam_size,
+        max_new_tokens=settings.engine.max_new_tokens,
+    )
+
+
+def _render(result: Transcription, response_format: str, headers: dict) -> Response:
+    body = WRITERS[response_format](result)
+    if isinstance(body, dict):
+        return JSONResponse(body, headers=headers)
+    return PlainTextResponse(body, media_type=TEXT_MEDIA_TYPES[response_format], headers=headers)
+
+
+def build_api(
+    transcriber: Transcriber,
+    settings: Settings,
+    request_id: Callable[[], str] | None = None,
+) -> FastAPI:
+    """`request_id`, when given, supplies the id of the current request and means the server
+    in front (Ray Serve's proxy) already puts it in the `X-Request-Id` response header."""
+    app = FastAPI(title="asrops", version="1", docs_url="/docs", redoc_url=None)
+    install_error_handlers(app)
+    keys = ClientKeys.from_plain(settings.serve.api_keys)
+    upload_limit = settings.audio.max_upload_bytes
+
+    @app.middleware("http")
+    async def request_id_and_size(request: Request, call_next):
+        rid = request_id() if request_id else uuid.uuid4().hex
+        request.state.request_id = rid
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > upload_limit + 1024 * 1024:  # + room for form fields
+            from serve.errors import CORE_ERRORS
+            from asrops.errors import AudioTooLargeError
+
+            kind = dict(CORE_ERRORS)[AudioTooLargeError]
+            response = error_response(
+                f"The upload is {int(length) / 2**20:.1f} MiB; the limit is {upload_limit / 2**20:.0f} MiB. "
+                "Send a shorter or more compressed file.", kind)
+        else:
+            response = await call_next(request)
+        if request_id is None:
+            response.headers["X-Request-Id"] = rid
+        return response
+
+    def client_key(request: Request) -> str:
+        """The caller's identity for sticky routing: its key's hash, or 'anonymous'."""
+        auth = request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if keys.enabled and not keys.check(token):
+            raise ApiError(UNAUTHORIZED, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return keys.client_id(token)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if transcriber.ready():
+            return {"status": "ready"}
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(_: Annotated[str, Depends(client_key)]):
+        return ModelList(data=[ModelCard(id=name) for name in [OPENAI_MODEL_ALIAS, *transcriber.model_names()]])
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(
+        request: Request,
+        client: Annotated[str, Depends(client_key)],
+        file: Annotated[UploadFile, File(description="The audio file.")],
+        model: Annotated[str, Form()] = OPENAI_MODEL_ALIAS,
+        language: Annotated[str | None, Form()] = None,
+        prompt: Annotated[str | None, Form()] = None,
+        response_format: Annotated[str, Form()] = "json",
+        temperature: Annotated[float, Form()] = 0.0,
+        timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
+    ):
+        options = _options(response_format, language, temperature, prompt, timestamp_granularities, settings)
+        name = "stable" if model == OPENAI_MODEL_ALIAS else model
+        transcriber.resolve(name)  # unknown model → 404 before any decoding work
+        data = await file.read()
+        audio = await asyncio.to_thread(decode_audio, data, settings.audio)
+        try:
+            result = await asyncio.wait_for(
+                transcriber.transcribe(name, audio.samples, options, client), settings.serve.request_timeout_s
+            )
+        except TimeoutError:
+            raise ApiError(TIMEOUT, f"Transcription took longer than {settings.serve.request_timeout_s:.0f} s. "
+                           "Retry, or send shorter audio.") from None
+        headers = {
+            "X-Model-Version": result.version,
+            "X-Route": result.route,
+            "X-Batch-Size": str(result.batch_size),
+        }
+        return _render(result.transcription, response_format, headers)
+
+    return app

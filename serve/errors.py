@@ -1,0 +1,101 @@
+"""Every error a client can see, in OpenAI's shape, mapped in this one place.
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from asrops import errors
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    type: str
+    code: str
+    param: str | None = None
+
+
+class ApiError(Exception):
+    """An error raised by the HTTP layer itself (auth, limits, timeouts, overload)."""
+
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+        self.param = param or kind.param
+        self.headers = headers or {}
+
+
+INVALID = "invalid_request_error"
+UNAUTHORIZED = ErrorKind(401, "authentication_error", "invalid_api_key")
+TIMEOUT = ErrorKind(504, "server_error", "timeout")
+OVERLOADED = ErrorKind(503, "server_error", "overloaded")
+UNAVAILABLE = ErrorKind(503, "server_error", "model_unavailable")
+INTERNAL = ErrorKind(500, "server_error", "internal_error")
+INVALID_VALUE = ErrorKind(400, INVALID, "invalid_value")
+MISSING = ErrorKind(400, INVALID, "missing_required_parameter")
+
+# Most specific class first: the first isinstance match wins.
+CORE_ERRORS: list[tuple[type[Exception], ErrorKind]] = [
+    (errors.AudioTooLargeError, ErrorKind(413, INVALID, "file_too_large", "file")),
+    (errors.AudioTooLongError, ErrorKind(413, INVALID, "audio_too_long", "file")),
+    (errors.EmptyAudioError, ErrorKind(400, INVALID, "empty_file", "file")),
+    (errors.UndecodableAudioError, ErrorKind(415, INVALID, "unsupported_media", "file")),
+    (errors.InvalidAudioError, ErrorKind(400, INVALID, "invalid_audio", "file")),
+    (errors.VersionNotFoundError, ErrorKind(404, INVALID, "model_not_found", "model")),
+]
+
+
+def error_body(message: str, kind: ErrorKind, param: str | None) -> dict:
+    return {"error": {"message": message, "type": kind.type, "param": param, "code": kind.code}}
+
+
+def error_response(message: str, kind: ErrorKind, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param if param is not None else kind.param),
+                        status_code=kind.status, headers=headers)
+
+
+def classify(exc: BaseException) -> ErrorKind | None:
+    """The client-facing kind of a core error, or None for a server fault."""
+    for cls, kind in CORE_ERRORS:
+        if isinstance(exc, cls):
+            return kind
+    return None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, ErrorKind]:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "form")]
+    param = ".".join(loc) or None
+    if first.get("type") == "missing":
+        return f"Missing required parameter: '{param}'.", param, MISSING
+    return f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param, INVALID_VALUE
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return error_response(exc.message, exc.kind, exc.param, exc.headers)
+
+    @app.exception_handler(errors.AsropsError)
+    async def _core_error(_: Request, exc: errors.AsropsError):
+        kind = classify(exc) or INTERNAL
+        return error_response(str(exc), kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        message, param, kind = _validation_message(exc)
+        return error_response(message, kind, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        kind = ErrorKind(exc.status_code, INVALID if exc.status_code < 500 else "server_error",
+                         {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error"))
+        return error_response(str(exc.detail), kind, headers=getattr(exc, "headers", None))

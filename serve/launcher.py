@@ -1,0 +1,99 @@
+"""Start the whole service locally: Ray, Serve's HTTP proxy, the stable version's model
+application, and the ingress. `asrops serve` and the README's run command use this."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import yaml
+from ray import serve
+
+from asrops.models.importer import import_embedded_default
+from asrops.registry import ModelRegistry
+from asrops.settings import Settings
+from serve.ingress import ingress_deployment
+from serve.model_server import model_app_name, model_deployment
+
+log = logging.getLogger(__name__)
+
+INGRESS_APP = "asrops"
+
+
+def start_ray(settings: Settings) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray and Serve's HTTP proxy."""
+    if not ray.is_initialized():
+        ray.init(
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+            runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}},
+        )
+    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+
+
+def deploy_version(settings: Settings, version_id: str, app_name: str | None = None) -> str:
+    """Deploy (or update) the model application of one version and wait until it is warm."""
+    name = app_name or model_app_name(version_id)
+    serve.run(model_deployment(version_id, settings), name=name, route_prefix=None)
+    return name
+
+
+def deploy_ingress(settings: Settings) -> None:
+    serve.run(ingress_deployment(settings), name=INGRESS_APP, route_prefix="/")
+
+
+def wait_ready(settings: Settings, timeout_s: float = 120.0) -> None:
+    """Block until /readyz answers 200 (the ingress has seen the stable model running)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{settings.serve.host}:{settings.serve.port}/readyz"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become ready within {timeout_s:.0f} s")
+
+
+def run_local(settings: Settings, say: Callable[[str], None] = log.info) -> str:
+    """Bring the service up on the embedded defaults; returns its base URL."""
+    registry = ModelRegistry.from_settings(settings)
+    stable = import_embedded_default(registry, progress=say)
+    say("starting Ray and Serve")
+    start_ray(settings)
+    say(f"deploying model {stable.id}")
+    deploy_version(settings, stable.id)
+    deploy_ingress(settings)
+    wait_ready(settings)
+    return f"http://{settings.serve.host}:{settings.serve.port}"
+
+
+def run_config(settings: Settings, config_path: Path, say: Callable[[str], None] = log.info) -> str:
+    """Deploy the applications of a Serve config file (the `serve deploy` schema) through the
+    same builders the file names, so the local run and a cluster run the same code."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(config_path.read_text()))
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    from ray.serve._private.api import serve_start  # what `serve run CONFIG` itself calls
+
+    say(f"deploying {len(config.applications)} applications from {config_path}")
+    serve_start(http_options=config.http_options.model_dump()).deploy_apps(config, _blocking=True)
+    wait_ready(settings)
+    return f"http://{settings.serve.host}:{settings.serve.port}"
+
+
+def curl_example(url: str, settings: Settings) -> str:
+    sample = settings.speech_data_dir / "faster_whisper" / "jfk.flac"
+    path = str(sample) if sample.exists() else "speech.wav"
+    return f"curl {url}/v1/audio/transcriptions -F file=@{path} -F model=whisper-1"

@@ -1,0 +1,114 @@
+"""The HTTP contract of `serve.api.build_api`, without Ray or a model: a fake transcriber
+stands in for the model applications (the real ones are exercised in test_service.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from asrops.audio import audio_to_wav_bytes
+from asrops.engines.types import Segment, Transcription
+from asrops.errors import VersionNotFoundError
+from asrops.settings import Settings
+from serve.api import TranscribeResult, build_api
+from serve.auth import ClientKeys
+
+WAV = audio_to_wav_bytes((np.sin(np.linspace(0, 800 * np.pi, 16_000)) * 0.3).astype(np.float32))
+
+
+class FakeTranscriber:
+    def __init__(self, delay_s: float = 0.0, ready: bool = True):
+        self.delay_s, self._ready, self.calls = delay_s, ready, []
+
+    def resolve(self, model: str) -> str:
+        if model not in ("stable", "v1"):
+            raise VersionNotFoundError(f"Model {model!r} is not served here.")
+        return "v1"
+
+    def model_names(self) -> list[str]:
+        return ["stable", "v1"]
+
+    def ready(self) -> bool:
+        return self._ready
+
+    async def transcribe(self, model, audio, options, client) -> TranscribeResult:
+        self.calls.append((model, len(audio), options, client))
+        await asyncio.sleep(self.delay_s)
+        seg = Segment(id=0, start=0.0, end=1.0, text=" Hello there.", tokens=[1], avg_logprob=-0.2,
+                      no_speech_prob=0.01, compression_ratio=1.1)
+        return TranscribeResult(transcription=Transcription(text="Hello there.", segments=[seg], duration_s=1.0),
+                                version="v1", route="stable")
+
+
+def _client(transcriber=None, **serve) -> tuple[TestClient, FakeTranscriber]:
+    settings = Settings(data_dir="/nonexistent")
+    for key, value in serve.items():
+        setattr(settings.serve, key, value)
+    transcriber = transcriber or FakeTranscriber()
+    return TestClient(build_api(transcriber, settings)), transcriber
+
+
+def _post(client, headers=None, **data):
+    return client.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV, "audio/wav")}, data=data,
+                       headers=headers or {})
+
+
+def test_keys_are_required_when_configured_and_compared_by_hash():
+    client, fake = _client(api_keys=["sk-right"])
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-right"}):
+        r = _post(client, headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer" and r.headers["x-request-id"]
+    assert client.get("/v1/models").status_code == 401
+    assert fake.calls == []  # nothing reached the model
+    ok = _post(client, {"Authorization": "Bearer sk-right"})
+    assert ok.status_code == 200 and ok.json() == {"text": "Hello there."}
+    assert fake.calls[0][3] == ClientKeys.client_id("sk-right") != "sk-right"
+    keys = ClientKeys.from_plain(["sk-right"])
+    assert b"sk-right" not in b"".join(keys.digests) and keys.check("sk-right") and not keys.check("sk-righ")
+
+
+def test_no_keys_means_open_and_anonymous():
+    client, fake = _client()
+    assert _post(client).status_code == 200
+    assert fake.calls[0][3] == "anonymous"
+
+
+def test_slow_transcription_gets_504_in_openai_shape():
+    client, _ = _client(FakeTranscriber(delay_s=2.0), request_timeout_s=0.2)
+    r = _post(client)
+    assert r.status_code == 504
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["code"] == "timeout"
+
+
+def test_readiness_follows_the_transcriber():
+    client, _ = _client(FakeTranscriber(ready=False))
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_formats_headers_and_options_reach_the_model():
+    client, fake = _client()
+    r = _post(client, model="whisper-1", response_format="vtt", prompt="Hello", temperature="0.2")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/vtt")
+    assert r.text.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.000\nHello there.")
+    assert r.headers["x-model-version"] == "v1" and r.headers["x-route"] == "stable"
+    model, samples, options, _ = fake.calls[0]
+    assert model == "stable" and samples == 16_000
+    assert options.prompt == "Hello" and options.temperature == pytest.approx(0.2)
+    srt = _post(client, response_format="srt")
+    assert srt.text == "1\n00:00:00,000 --> 00:00:01,000\nHello there.\n"
+    verbose = _post(client, response_format="verbose_json").json()
+    assert verbose["segments"][0]["avg_logprob"] == -0.2 and verbose["duration"] == 1.0
+
+
+def test_unknown_model_is_404_before_any_decoding():
+    client, fake = _client()
+    r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"not audio")}, data={"model": "x"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    assert fake.calls == []

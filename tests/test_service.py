@@ -1,0 +1,95 @@
+"""The running service (real Ray Serve) through the official openai SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from asrops.textnorm import normalize_english
+from tests.malformed import malformed_uploads
+
+pytestmark = pytest.mark.slow
+
+JFK = "faster_whisper/jfk.flac"
+
+
+@pytest.fixture(scope="module")
+def client(service) -> OpenAI:
+    return OpenAI(base_url=f"{service}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_sdk_every_response_format(client, speech_dir):
+    audio = (speech_dir / JFK).read_bytes()
+    raw = client.audio.transcriptions.with_raw_response.create(model="whisper-1", file=("jfk.flac", audio))
+    assert re.fullmatch(r"[0-9a-f-]{32,36}", raw.headers["x-request-id"])  # one id, Serve's
+    assert raw.headers["x-model-version"].startswith("whisper-tiny.en-")
+    assert "ask not what your country can do for you" in normalize_english(raw.parse().text)
+
+    text = client.audio.transcriptions.create(model="stable", file=("jfk.flac", audio), response_format="text")
+    assert "country" in text
+    srt = client.audio.transcriptions.create(model="whisper-1", file=("jfk.flac", audio), response_format="srt")
+    assert re.search(r"^1\n00:00:00,000 --> 00:00:\d\d,\d{3}\n.*country", srt, re.M | re.S)
+    vtt = client.audio.transcriptions.create(model="whisper-1", file=("jfk.flac", audio), response_format="vtt")
+    assert vtt.startswith("WEBVTT") and "-->" in vtt
+    verbose = client.audio.transcriptions.create(
+        model="whisper-1", file=("jfk.flac", audio), response_format="verbose_json",
+        timestamp_granularities=["segment"], language="en", temperature=0.0,
+    )
+    assert verbose.duration == pytest.approx(11.0, abs=0.1)
+    assert verbose.segments and all(s.start < s.end for s in verbose.segments)
+    assert all(s.avg_logprob <= 0 and 0 <= s.no_speech_prob <= 1 for s in verbose.segments)
+
+
+def test_models_health_and_readiness(client, service):
+    ids = [m.id for m in client.models.list()]
+    assert ids[:2] == ["whisper-1", "stable"]
+    assert any(i.startswith("whisper-tiny.en-") for i in ids)
+    assert httpx.get(f"{service}/healthz").json() == {"status": "alive"}
+    assert httpx.get(f"{service}/readyz").status_code == 200
+
+
+def test_explicit_version_and_unknown_model(client, service, speech_dir):
+    version = [m.id for m in client.models.list() if m.id.startswith("whisper-tiny.en-")][0]
+    audio = (speech_dir / JFK).read_bytes()
+    raw = client.audio.transcriptions.with_raw_response.create(model=version, file=("a.flac", audio))
+    assert raw.headers["x-model-version"] == version and raw.headers["x-route"] == "explicit"
+    r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("a.flac", audio)}, data={"model": "nope"})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found" and r.json()["error"]["param"] == "model"
+
+
+def test_concurrent_requests_are_batched(service, speech_dir):
+    audio = (speech_dir / "voiceagent_minilibrispeech/dev-clean-2-0002.wav").read_bytes()
+
+    def post(_):
+        r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("a.wav", audio)}, timeout=120)
+        r.raise_for_status()
+        return int(r.headers["x-batch-size"]), r.json()["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(post, range(12)))
+    sizes = [s for s, _ in results]
+    assert max(sizes) > 1, sizes
+    assert all(normalize_english(t) == "there was not a single note of gloom" for _, t in results)
+
+
+def test_malformed_uploads_get_4xx_and_service_survives(service, speech_dir):
+    good = (speech_dir / JFK).read_bytes()
+    cases = malformed_uploads(good)
+    assert len(cases) >= 30
+    failures = []
+    with httpx.Client(base_url=service, timeout=60) as http:
+        for case in cases:
+            r = http.post("/v1/audio/transcriptions", files=case.files, data=case.data, headers=case.headers)
+            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            error = body.get("error", {})
+            if r.status_code != case.status or not error.get("message") or "x-request-id" not in r.headers:
+                failures.append(f"{case.name}: {r.status_code} {r.text[:200]}")
+        assert not failures, "\n".join(failures)
+        ok = http.post("/v1/audio/transcriptions", files={"file": ("jfk.flac", good)})
+        assert ok.status_code == 200 and "country" in ok.json()["text"]
