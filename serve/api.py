@@ -22,6 +22,7 @@ from asrops.formats import WRITERS
 from asrops.settings import Settings
 from serve.auth import ClientKeys
 from serve.errors import (
+    FILE_TOO_LARGE,
     INVALID_VALUE,
     TIMEOUT,
     UNAUTHORIZED,
@@ -120,13 +121,9 @@ def build_api(
         request.state.request_id = rid
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > upload_limit + 1024 * 1024:  # + room for form fields
-            from serve.errors import CORE_ERRORS
-            from asrops.errors import AudioTooLargeError
-
-            kind = dict(CORE_ERRORS)[AudioTooLargeError]
             response = error_response(
                 f"The upload is {int(length) / 2**20:.1f} MiB; the limit is {upload_limit / 2**20:.0f} MiB. "
-                "Send a shorter or more compressed file.", kind)
+                "Send a shorter or more compressed file.", FILE_TOO_LARGE)
         else:
             response = await call_next(request)
         if request_id is None:

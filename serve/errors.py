@@ -42,9 +42,11 @@ INTERNAL = ErrorKind(500, "server_error", "internal_error")
 INVALID_VALUE = ErrorKind(400, INVALID, "invalid_value")
 MISSING = ErrorKind(400, INVALID, "missing_required_parameter")
 
+FILE_TOO_LARGE = ErrorKind(413, INVALID, "file_too_large", "file")
+
 # Most specific class first: the first isinstance match wins.
 CORE_ERRORS: list[tuple[type[Exception], ErrorKind]] = [
-    (errors.AudioTooLargeError, ErrorKind(413, INVALID, "file_too_large", "file")),
+    (errors.AudioTooLargeError, FILE_TOO_LARGE),
     (errors.AudioTooLongError, ErrorKind(413, INVALID, "audio_too_long", "file")),
     (errors.EmptyAudioError, ErrorKind(400, INVALID, "empty_file", "file")),
     (errors.UndecodableAudioError, ErrorKind(415, INVALID, "unsupported_media", "file")),

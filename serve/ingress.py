@@ -37,6 +37,7 @@ class ServeTranscriber:
         self.aliases = Aliases()
         self.apps: dict[str, str] = {}  # version id → name of the model application serving it
         self._app_versions: dict[str, tuple[str, float]] = {}  # app name → (version, deployed at)
+        self._handles: dict[str, object] = {}  # app name → handle (a lookup asks the Serve controller)
 
     async def refresh(self) -> None:
         """Re-read aliases and which version each RUNNING `model-*` application serves.
@@ -55,6 +56,7 @@ class ServeTranscriber:
                 version = await serve.get_app_handle(name).version.remote()
                 self._app_versions[name] = (version, deployed_at)
         self._app_versions = {n: v for n, v in self._app_versions.items() if n in apps}
+        self._handles = {n: h for n, h in self._handles.items() if n in apps}
         self.apps = {version: name for name, (version, _) in self._app_versions.items()}
 
     @property
@@ -81,7 +83,10 @@ class ServeTranscriber:
         return self.aliases.stable is not None and self.aliases.stable in self.running
 
     def _handle(self, version: str):
-        return serve.get_app_handle(self.apps[version])
+        name = self.apps[version]
+        if name not in self._handles:
+            self._handles[name] = serve.get_app_handle(name)
+        return self._handles[name]
 
     async def transcribe(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str) -> TranscribeResult:
         version = self.resolve(model)

@@ -48,8 +48,8 @@ def run_engine_benchmark(
     for i, engine in enumerate(engines, 1):
         say(f"[{i}/{len(engines)}] {engine}")
         proc = subprocess.run(
-            [sys.executable, "-m", "asrops.benchmarks.engine_worker", json.dumps({**job, "engine": engine})],
-            stdout=subprocess.PIPE, text=True, check=True,
+            [sys.executable, "-m", "asrops.benchmarks.engine_worker"],
+            input=json.dumps({**job, "engine": engine}), stdout=subprocess.PIPE, text=True, check=True,
         )
         results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
     _add_ratios(results)

@@ -1,7 +1,7 @@
 """Runs ONE engine over a manifest in its own process, so its peak memory is its own.
-Prints one JSON line on stdout; progress goes to stderr.
+Reads the job as JSON on stdin; prints one JSON line on stdout; progress goes to stderr.
 
-    python -m asrops.benchmarks.engine_worker '{"engine": ..., "manifest": ..., ...}'
+    echo '{"engine": ..., "items": [...], ...}' | python -m asrops.benchmarks.engine_worker
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def build(job: dict):
 
 
 def main() -> None:
-    job = json.loads(sys.argv[1])
+    job = json.loads(sys.stdin.read())
     items = [EvalItem.model_validate(i) for i in job["items"]]
     started = time.perf_counter()
     transcribe = build(job)
