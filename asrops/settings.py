@@ -62,8 +62,9 @@ class ServeSettings(BaseModel):
     """A transcription not answered in this many seconds gets 504."""
     max_batch_size: int = Field(default=8, ge=1)
     """Most requests one model replica decodes together."""
-    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
-    """How long a replica waits to fill a batch, in seconds."""
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    """How long a replica waits to fill a batch, in seconds. Short: under load, requests queue
+    while the engine is busy and form the next batch anyway; alone, a request should not wait."""
     max_ongoing_requests: int = Field(default=16, ge=1)
     """Requests in flight per model replica (a batch is built from these)."""
     max_queued_requests: int = Field(default=64, ge=-1)
@@ -74,6 +75,8 @@ class ServeSettings(BaseModel):
     target_ongoing_requests: float = 8.0
     """Autoscaling target of in-flight requests per replica."""
     ingress_replicas: int = 1
+    ingress_max_ongoing_requests: int = Field(default=64, ge=1)
+    """Requests in flight per ingress replica; above the model's own limit so batches can form."""
     retry_after_s: int = 2
     """Value of Retry-After on 503 responses, in seconds."""
 

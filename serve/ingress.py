@@ -130,7 +130,10 @@ class Ingress:
 
 
 def ingress_deployment(settings: Settings):
-    return Ingress.options(num_replicas=settings.serve.ingress_replicas).bind(settings.model_dump_json())
+    return Ingress.options(
+        num_replicas=settings.serve.ingress_replicas,
+        max_ongoing_requests=settings.serve.ingress_max_ongoing_requests,
+    ).bind(settings.model_dump_json())
 
 
 def build_ingress_app(args: dict) -> serve.Application:

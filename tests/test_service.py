@@ -93,3 +93,48 @@ def test_malformed_uploads_get_4xx_and_service_survives(service, speech_dir):
         assert not failures, "\n".join(failures)
         ok = http.post("/v1/audio/transcriptions", files={"file": ("jfk.flac", good)})
         assert ok.status_code == 200 and "country" in ok.json()["text"]
+
+
+def test_full_queue_becomes_503_with_retry_after(service):
+    """A real Serve deployment with a queue of one: the requests Serve refuses (its own
+    BackPressureError) reach the client as 503 + Retry-After, the others are answered."""
+    import asyncio
+
+    import numpy as np
+    from ray import serve
+
+    from asrops.engines.types import DecodeOptions, Transcription
+    from asrops.registry import Aliases
+    from asrops.settings import Settings
+    from serve.errors import ApiError
+    from serve.ingress import ServeTranscriber
+    from serve.model_server import ModelReply
+
+    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+    class Slow:
+        async def transcribe(self, request) -> ModelReply:
+            await asyncio.sleep(1.0)
+            return ModelReply(transcription=Transcription(text="ok", segments=[], duration_s=1.0),
+                              version="slow-v", batch_size=1)
+
+    serve.run(Slow.bind(), name="test-slow", route_prefix=None)
+    try:
+        transcriber = ServeTranscriber(registry=None, settings=Settings(data_dir="/nonexistent"))
+        transcriber.aliases = Aliases(stable="slow-v")
+        transcriber.apps = {"slow-v": "test-slow"}
+
+        async def one():
+            try:
+                return (await transcriber.transcribe("stable", np.zeros(16_000, np.float32), DecodeOptions(), "c")).version
+            except ApiError as exc:
+                return exc
+
+        async def flood():
+            return await asyncio.gather(*(one() for _ in range(6)))
+
+        outcomes = asyncio.run(flood())
+        refused = [o for o in outcomes if isinstance(o, ApiError)]
+        assert refused and all(o.kind.status == 503 and o.headers["Retry-After"] for o in refused)
+        assert outcomes.count("slow-v") >= 2
+    finally:
+        serve.delete("test-slow")

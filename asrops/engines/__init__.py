@@ -1,7 +1,8 @@
 """Inference engines behind one interface (`WhisperEngine.transcribe`).
 
-A version directory holds a transformers checkpoint at its root and its ONNX exports in
-`onnx/fp32/` and `onnx/int8/`; `load_engine` picks the backend that runs them.
+A version directory holds a transformers checkpoint at its root, its fp32 ONNX export in
+`onnx/fp32/` and an int8 encoder in `onnx/int8/`; `load_engine` picks the backend that runs
+them. `onnx-int8` is the int8 encoder with the fp32 decoders (see models/onnx_export.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from asrops.errors import ModelImportError
 log = logging.getLogger(__name__)
 
 EngineKind = Literal["torch", "onnx", "onnx-int8"]
-ONNX_SUBDIRS = {"onnx": "onnx/fp32", "onnx-int8": "onnx/int8"}
+ENCODERS = {"onnx": "onnx/fp32/encoder_model.onnx", "onnx-int8": "onnx/int8/encoder_model.onnx"}
+DECODERS = "onnx/fp32"
 
 __all__ = ["DecodeOptions", "EngineKind", "Segment", "Transcription", "WhisperEngine", "load_engine", "resolve_device"]
 
@@ -43,10 +45,10 @@ def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "
     else:
         from asrops.engines.onnx_backend import OnnxWhisperBackend
 
-        onnx_dir = model_dir / ONNX_SUBDIRS[kind]
-        if not (onnx_dir / "encoder_model.onnx").exists():
-            raise ModelImportError(f"{model_dir} has no ONNX export in {ONNX_SUBDIRS[kind]}/; re-publish it with export.")
-        backend = OnnxWhisperBackend(onnx_dir, device=device, threads=threads)
+        encoder = model_dir / ENCODERS[kind]
+        if not encoder.exists():
+            raise ModelImportError(f"{model_dir} has no {ENCODERS[kind]}; re-publish it (publishing exports ONNX).")
+        backend = OnnxWhisperBackend(encoder, model_dir / DECODERS, device=device, threads=threads)
     gen = json.loads((model_dir / "generation_config.json").read_text())
     log.info("loaded %s engine (%s) from %s", kind, device, model_dir)
     return WhisperEngine(

@@ -1,9 +1,10 @@
 """Export a transformers Whisper checkpoint to ONNX (fp32) and quantise it (int8 weights).
 
 Why optimum: it is the maintained Whisper exporter (encoder, first-pass decoder, and
-decoder-with-past graphs with named key/value inputs). Why dynamic int8: on CPU it is what
-makes ONNX Runtime as fast as CTranslate2's int8, for a change of about one word in a
-thousand (see the engine benchmark).
+decoder-with-past graphs with named key/value inputs). Why int8 for the encoder only: the
+encoder is most of the compute (a 30-s window every time), and its int8 weights cost no
+accuracy; int8 decoders were measured at +0.45 WER points on the 245 real clips for 7 % more
+speed, a bad trade, so the decoders stay fp32.
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ def export_onnx(model_dir: Path, out_dir: Path, progress: Callable[[str], None] 
     return out_dir
 
 
+INT8_GRAPHS = ("encoder_model.onnx",)
+
+
 def quantize_int8(fp32_dir: Path, out_dir: Path, progress: Callable[[str], None] = log.info) -> Path:
-    """Dynamic int8 quantisation of every graph's MatMul weights (activations stay fp32)."""
+    """Dynamic int8 quantisation of the encoder's MatMul weights (activations stay fp32)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(GRAPHS, 1):
+    for name in INT8_GRAPHS:
         started = time.monotonic()
         quantize_dynamic(
             fp32_dir / name,
@@ -57,5 +61,5 @@ def quantize_int8(fp32_dir: Path, out_dir: Path, progress: Callable[[str], None]
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm"],
         )
-        progress(f"quantised {name} ({i}/{len(GRAPHS)}) in {time.monotonic() - started:.0f} s")
+        progress(f"quantised {name} to int8 in {time.monotonic() - started:.0f} s")
     return out_dir

@@ -1,0 +1,443 @@
+"""Service benchmark: asrops (Ray Serve, dynamic batching) against a one-request-at-a-time
+faster-whisper server (`loadtests.peer_server`), over HTTP, with the same real clips.
+
+    python -m loadtests.service_bench [--ours URL] [--peer URL] [--clips 40] [--levels 1,4,16]
+                                      [--requests-per-level N] [--out-dir out/service-bench]
+
+A server not given by URL is started here (ours: `python -m asrops.cli serve`, with
+ASROPS_DATA_DIR from the environment; the peer: `python -m loadtests.peer_server`) and stopped
+afterwards. One server is measured at a time, so the two never compete for the CPU. Per
+concurrency level c: c warm-up requests (discarded), then a closed loop of c clients, each
+sending its next request as soon as its last one is answered, round-robin over the clips.
+
+The bare-engine reference (our engine in-process, one clip at a time, in its own process) shows
+what serving costs at concurrency 1; the product target is ours p50 / bare p50 <= 1.15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+import numpy as np
+from pydantic import BaseModel
+
+ENDPOINT = "/v1/audio/transcriptions"
+OVERHEAD_TARGET = 1.15
+"""Ours p50 at concurrency 1 over the bare engine's p50: what serving may add."""
+
+
+# --- clips -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    wav: bytes
+    """16 kHz mono 16-bit WAV: every server (and the bare engine) decodes the same bytes."""
+    audio_s: float
+
+
+def load_clips(n: int, speech_dir: Path | None = None) -> list[Clip]:
+    """The first `n` clips of the core English subset of ../shared/data/speech, as WAV bytes."""
+    from asrops.audio import audio_to_wav_bytes, decode_audio
+    from asrops.evaluation import core_english_filter, load_manifest
+    from asrops.settings import load_settings
+
+    manifest = Path(speech_dir or load_settings().speech_data_dir) / "manifest.jsonl"
+    if not manifest.exists():
+        raise FileNotFoundError(
+            f"No speech data: {manifest} is missing. Put the shared speech data beside the checkout "
+            "(../shared/data/speech) or set ASROPS_SPEECH_DATA_DIR."
+        )
+    clips = []
+    for item in load_manifest(manifest, filter=core_english_filter)[:n]:
+        audio = decode_audio(item.audio)
+        clips.append(Clip(f"{Path(item.audio).stem}.wav", audio_to_wav_bytes(audio.samples), audio.duration_s))
+    return clips
+
+
+# --- statistics --------------------------------------------------------------------------
+class Sample(NamedTuple):
+    latency_s: float
+    status: int
+    """HTTP status; 0 when no response came (connection error, client timeout)."""
+    audio_s: float
+    batch_size: int | None = None
+    """X-Batch-Size of the response (ours only): how many requests were decoded together."""
+
+
+class LevelResult(BaseModel):
+    concurrency: int
+    requests: int
+    errors: int
+    error_statuses: dict[str, int] = {}
+    wall_s: float
+    audio_s: float
+    """Audio seconds of the answered (200) requests."""
+    throughput: float
+    """Audio seconds transcribed per wall-clock second."""
+    requests_per_s: float
+    p50_s: float | None
+    p95_s: float | None
+    p99_s: float | None
+    mean_batch_size: float | None = None
+
+
+class ServerResult(BaseModel):
+    name: str
+    url: str
+    levels: list[LevelResult]
+
+
+class LevelRatio(BaseModel):
+    """Ours / peer at one concurrency: throughput above 1 and latencies below 1 favour ours."""
+
+    concurrency: int
+    throughput: float | None
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class BareEngine(BaseModel):
+    engine: str = "onnx-int8"
+    threads: int
+    clips: int
+    p50_s: float
+    mean_s: float
+    latencies_s: list[float]
+
+
+class BenchResult(BaseModel):
+    clips: int
+    clip_audio_s: float
+    levels: list[int]
+    ours: ServerResult
+    peer: ServerResult
+    ratios: list[LevelRatio]
+    """Ours / peer per concurrency level."""
+    bare_engine: BareEngine | None
+    overhead_c1: float | None
+    """Ours p50 at concurrency 1 / the bare engine's p50."""
+    overhead_target: float = OVERHEAD_TARGET
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default); None for no values."""
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is 0."""
+    return a / b if a is not None and b else None
+
+
+def summarize(samples: list[Sample], concurrency: int, wall_s: float) -> LevelResult:
+    """One level's numbers; latency percentiles and throughput count answered requests only."""
+    ok = [s for s in samples if s.status == 200]
+    latencies = [s.latency_s for s in ok]
+    audio_s = sum(s.audio_s for s in ok)
+    batches = [s.batch_size for s in ok if s.batch_size]
+    return LevelResult(
+        concurrency=concurrency,
+        requests=len(samples),
+        errors=len(samples) - len(ok),
+        error_statuses={str(k): v for k, v in Counter(s.status for s in samples if s.status != 200).items()},
+        wall_s=wall_s,
+        audio_s=audio_s,
+        throughput=audio_s / wall_s if wall_s > 0 else 0.0,
+        requests_per_s=len(ok) / wall_s if wall_s > 0 else 0.0,
+        p50_s=percentile(latencies, 50),
+        p95_s=percentile(latencies, 95),
+        p99_s=percentile(latencies, 99),
+        mean_batch_size=float(np.mean(batches)) if batches else None,
+    )
+
+
+def compare(ours: ServerResult, peer: ServerResult) -> list[LevelRatio]:
+    """Ours / peer at every concurrency both were measured at."""
+    theirs = {lv.concurrency: lv for lv in peer.levels}
+    return [
+        LevelRatio(
+            concurrency=o.concurrency,
+            throughput=ratio(o.throughput, p.throughput),
+            p50=ratio(o.p50_s, p.p50_s),
+            p95=ratio(o.p95_s, p.p95_s),
+            p99=ratio(o.p99_s, p.p99_s),
+        )
+        for o in ours.levels
+        if (p := theirs.get(o.concurrency))
+    ]
+
+
+def default_requests(concurrency: int) -> int:
+    """Enough requests for a p95 at low concurrency, and two per client at high concurrency."""
+    return max(2 * concurrency, 24)
+
+
+# --- load generation ---------------------------------------------------------------------
+async def _post(client: httpx.AsyncClient, url: str, clip: Clip) -> Sample:
+    start = time.perf_counter()
+    try:
+        response = await client.post(
+            url + ENDPOINT,
+            files={"file": (clip.name, clip.wav, "audio/wav")},
+            data={"model": "whisper-1", "response_format": "json"},
+        )
+        status, batch = response.status_code, response.headers.get("x-batch-size", "")
+    except httpx.HTTPError:
+        status, batch = 0, ""
+    return Sample(time.perf_counter() - start, status, clip.audio_s, int(batch) if batch.isdigit() else None)
+
+
+async def run_level(url: str, clips: list[Clip], concurrency: int, n_requests: int) -> LevelResult:
+    """Warm up with `concurrency` requests, then time a closed loop of `n_requests`."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        await asyncio.gather(*(_post(client, url, clips[i % len(clips)]) for i in range(concurrency)))
+        order = iter(range(n_requests))  # shared: each client takes the next request index
+        samples: list[Sample] = []
+
+        async def client_loop() -> None:
+            for i in order:
+                samples.append(await _post(client, url, clips[i % len(clips)]))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        wall_s = time.perf_counter() - start
+    return summarize(samples, concurrency, wall_s)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def bench_server(name: str, url: str, clips: list[Clip], levels: list[int], requests_per_level: int | None,
+                 say: Callable[[str], None]) -> ServerResult:
+    results = []
+    for c in levels:
+        r = asyncio.run(run_level(url, clips, c, requests_per_level or default_requests(c)))
+        say(f"{name:5} c={c:<3} {r.requests:4d} req  {r.throughput:7.2f} audio-s/s  {r.requests_per_s:6.2f} req/s  "
+            f"p50 {_fmt(r.p50_s)} s  p95 {_fmt(r.p95_s)} s  errors {r.errors}")
+        results.append(r)
+    return ServerResult(name=name, url=url, levels=results)
+
+
+# --- servers -----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"server exited with code {proc.returncode} before {url} was ready:\n{tail}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f} s (log: {log_path})")
+
+
+@contextmanager
+def running_server(url: str | None, command: list[str], ready_path: str, log_path: Path,
+                   timeout_s: float, say: Callable[[str], None]) -> Iterator[str]:
+    """`url` if given; otherwise start `command --port P`, yield its URL once ready, stop it."""
+    if url:
+        yield url.rstrip("/")
+        return
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    say(f"starting {' '.join(command)} on port {port} (log: {log_path})")
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own group, so a hung one can be killed whole
+        try:
+            _wait_ready(url + ready_path, proc, log_path, timeout_s)
+            yield url
+        finally:
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C first (`asrops serve` shuts Serve and Ray down on it), then kill its group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# --- bare engine -------------------------------------------------------------------------
+def measure_bare_engine(n_clips: int, threads: int, say: Callable[[str], None]) -> BareEngine | None:
+    """Our engine's own time per clip, in a subprocess so its threads compete with nothing."""
+    say(f"bare engine: onnx-int8, {threads} threads, {n_clips} clips, one at a time")
+    job = json.dumps({"clips": n_clips, "threads": threads})
+    proc = subprocess.run([sys.executable, "-m", "loadtests.service_bench", "--bare-engine-worker", job],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        say(f"bare engine failed (exit {proc.returncode}); reporting without it:\n{proc.stderr[-2000:]}")
+        return None
+    latencies = json.loads(proc.stdout.strip().splitlines()[-1])
+    return BareEngine(threads=threads, clips=len(latencies), p50_s=percentile(latencies, 50),
+                      mean_s=float(np.mean(latencies)), latencies_s=latencies)
+
+
+def _bare_engine_worker(job: dict) -> None:
+    """Prints the per-clip latencies (JSON list) of the stable version's onnx-int8 engine."""
+    from asrops.audio import decode_audio
+    from asrops.engines import DecodeOptions, load_engine
+    from asrops.registry import ModelRegistry
+    from asrops.settings import load_settings
+
+    settings = load_settings()
+    version_dir = ModelRegistry.from_settings(settings).fetch("stable")
+    engine = load_engine(version_dir, "onnx-int8", "cpu", job["threads"])
+    # What the API passes for a plain request (see serve/api.py `_options`).
+    options = DecodeOptions(beam_size=settings.engine.beam_size, max_new_tokens=settings.engine.max_new_tokens)
+    audios = [decode_audio(clip.wav).samples for clip in load_clips(job["clips"])]
+    engine.transcribe([audios[0]], options)  # warm-up
+    latencies = []
+    for audio in audios:
+        start = time.perf_counter()
+        engine.transcribe([audio], options)
+        latencies.append(time.perf_counter() - start)
+    print(json.dumps(latencies))
+
+
+# --- report ------------------------------------------------------------------------------
+def format_table(result: BenchResult) -> str:
+    lines = [f"{'server':6} {'conc':>4} {'req':>4} {'err':>4} {'audio-s/s':>9} {'req/s':>6} "
+             f"{'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>5}"]
+    for server in (result.ours, result.peer):
+        for r in server.levels:
+            lines.append(f"{server.name:6} {r.concurrency:4d} {r.requests:4d} {r.errors:4d} {r.throughput:9.2f} "
+                         f"{r.requests_per_s:6.2f} {_fmt(r.p50_s):>7} {_fmt(r.p95_s):>7} {_fmt(r.p99_s):>7} "
+                         f"{_fmt(r.mean_batch_size, '.1f'):>5}")
+    lines.append("")
+    lines.append(f"{'ours/peer':9} {'conc':>4} {'throughput':>10} {'p50':>6} {'p95':>6} {'p99':>6}")
+    for q in result.ratios:
+        lines.append(f"{'':9} {q.concurrency:4d} {_fmt(q.throughput, '.2f'):>10} {_fmt(q.p50, '.2f'):>6} "
+                     f"{_fmt(q.p95, '.2f'):>6} {_fmt(q.p99, '.2f'):>6}")
+    lines.append("")
+    if result.bare_engine:
+        verdict = "" if result.overhead_c1 is None else (
+            "meets" if result.overhead_c1 <= result.overhead_target else "MISSES")
+        lines.append(f"bare engine p50 {result.bare_engine.p50_s:.3f} s; ours p50 at c=1 / bare = "
+                     f"{_fmt(result.overhead_c1, '.2f')} ({verdict} target <= {result.overhead_target})")
+    else:
+        lines.append("bare engine: not measured")
+    lines.append(f"({result.clips} clips, {result.clip_audio_s:.0f} s of audio; throughput = audio s / wall s; "
+                 "latencies over answered requests)")
+    return "\n".join(lines)
+
+
+def plot(result: BenchResult, path: Path) -> None:
+    """Throughput and p50/p95 latency against concurrency, ours vs peer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nan = lambda v: np.nan if v is None else v  # noqa: E731 - gaps for levels with no answers
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for server, color in ((result.ours, "tab:blue"), (result.peer, "tab:orange")):
+        cs = [r.concurrency for r in server.levels]
+        left.plot(cs, [r.throughput for r in server.levels], "o-", color=color, label=server.name)
+        right.plot(cs, [nan(r.p50_s) for r in server.levels], "o-", color=color, label=f"{server.name} p50")
+        right.plot(cs, [nan(r.p95_s) for r in server.levels], "s--", color=color, label=f"{server.name} p95")
+    if result.bare_engine:
+        right.axhline(result.bare_engine.p50_s, color="gray", linestyle=":", label="bare engine p50")
+    for ax, ylabel in ((left, "audio seconds / wall second"), (right, "latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(result.levels, labels=[str(c) for c in result.levels])
+        ax.set(xlabel="concurrent clients", ylabel=ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_title("Throughput")
+    right.set_title("Latency")
+    fig.suptitle(f"asrops vs one-at-a-time faster-whisper ({result.clips} clips)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- CLI ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ours", help="base URL of a running asrops (default: start one)")
+    parser.add_argument("--peer", help="base URL of a running peer (default: start loadtests.peer_server)")
+    parser.add_argument("--clips", type=int, default=40, help="first N core English clips (default 40)")
+    parser.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
+    parser.add_argument("--requests-per-level", type=int, help="timed requests per level (default max(2c, 24))")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the peer and the bare engine")
+    parser.add_argument("--out-dir", type=Path, default=Path("out/service-bench"))
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a started server")
+    parser.add_argument("--bare-engine-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_engine_worker:
+        return _bare_engine_worker(json.loads(args.bare_engine_worker))
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    levels = [int(c) for c in args.levels.split(",")]
+    try:
+        clips = load_clips(args.clips)
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
+    if not clips:
+        sys.exit("No core English clips found in the speech manifest.")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    say(f"{len(clips)} clips ({sum(c.audio_s for c in clips):.0f} s of audio), levels {levels}")
+
+    py = sys.executable
+    with running_server(args.ours, [py, "-m", "asrops.cli", "serve"], "/readyz",
+                        args.out_dir / "ours.log", args.startup_timeout, say) as url:
+        ours = bench_server("ours", url, clips, levels, args.requests_per_level, say)
+    with running_server(args.peer, [py, "-m", "loadtests.peer_server", "--threads", str(args.threads)], "/healthz",
+                        args.out_dir / "peer.log", args.startup_timeout, say) as url:
+        peer = bench_server("peer", url, clips, levels, args.requests_per_level, say)
+    bare = measure_bare_engine(len(clips), args.threads, say)
+
+    ours_c1 = next((r for r in ours.levels if r.concurrency == 1), None)
+    result = BenchResult(
+        clips=len(clips),
+        clip_audio_s=sum(c.audio_s for c in clips),
+        levels=levels,
+        ours=ours,
+        peer=peer,
+        ratios=compare(ours, peer),
+        bare_engine=bare,
+        overhead_c1=ratio(ours_c1.p50_s if ours_c1 else None, bare.p50_s if bare else None),
+    )
+    print(format_table(result))
+    (args.out_dir / "service_bench.json").write_text(result.model_dump_json(indent=2))
+    plot(result, args.out_dir / "service_bench.png")
+    say(f"wrote {args.out_dir / 'service_bench.json'} and {args.out_dir / 'service_bench.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The service benchmark's statistics and the peer server's one-request-at-a-time rule
+(with a fake transcriber: no model, no servers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from asrops.audio import audio_to_wav_bytes
+from loadtests.peer_server import build_app
+from loadtests.service_bench import (
+    LevelResult,
+    Sample,
+    ServerResult,
+    compare,
+    default_requests,
+    percentile,
+    ratio,
+    summarize,
+)
+
+
+def test_percentile_interpolates_and_handles_empty():
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 95) == pytest.approx(95.05)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([3.0], 99) == 3.0
+    assert percentile([], 50) is None
+
+
+def test_ratio_handles_missing_and_zero():
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None
+    assert ratio(3.0, None) is None
+    assert ratio(3.0, 0.0) is None
+
+
+def test_summarize_counts_only_answered_requests():
+    samples = [
+        Sample(1.0, 200, 10.0, 2),
+        Sample(2.0, 200, 5.0, 4),
+        Sample(3.0, 200, 15.0, None),
+        Sample(9.0, 503, 20.0),
+        Sample(0.1, 0, 20.0),
+    ]
+    r = summarize(samples, concurrency=4, wall_s=10.0)
+    assert (r.requests, r.errors) == (5, 2)
+    assert r.error_statuses == {"503": 1, "0": 1}
+    assert r.audio_s == 30.0
+    assert r.throughput == pytest.approx(3.0)  # 30 audio s in 10 wall s
+    assert r.requests_per_s == pytest.approx(0.3)
+    assert r.p50_s == pytest.approx(2.0)
+    assert r.p95_s == pytest.approx(2.9)
+    assert r.mean_batch_size == pytest.approx(3.0)
+
+
+def test_summarize_all_failed():
+    r = summarize([Sample(1.0, 500, 4.0)], concurrency=1, wall_s=1.0)
+    assert (r.errors, r.throughput, r.p50_s, r.mean_batch_size) == (1, 0.0, None, None)
+
+
+def _level(c: int, throughput: float, p50: float | None) -> LevelResult:
+    return LevelResult(concurrency=c, requests=10, errors=0, wall_s=1.0, audio_s=throughput,
+                       throughput=throughput, requests_per_s=10.0, p50_s=p50, p95_s=p50, p99_s=p50)
+
+
+def test_compare_is_ours_over_peer_at_shared_levels():
+    ours = ServerResult(name="ours", url="", levels=[_level(1, 10.0, 0.5), _level(4, 40.0, 1.0), _level(16, 1.0, None)])
+    peer = ServerResult(name="peer", url="", levels=[_level(1, 20.0, 0.25), _level(4, 20.0, 2.0)])
+    ratios = compare(ours, peer)
+    assert [q.concurrency for q in ratios] == [1, 4]
+    assert (ratios[0].throughput, ratios[0].p50) == (0.5, 2.0)
+    assert (ratios[1].throughput, ratios[1].p50, ratios[1].p99) == (2.0, 0.5, 0.5)
+
+
+def test_default_requests_grow_with_concurrency():
+    assert [default_requests(c) for c in (1, 4, 16, 32)] == [24, 24, 32, 64]
+
+
+def test_peer_answers_one_request_at_a_time():
+    """Four requests sent together: the fake transcriber's calls never overlap."""
+    active, spans, guard = 0, [], threading.Lock()
+    peak = 0
+
+    def slow_transcribe(samples: np.ndarray) -> str:
+        nonlocal active, peak
+        with guard:
+            active += 1
+            peak = max(peak, active)
+        start = time.perf_counter()
+        time.sleep(0.2)
+        with guard:
+            active -= 1
+            spans.append((start, time.perf_counter()))
+        return f"{samples.size} samples"
+
+    wav = audio_to_wav_bytes(np.zeros(1600, np.float32))
+    with TestClient(build_app(slow_transcribe)) as client:
+        def post(_):
+            return client.post("/v1/audio/transcriptions", files={"file": ("a.wav", wav, "audio/wav")},
+                               data={"model": "whisper-1"})
+
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(post, range(4)))
+    assert [r.status_code for r in responses] == [200] * 4
+    assert all(r.json() == {"text": "1600 samples"} for r in responses)
+    assert peak == 1
+    spans.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+
+
+def test_peer_health_and_bad_audio():
+    with TestClient(build_app(lambda samples: "unused")) as client:
+        assert client.get("/healthz").json() == {"status": "alive"}
+        r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"not audio", "audio/wav")})
+        assert r.status_code == 400
+        assert r.json()["error"]["message"]
