@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-# espeak-ng: synthetic speech for the sample and tests. ffmpeg: handy for users; PyAV
+# espeak-ng, flite: synthetic speech (asrops synth, tests). ffmpeg: handy for users; PyAV
 # bundles its own codecs, so decoding does not depend on it.
 APT_PACKAGES=(espeak-ng flite ffmpeg)
 "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c "import ensurepip" 2>/dev/null || APT_PACKAGES+=(python3-venv)

@@ -133,6 +133,9 @@ def ingress_deployment(settings: Settings):
     return Ingress.options(
         num_replicas=settings.serve.ingress_replicas,
         max_ongoing_requests=settings.serve.ingress_max_ongoing_requests,
+        # Mostly waiting on model replicas: reserving a whole CPU would leave a 2-core node no
+        # room for a second model version (canary).
+        ray_actor_options={"num_cpus": 0},
     ).bind(settings.model_dump_json())
 
 
