@@ -7,18 +7,17 @@ of its replicas carries the version.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections import defaultdict
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
-from asrops.engines import load_engine
+from asrops.engines import load_engine, resolve_device
 from asrops.engines.types import DecodeOptions, Transcription
 from asrops.registry import ModelRegistry
 from asrops.settings import Settings, load_settings
+from serve.lanes import EngineLanes
 
 log = logging.getLogger("asrops.serve.model")
 
@@ -46,18 +45,23 @@ class ModelReply(BaseModel):
 
 @serve.deployment(name="model", health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=60)
 class ModelServer:
-    """Loads one verified version, warms it, and decodes batches of requests."""
+    """Loads one verified version, warms it, and decodes batches of requests on engine lanes."""
 
     def __init__(self, version: str, settings_json: str | None = None):
         settings = Settings.model_validate_json(settings_json) if settings_json else load_settings()
         registry = ModelRegistry.from_settings(settings)
         self.version_id = registry.resolve(version)
         engine = settings.engine
-        self.engine = load_engine(registry.fetch(self.version_id), engine.kind, engine.device, engine.threads)
-        self.engine.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
+        version_dir = registry.fetch(self.version_id)
+        lanes = engine_lanes(settings)
+        self.engines = [load_engine(version_dir, engine.kind, engine.device, engine.threads) for _ in range(lanes)]
+        for e in self.engines:
+            e.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
+        self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,
+                                 key=lambda r: r.options.model_dump_json())
         self.transcribe_batch.set_max_batch_size(settings.serve.max_batch_size)
         self.transcribe_batch.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
-        log.info("model %s ready (%s engine)", self.version_id, engine.kind)
+        log.info("model %s ready (%s engine, %d lanes)", self.version_id, engine.kind, lanes)
 
     def version(self) -> str:
         """Which version this application serves (its name need not say)."""
@@ -66,36 +70,35 @@ class ModelServer:
     async def transcribe(self, request: ModelRequest) -> ModelReply:
         return await self.transcribe_batch(request)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    # Serve gathers requests that arrive together; the lanes (not Serve) bound how many
+    # batches run at once, so Serve may hand over as many batches as it forms.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
     async def transcribe_batch(self, requests: list[ModelRequest]) -> list[ModelReply]:
-        """Requests with the same decode options are decoded together; the engine runs in a
-        thread so the replica keeps accepting requests (and answering health checks)."""
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, request in enumerate(requests):
-            groups[request.options.model_dump_json()].append(i)
-        replies: list[ModelReply | None] = [None] * len(requests)
-        for indices in groups.values():
-            for i, reply in zip(indices, await self._decode([requests[i] for i in indices], len(requests))):
-                replies[i] = reply
-        return replies
+        return await self.lanes.run(requests)
 
-    async def _decode(self, requests: list[ModelRequest], batch_size: int) -> list[ModelReply]:
-        options = requests[0].options
+    def _decode(self, lane: int, requests: list[ModelRequest]) -> list[ModelReply]:
+        """Runs in a lane's thread; a request that breaks the engine fails alone."""
         try:
-            results = await asyncio.to_thread(self.engine.transcribe, [r.audio for r in requests], options)
-            return [ModelReply(transcription=t, version=self.version_id, batch_size=batch_size) for t in results]
+            results = self.engines[lane].transcribe([r.audio for r in requests], requests[0].options)
+            return [ModelReply(transcription=t, version=self.version_id, batch_size=len(requests)) for t in results]
         except Exception:
             if len(requests) == 1:
                 log.exception("transcription failed in %s", self.version_id)
-                return [ModelReply(error="the model failed on this audio", version=self.version_id, batch_size=batch_size)]
-            # One bad request must not fail its batch-mates: retry them one by one.
+                return [ModelReply(error="the model failed on this audio", version=self.version_id, batch_size=1)]
             log.warning("batch of %d failed in %s; retrying one by one", len(requests), self.version_id)
-            return [(await self._decode([r], batch_size))[0] for r in requests]
+            return [self._decode(lane, [r])[0] for r in requests]
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine stopped answering."""
-        if self.engine is None:
+        if not self.engines:
             raise RuntimeError("engine not loaded")
+
+
+def engine_lanes(settings: Settings) -> int:
+    """`engine.lanes`, or by default 2 on CPU (one decodes while the other runs Python) and 1 on GPU."""
+    if settings.engine.lanes:
+        return settings.engine.lanes
+    return 1 if resolve_device(settings.engine.device) == "cuda" else 2
 
 
 def model_deployment(version_id: str, settings: Settings):
@@ -109,7 +112,7 @@ def model_deployment(version_id: str, settings: Settings):
             "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
         },
-        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if _gpus_present() else 0},
+        ray_actor_options={"num_cpus": s.model_num_cpus, "num_gpus": 1 if _gpus_present() else 0},
     ).bind(version_id, settings.model_dump_json())
 
 

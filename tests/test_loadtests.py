@@ -80,7 +80,7 @@ def test_compare_is_ours_over_peer_at_shared_levels():
 
 
 def test_default_requests_grow_with_concurrency():
-    assert [default_requests(c) for c in (1, 4, 16, 32)] == [24, 24, 32, 64]
+    assert [default_requests(c) for c in (1, 4, 16, 32)] == [24, 24, 64, 128]
 
 
 def test_peer_answers_one_request_at_a_time():

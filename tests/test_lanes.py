@@ -1,0 +1,120 @@
+"""Engine lanes: batches cut when a lane frees up, failures and cancellations kept apart."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from serve.lanes import EngineLanes
+
+
+class SlowDecoder:
+    """Records each batch; takes `seconds` per batch, like an engine would."""
+
+    def __init__(self, seconds: float = 0.05):
+        self.seconds = seconds
+        self.batches: list[tuple[int, list]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, lane: int, items: list) -> list:
+        time.sleep(self.seconds)
+        with self.lock:
+            self.batches.append((lane, list(items)))
+        return [f"done {item}" for item in items]
+
+
+def test_a_lone_request_is_decoded_alone_and_at_once():
+    decoder = SlowDecoder(0.0)
+    lanes = EngineLanes(decoder, lanes=2, max_batch_size=8, key=lambda item: "same")
+
+    async def one():
+        start = time.perf_counter()
+        result = await lanes.run(["a"])
+        return result, time.perf_counter() - start
+
+    result, elapsed = asyncio.run(one())
+    assert result == ["done a"]
+    assert decoder.batches == [(0, ["a"])] or decoder.batches == [(1, ["a"])]
+    assert elapsed < 1.0
+
+
+def test_requests_waiting_for_a_busy_lane_are_batched_together():
+    decoder = SlowDecoder(0.2)
+    lanes = EngineLanes(decoder, lanes=1, max_batch_size=4, key=lambda item: "same")
+
+    async def scenario():
+        first = asyncio.create_task(lanes.run([0]))
+        await asyncio.sleep(0.05)  # the lane is now busy with request 0
+        rest = [asyncio.create_task(lanes.run([i])) for i in range(1, 7)]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(scenario())
+    assert first == ["done 0"] and rest == [[f"done {i}"] for i in range(1, 7)]
+    assert [items for _, items in decoder.batches] == [[0], [1, 2, 3, 4], [5, 6]]
+
+
+def test_two_lanes_decode_side_by_side():
+    decoder = SlowDecoder(0.3)
+    lanes = EngineLanes(decoder, lanes=2, max_batch_size=1, key=lambda item: "same")
+
+    async def scenario():
+        start = time.perf_counter()
+        await asyncio.gather(lanes.run(["a"]), lanes.run(["b"]))
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(scenario())
+    assert sorted(lane for lane, _ in decoder.batches) == [0, 1]
+    assert elapsed < 0.55  # one after the other would take 0.6 s
+
+
+def test_only_requests_with_the_same_key_share_a_batch():
+    decoder = SlowDecoder(0.1)
+    lanes = EngineLanes(decoder, lanes=1, max_batch_size=8, key=lambda item: item[0])
+
+    async def scenario():
+        blocker = asyncio.create_task(lanes.run(["x0"]))
+        await asyncio.sleep(0.03)
+        await asyncio.gather(*(lanes.run([name]) for name in ["a1", "b1", "a2", "b2", "a3"]))
+        await blocker
+
+    asyncio.run(scenario())
+    assert [items for _, items in decoder.batches] == [["x0"], ["a1", "a2", "a3"], ["b1", "b2"]]
+
+
+def test_a_decoder_bug_fails_its_batch_and_the_lane_keeps_serving():
+    calls = []
+
+    def decode(lane, items):
+        calls.append(items)
+        if "boom" in items:
+            raise RuntimeError("engine bug")
+        return [item.upper() for item in items]
+
+    lanes = EngineLanes(decode, lanes=1, max_batch_size=8, key=lambda item: "same")
+
+    async def scenario():
+        with pytest.raises(RuntimeError, match="engine bug"):
+            await lanes.run(["boom"])
+        return await lanes.run(["ok"])
+
+    assert asyncio.run(scenario()) == ["OK"]
+
+
+def test_a_cancelled_request_is_not_decoded():
+    decoder = SlowDecoder(0.2)
+    lanes = EngineLanes(decoder, lanes=1, max_batch_size=8, key=lambda item: "same")
+
+    async def scenario():
+        blocker = asyncio.create_task(lanes.run(["first"]))
+        await asyncio.sleep(0.05)
+        doomed = asyncio.create_task(lanes.run(["cancelled"]))
+        kept = asyncio.create_task(lanes.run(["kept"]))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        await blocker
+        return await kept
+
+    assert asyncio.run(scenario()) == ["done kept"]
+    assert [items for _, items in decoder.batches] == [["first"], ["kept"]]
+    assert lanes.queued == 0
