@@ -141,18 +141,23 @@ def serve_command(
     """Run the transcription service locally: Ray, Serve, the stable model and the HTTP API."""
     import time
 
+
     settings = _setup()
     if port:
         settings.serve.port = port
-    from serve.launcher import curl_example, run_config, run_local
+    from asrops.registry import ModelRegistry
+    from serve.launcher import VersionReconciler, curl_example, run_config, run_local
 
     url = run_config(settings, config, _say) if config else run_local(settings, _say)
     typer.echo(f"asrops is serving at {url}  (OpenAI API at {url}/v1, docs at {url}/docs)")
     typer.echo(f"try:  {curl_example(url, settings)}")
     typer.echo("Ctrl-C stops it.")
     try:
-        while True:
-            time.sleep(3600)
+        if config:  # the config file says which applications run
+            while True:
+                time.sleep(3600)
+        # Deploys versions the rollout starts referencing (a new canary) and removes old ones.
+        VersionReconciler(settings, ModelRegistry.from_settings(settings)).run_forever(say=_say)
     except KeyboardInterrupt:
         from ray import serve
 

@@ -56,3 +56,7 @@ class ChecksumMismatchError(RegistryError):
 
 class ModelImportError(AsropsError):
     """A model could not be imported (missing files, unknown layout)."""
+
+
+class RolloutRefusedError(RegistryError):
+    """A rollout change that makes no sense in the current state (e.g. promote with no canary)."""

@@ -36,6 +36,8 @@ class EngineSettings(BaseModel):
     """`auto` takes CUDA when torch (or onnxruntime-gpu) sees a GPU."""
     threads: int = Field(default=0, ge=0)
     """Intra-op threads per engine; 0 means one per CPU core."""
+    lanes: int = Field(default=0, ge=0)
+    """Engines per model replica decoding batches side by side; 0 means 2 on CPU, 1 on GPU."""
     beam_size: int = Field(default=1, ge=1, le=16)
     """Default beam width; 1 is greedy decoding."""
     max_new_tokens: int = Field(default=224, ge=1, le=448)
@@ -53,18 +55,36 @@ class AudioSettings(BaseModel):
     """Most accepted input channels."""
 
 
+class BreakerSettings(BaseModel):
+    """When a version stops getting traffic (see serve/breaker.py)."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    """Server-side failures in a row that open the breaker."""
+    error_ratio: float = Field(default=0.5, gt=0, le=1)
+    """Share of failed requests inside `window_s` that opens the breaker..."""
+    min_requests: int = Field(default=10, ge=1)
+    """...once the window holds at least this many requests."""
+    window_s: float = Field(default=30.0, gt=0)
+    open_s: float = Field(default=10.0, gt=0)
+    """How long an open breaker refuses traffic before letting probes through."""
+    half_open_probes: int = Field(default=1, ge=1)
+    """Requests let through at once while half-open; one success closes the breaker."""
+
+
 class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = []
     """Client keys; empty means no auth. Only their sha256 is kept in memory after start."""
+    admin_tokens: list[str] = []
+    """Tokens for the admin API (/admin/...); empty means the admin API is off (403)."""
     request_timeout_s: float = 120.0
     """A transcription not answered in this many seconds gets 504."""
     max_batch_size: int = Field(default=8, ge=1)
-    """Most requests one model replica decodes together."""
+    """Most requests one engine lane decodes together."""
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
-    """How long a replica waits to fill a batch, in seconds. Short: under load, requests queue
-    while the engine is busy and form the next batch anyway; alone, a request should not wait."""
+    """How long a replica gathers requests that arrive together, in seconds. Short: under load,
+    requests wait for a free engine lane and are batched then; alone, a request should not wait."""
     max_ongoing_requests: int = Field(default=16, ge=1)
     """Requests in flight per model replica (a batch is built from these)."""
     max_queued_requests: int = Field(default=64, ge=-1)
@@ -72,6 +92,9 @@ class ServeSettings(BaseModel):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
     """Autoscaling bounds per model version; one replica per 2 cores is right on CPU."""
+    model_num_cpus: float = Field(default=0.5, gt=0)
+    """CPUs Ray reserves per model replica. Half a CPU lets a 2-core node hold stable, canary
+    and fallback side by side; the engine's threads (engine.threads) decide what it really uses."""
     target_ongoing_requests: float = 8.0
     """Autoscaling target of in-flight requests per replica."""
     ingress_replicas: int = 1
@@ -79,6 +102,10 @@ class ServeSettings(BaseModel):
     """Requests in flight per ingress replica; above the model's own limit so batches can form."""
     retry_after_s: int = 2
     """Value of Retry-After on 503 responses, in seconds."""
+    canary_timeout_s: float = Field(default=30.0, gt=0)
+    """A canary (or any version with somewhere to fall back to) not answering within this many
+    seconds is given up on and the next version in line answers."""
+    breaker: BreakerSettings = BreakerSettings()
 
 
 class Settings(BaseSettings):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Annotated, Protocol
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
@@ -55,8 +55,10 @@ class Transcriber(Protocol):
     def ready(self) -> bool:
         """Models loaded and warm."""
 
-    async def transcribe(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str) -> TranscribeResult:
-        """Transcribe with the version that `model` names (already resolved by the caller's rules)."""
+    async def transcribe(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str,
+                         request_id: str) -> TranscribeResult:
+        """Transcribe with the version that `model` names (an alias or a version id); `client`
+        is the identity that keeps one caller on one version during a canary rollout."""
 
 
 class ModelCard(BaseModel):
@@ -107,11 +109,15 @@ def build_api(
     transcriber: Transcriber,
     settings: Settings,
     request_id: Callable[[], str] | None = None,
+    admin: APIRouter | None = None,
 ) -> FastAPI:
     """`request_id`, when given, supplies the id of the current request and means the server
-    in front (Ray Serve's proxy) already puts it in the `X-Request-Id` response header."""
+    in front (Ray Serve's proxy) already puts it in the `X-Request-Id` response header;
+    `admin` is the admin API's router (see serve/admin.py), mounted as it is."""
     app = FastAPI(title="asrops", version="1", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
+    if admin is not None:
+        app.include_router(admin)
     keys = ClientKeys.from_plain(settings.serve.api_keys)
     upload_limit = settings.audio.max_upload_bytes
 
@@ -131,13 +137,16 @@ def build_api(
         return response
 
     def client_key(request: Request) -> str:
-        """The caller's identity for sticky routing: its key's hash, or 'anonymous'."""
+        """The caller's identity for sticky routing: an `X-Client-Id` header, else its key's
+        hash, else (an anonymous caller) the request id, so anonymous traffic splits per request."""
         auth = request.headers.get("authorization", "")
         token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         if keys.enabled and not keys.check(token):
             raise ApiError(UNAUTHORIZED, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
                            headers={"WWW-Authenticate": "Bearer"})
-        return keys.client_id(token)
+        if client_header := request.headers.get("x-client-id", "").strip():
+            return "client:" + client_header[:200]
+        return keys.client_id(token) if token else request.state.request_id
 
     @app.get("/healthz")
     async def healthz():
@@ -166,13 +175,15 @@ def build_api(
         timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
     ):
         options = _options(response_format, language, temperature, prompt, timestamp_granularities, settings)
-        name = "stable" if model == OPENAI_MODEL_ALIAS else model
+        # An X-Model-Version header pins a version or alias, like `model` does (for testing).
+        name = request.headers.get("x-model-version") or ("stable" if model == OPENAI_MODEL_ALIAS else model)
         transcriber.resolve(name)  # unknown model → 404 before any decoding work
         data = await file.read()
         audio = await asyncio.to_thread(decode_audio, data, settings.audio)
         try:
             result = await asyncio.wait_for(
-                transcriber.transcribe(name, audio.samples, options, client), settings.serve.request_timeout_s
+                transcriber.transcribe(name, audio.samples, options, client, request.state.request_id),
+                settings.serve.request_timeout_s,
             )
         except TimeoutError:
             raise ApiError(TIMEOUT, f"Transcription took longer than {settings.serve.request_timeout_s:.0f} s. "

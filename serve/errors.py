@@ -35,6 +35,7 @@ class ApiError(Exception):
 
 INVALID = "invalid_request_error"
 UNAUTHORIZED = ErrorKind(401, "authentication_error", "invalid_api_key")
+ADMIN_DISABLED = ErrorKind(403, "permission_error", "admin_disabled")
 TIMEOUT = ErrorKind(504, "server_error", "timeout")
 OVERLOADED = ErrorKind(503, "server_error", "overloaded")
 UNAVAILABLE = ErrorKind(503, "server_error", "model_unavailable")
@@ -52,6 +53,8 @@ CORE_ERRORS: list[tuple[type[Exception], ErrorKind]] = [
     (errors.UndecodableAudioError, ErrorKind(415, INVALID, "unsupported_media", "file")),
     (errors.InvalidAudioError, ErrorKind(400, INVALID, "invalid_audio", "file")),
     (errors.VersionNotFoundError, ErrorKind(404, INVALID, "model_not_found", "model")),
+    (errors.ConflictError, ErrorKind(409, INVALID, "conflict")),
+    (errors.RolloutRefusedError, ErrorKind(409, INVALID, "rollout_refused")),
 ]
 
 

@@ -17,11 +17,15 @@ from ray.serve.exceptions import BackPressureError
 
 from asrops.engines.types import DecodeOptions
 from asrops.errors import VersionNotFoundError
-from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry
+from asrops.evaluation import score
+from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState
 from asrops.settings import Settings, load_settings
+from serve.admin import build_admin
 from serve.api import TranscribeResult, build_api
+from serve.breaker import CircuitBreaker
 from serve.errors import INTERNAL, OVERLOADED, UNAVAILABLE, ApiError
-from serve.model_server import ModelRequest
+from serve.model_server import ModelReply, ModelRequest
+from serve.routing import Route, RoutePlan, plan_route
 
 log = logging.getLogger("asrops.serve.ingress")
 
@@ -29,21 +33,31 @@ REFRESH_S = 2.0  # how often aliases and running model applications are re-read
 
 
 class ServeTranscriber:
-    """`Transcriber` over Serve model applications, one per version."""
+    """`Transcriber` over Serve model applications, one per version, routed by the rollout state."""
 
     def __init__(self, registry: ModelRegistry, settings: Settings):
         self.registry = registry
         self.settings = settings
         self.aliases = Aliases()
+        self.rollout = RolloutState()
         self.apps: dict[str, str] = {}  # version id → name of the model application serving it
         self._app_versions: dict[str, tuple[str, float]] = {}  # app name → (version, deployed at)
         self._handles: dict[str, object] = {}  # app name → handle (a lookup asks the Serve controller)
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.stats = RoutingStats()
+        self._shadow_tasks: set[asyncio.Task] = set()
 
     async def refresh(self) -> None:
-        """Re-read aliases and which version each RUNNING `model-*` application serves.
-        On a registry failure the last good view is kept: loaded models keep serving."""
+        """Re-read aliases, rollout state and which version each RUNNING `model-*` application
+        serves. On a registry failure the last good view is kept: loaded models keep serving."""
         try:
-            self.aliases = (await asyncio.to_thread(self.registry.read_aliases)).value
+            aliases = (await asyncio.to_thread(self.registry.read_aliases)).value
+            rollout = (await asyncio.to_thread(self.registry.read_rollout)).value
+            if (aliases, rollout) != (self.aliases, self.rollout):
+                log.info("routing changed: aliases %s -> %s; rollout %s -> %s",
+                         self.aliases.model_dump(), aliases.model_dump(),
+                         self.rollout.model_dump(exclude={"updated_at"}), rollout.model_dump(exclude={"updated_at"}))
+            self.aliases, self.rollout = aliases, rollout
         except Exception:
             log.warning("registry unreachable; keeping aliases %s", self.aliases, exc_info=True)
         statuses = (await asyncio.to_thread(serve.status)).applications
@@ -64,16 +78,16 @@ class ServeTranscriber:
         return set(self.apps)
 
     def resolve(self, model: str) -> str:
-        if model in ALIAS_NAMES:
-            version = getattr(self.aliases, model)
-            if version is None:
-                raise VersionNotFoundError(f"No version is {model} right now. Known models: {', '.join(self.model_names())}.")
-            return version
-        if model in self.running:
-            return model
-        raise VersionNotFoundError(
-            f"Model {model!r} is not served here. Use 'whisper-1' or one of: {', '.join(self.model_names())}."
-        )
+        return self._plan(model, "", "").version
+
+    def _plan(self, model: str, client: str, request_id: str) -> RoutePlan:
+        try:
+            return plan_route(model, self.aliases, self.rollout, client, request_id, self.running)
+        except VersionNotFoundError as exc:
+            if model in ALIAS_NAMES and getattr(self.aliases, model):  # named, just not up (yet)
+                raise ApiError(UNAVAILABLE, f"The {model} version ({getattr(self.aliases, model)}) is not running "
+                               "yet; retry shortly.", headers={"Retry-After": str(self.settings.serve.retry_after_s)})
+            raise VersionNotFoundError(f"{exc} Use 'whisper-1' or one of: {', '.join(self.model_names())}.") from None
 
     def model_names(self) -> list[str]:
         aliases = [name for name in ALIAS_NAMES if getattr(self.aliases, name) in self.running]
@@ -82,27 +96,126 @@ class ServeTranscriber:
     def ready(self) -> bool:
         return self.aliases.stable is not None and self.aliases.stable in self.running
 
+    def serving(self) -> dict:
+        """What this ingress sees and has counted, for the admin API."""
+        return {
+            "running": sorted(self.running),
+            "breakers": {v: {"state": b.state.value, "error_ratio": round(b.error_ratio(), 3)}
+                         for v, b in self.breakers.items()},
+            "routes": dict(self.stats.routes),
+            "fallbacks": self.stats.fallbacks,
+            "shadow_compared": self.stats.shadow_compared,
+            "shadow_mean_wer": (self.stats.shadow_wer_sum / self.stats.shadow_compared
+                                if self.stats.shadow_compared else None),
+        }
+
+    def breaker(self, version: str) -> CircuitBreaker:
+        if version not in self.breakers:
+            self.breakers[version] = CircuitBreaker(self.settings.serve.breaker)
+        return self.breakers[version]
+
     def _handle(self, version: str):
         name = self.apps[version]
         if name not in self._handles:
             self._handles[name] = serve.get_app_handle(name)
         return self._handles[name]
 
-    async def transcribe(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str) -> TranscribeResult:
-        version = self.resolve(model)
+    async def transcribe(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str,
+                         request_id: str) -> TranscribeResult:
+        plan = self._plan(model, client, request_id)
+        chain = [(plan.version, plan.route), *plan.fallbacks]
+        # Versions whose breaker is open are skipped, unless nothing else is left to try.
+        allowed = [(v, r) for v, r in chain if self.breaker(v).allow()] or chain[-1:]
+        request = ModelRequest(audio=audio, options=options)
+        for i, (version, route) in enumerate(allowed):
+            last = i == len(allowed) - 1
+            try:
+                reply = await self._call(version, request, None if last else self.settings.serve.canary_timeout_s)
+            except BackPressureError:
+                if last:
+                    raise ApiError(OVERLOADED, "The service is at capacity; retry after the time in Retry-After.",
+                                   headers={"Retry-After": str(self.settings.serve.retry_after_s)}) from None
+                continue
+            except Exception as exc:  # the version raised, hung or vanished: the next one answers
+                self.breaker(version).record(failed=True)
+                log.warning("request %s: version %s (route %s) failed (%s: %s); %s", request_id, version, route,
+                            type(exc).__name__, exc, "no fallback left" if last else "falling back")
+                if last:
+                    raise ApiError(INTERNAL, f"Version {version} could not transcribe this audio.") from None
+                self.stats.fallbacks += 1
+                continue
+            self.breaker(version).record(failed=False)
+            if plan.shadow and route is Route.SHADOW:
+                self._start_shadow(plan.shadow, request, reply.transcription.text, request_id)
+            self.stats.count(route)
+            return TranscribeResult(transcription=reply.transcription, version=reply.version, route=route.value,
+                                    batch_size=reply.batch_size)
+        raise AssertionError("unreachable: the last version in line either answers or raises")
+
+    async def _call(self, version: str, request: ModelRequest, timeout_s: float | None) -> ModelReply:
         if version not in self.running:
-            raise ApiError(UNAVAILABLE, f"Version {version} is not running yet; retry shortly.",
-                           headers={"Retry-After": str(self.settings.serve.retry_after_s)})
+            raise VersionUnavailable(f"version {version} is not running")
+        response = self._handle(version).transcribe.remote(request)
         try:
-            reply = await self._handle(version).transcribe.remote(ModelRequest(audio=audio, options=options))
-        except BackPressureError:
-            raise ApiError(OVERLOADED, "The service is at capacity; retry after the time in Retry-After.",
-                           headers={"Retry-After": str(self.settings.serve.retry_after_s)}) from None
+            reply = await asyncio.wait_for(_await(response), timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise
         if reply.error:
-            raise ApiError(INTERNAL, f"Version {version} could not transcribe this audio ({reply.error}).")
-        route = "explicit" if model not in ALIAS_NAMES else model
-        return TranscribeResult(transcription=reply.transcription, version=reply.version, route=route,
-                                batch_size=reply.batch_size)
+            raise ModelFailed(reply.error)
+        return reply
+
+    def _start_shadow(self, version: str, request: ModelRequest, answered: str, request_id: str) -> None:
+        """Send a copy to `version` off the response path and record how far its text is from
+        the answer (WER of shadow against the version that answered): a label-free signal."""
+        if not self.breaker(version).allow():
+            return
+
+        async def shadow() -> None:
+            try:
+                reply = await self._call(version, request, self.settings.serve.canary_timeout_s)
+            except Exception as exc:
+                self.breaker(version).record(failed=not isinstance(exc, BackPressureError))
+                log.info("request %s: shadow %s failed (%s)", request_id, version, type(exc).__name__)
+                return
+            self.breaker(version).record(failed=False)
+            disagreement = score([answered], [reply.transcription.text]).wer
+            self.stats.record_shadow(disagreement)
+            log.info("request %s: shadow %s disagreement %.1f %% WER", request_id, version, disagreement or 0.0)
+
+        task = asyncio.get_running_loop().create_task(shadow())
+        self._shadow_tasks.add(task)  # keep a reference until done
+        task.add_done_callback(self._shadow_tasks.discard)
+
+
+async def _await(response):
+    return await response
+
+
+class VersionUnavailable(RuntimeError):
+    """The routed version has no running model application (yet, or any more)."""
+
+
+class ModelFailed(RuntimeError):
+    """The model replica answered with an error for this request."""
+
+
+class RoutingStats:
+    """Counters the routing layer keeps until the monitoring issue exports them as metrics."""
+
+    def __init__(self):
+        self.routes: dict[str, int] = {}
+        self.fallbacks = 0
+        self.shadow_compared = 0
+        self.shadow_wer_sum = 0.0
+
+    def count(self, route: Route) -> None:
+        self.routes[route.value] = self.routes.get(route.value, 0) + 1
+
+    def record_shadow(self, wer: float | None) -> None:
+        if wer is not None:
+            self.shadow_compared += 1
+            self.shadow_wer_sum += wer
 
 
 @serve.deployment(name="ingress", health_check_period_s=5)
@@ -126,7 +239,8 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         from ray.serve.context import _get_serve_request_context
 
-        return build_api(self.transcriber, self.settings, lambda: _get_serve_request_context().request_id)
+        admin = build_admin(self.transcriber.registry, self.settings.serve.admin_tokens, self.transcriber.serving)
+        return build_api(self.transcriber, self.settings, lambda: _get_serve_request_context().request_id, admin)
 
 
 def ingress_deployment(settings: Settings):

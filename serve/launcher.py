@@ -4,6 +4,7 @@ application, and the ingress. `asrops serve` and the README's run command use th
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,10 @@ INGRESS_APP = "asrops"
 
 def start_ray(settings: Settings) -> None:
     """Start (or join, with RAY_ADDRESS) Ray and Serve's HTTP proxy."""
+    # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own
+    # GCS and raylet, a load generator, a log shipper) takes the CPU from our replicas, which
+    # are the node's whole purpose. An operator's explicit setting still wins.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if not ray.is_initialized():
         ray.init(
             include_dashboard=False,
@@ -40,6 +45,47 @@ def deploy_version(settings: Settings, version_id: str, app_name: str | None = N
     name = app_name or model_app_name(version_id)
     serve.run(model_deployment(version_id, settings), name=name, route_prefix=None)
     return name
+
+
+class VersionReconciler:
+    """Keeps one model application running per version the rollout references (stable,
+    canary, fallback): a new one is deployed and warm (Serve waits for its health check)
+    before the ingress sees it RUNNING and routes to it; one no longer referenced is deleted
+    after `drain_s`, by which time the ingress has long stopped sending it requests, and Serve's
+    graceful shutdown lets its in-flight requests finish."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, drain_s: float = 30.0):
+        self.settings, self.registry, self.drain_s = settings, registry, drain_s
+        self._unreferenced_since: dict[str, float] = {}
+
+    def wanted(self) -> set[str]:
+        aliases, rollout = self.registry.read_aliases().value, self.registry.read_rollout().value
+        return {v for v in (aliases.stable, aliases.canary, aliases.fallback, rollout.canary_version) if v}
+
+    def step(self, say: Callable[[str], None] = log.info) -> None:
+        wanted = self.wanted()
+        deployed = {name.removeprefix("model-"): name for name in serve.status().applications
+                    if name.startswith("model-")}
+        for version in sorted(wanted - set(deployed)):
+            say(f"deploying model {version} (referenced by the rollout)")
+            deploy_version(self.settings, version)
+            say(f"model {version} is warm and serving")
+        now = time.monotonic()
+        for version, name in deployed.items():
+            if version in wanted:
+                self._unreferenced_since.pop(version, None)
+            elif now - self._unreferenced_since.setdefault(version, now) >= self.drain_s:
+                say(f"removing model {version}: unreferenced for {self.drain_s:.0f} s")
+                serve.delete(name, _blocking=False)
+                self._unreferenced_since.pop(version)
+
+    def run_forever(self, interval_s: float = 2.0, say: Callable[[str], None] = log.info) -> None:
+        while True:
+            try:
+                self.step(say)
+            except Exception:
+                log.exception("version reconciliation failed; retrying in %.0f s", interval_s)
+            time.sleep(interval_s)
 
 
 def deploy_ingress(settings: Settings) -> None:
@@ -67,11 +113,10 @@ def wait_ready(settings: Settings, timeout_s: float = 120.0) -> None:
 def run_local(settings: Settings, say: Callable[[str], None] = log.info) -> str:
     """Bring the service up on the embedded defaults; returns its base URL."""
     registry = ModelRegistry.from_settings(settings)
-    stable = import_embedded_default(registry, progress=say)
+    import_embedded_default(registry, progress=say)
     say("starting Ray and Serve")
     start_ray(settings)
-    say(f"deploying model {stable.id}")
-    deploy_version(settings, stable.id)
+    VersionReconciler(settings, registry).step(say)  # stable (and any canary/fallback) before traffic
     deploy_ingress(settings)
     wait_ready(settings)
     return f"http://{settings.serve.host}:{settings.serve.port}"
@@ -84,6 +129,7 @@ def run_config(settings: Settings, config_path: Path, say: Callable[[str], None]
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(config_path.read_text()))
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     from ray.serve._private.api import serve_start  # what `serve run CONFIG` itself calls
 

@@ -103,6 +103,9 @@ def engines(stable_dir) -> dict:
     return {kind: load_engine(stable_dir, kind, "cpu", 2) for kind in ("torch", "onnx", "onnx-int8")}
 
 
+ADMIN_TOKEN = "test-admin-token"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -123,6 +126,8 @@ def service(data_dir) -> Iterator[str]:
     settings.serve.port = free_port()
     settings.serve.max_batch_size = 8
     settings.serve.batch_wait_timeout_s = 0.1
+    settings.serve.admin_tokens = [ADMIN_TOKEN]
+    settings.serve.canary_timeout_s = 3.0  # a hung canary is given up on quickly
     url = run_local(settings)
     try:
         yield url

@@ -34,7 +34,7 @@ class FakeTranscriber:
     def ready(self) -> bool:
         return self._ready
 
-    async def transcribe(self, model, audio, options, client) -> TranscribeResult:
+    async def transcribe(self, model, audio, options, client, request_id) -> TranscribeResult:
         self.calls.append((model, len(audio), options, client))
         await asyncio.sleep(self.delay_s)
         seg = Segment(id=0, start=0.0, end=1.0, text=" Hello there.", tokens=[1], avg_logprob=-0.2,
@@ -71,10 +71,22 @@ def test_keys_are_required_when_configured_and_compared_by_hash():
     assert b"sk-right" not in b"".join(keys.digests) and keys.check("sk-right") and not keys.check("sk-righ")
 
 
-def test_no_keys_means_open_and_anonymous():
+def test_no_keys_means_open_and_anonymous_callers_are_routed_per_request():
     client, fake = _client()
-    assert _post(client).status_code == 200
-    assert fake.calls[0][3] == "anonymous"
+    r = _post(client)
+    assert r.status_code == 200
+    assert fake.calls[0][3] == r.headers["x-request-id"]
+
+
+def test_a_client_header_keeps_a_caller_sticky_and_a_version_header_pins_the_model():
+    client, fake = _client(api_keys=["sk-right"])
+    auth = {"Authorization": "Bearer sk-right"}
+    assert _post(client, {**auth, "X-Client-Id": "tenant-7"}).status_code == 200
+    assert fake.calls[-1][3] == "client:tenant-7"
+    assert _post(client, {**auth, "X-Model-Version": "v1"}, model="whisper-1").status_code == 200
+    assert fake.calls[-1][0] == "v1"
+    r = _post(client, {**auth, "X-Model-Version": "v9"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 def test_slow_transcription_gets_504_in_openai_shape():

@@ -125,7 +125,8 @@ def test_full_queue_becomes_503_with_retry_after(service):
 
         async def one():
             try:
-                return (await transcriber.transcribe("stable", np.zeros(16_000, np.float32), DecodeOptions(), "c")).version
+                return (await transcriber.transcribe("stable", np.zeros(16_000, np.float32), DecodeOptions(), "c",
+                                                     "r")).version
             except ApiError as exc:
                 return exc
 

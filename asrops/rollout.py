@@ -1,0 +1,108 @@
+"""Rollout operations: deploy a canary, set its weight and shadow share, promote, roll back.
+
+Every change goes through the registry's compare-and-swap and leaves an audit entry (when,
+who, what, before, after, why). The admin API, the CLI and (later) the promotion controller
+all call these functions, so the rules live in one place. Two records change in a promotion
+(aliases and rollout state); the order of writes is chosen so that every intermediate state
+routes all traffic to a version that is serving: see `promote` and `rollback`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from pydantic import AwareDatetime, BaseModel
+
+from asrops.errors import RolloutRefusedError
+from asrops.registry import Aliases, ModelRegistry, RolloutState
+
+log = logging.getLogger(__name__)
+
+AUDIT_PREFIX = "audit/"
+
+
+class RolloutView(BaseModel):
+    aliases: Aliases
+    rollout: RolloutState
+
+
+class AuditEntry(BaseModel):
+    at: AwareDatetime
+    actor: str
+    action: str
+    reason: str
+    before: RolloutView
+    after: RolloutView
+
+
+def current(registry: ModelRegistry) -> RolloutView:
+    return RolloutView(aliases=registry.read_aliases().value, rollout=registry.read_rollout().value)
+
+
+def _audit(registry: ModelRegistry, action: str, actor: str, reason: str, before: RolloutView) -> AuditEntry:
+    entry = AuditEntry(at=datetime.now(UTC), actor=actor, action=action, reason=reason, before=before,
+                       after=current(registry))
+    key = f"{AUDIT_PREFIX}{entry.at.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}.json"
+    registry.store.write_bytes(key, entry.model_dump_json(indent=2).encode())
+    log.info("rollout %s by %s (%s): %s -> %s", action, actor, reason, before.model_dump(mode="json"),
+             entry.after.model_dump(mode="json"))
+    return entry
+
+
+def read_audit(registry: ModelRegistry, limit: int = 100) -> list[AuditEntry]:
+    """The newest `limit` entries, oldest first."""
+    keys = sorted(registry.store.list_prefix(AUDIT_PREFIX))[-limit:]
+    return [AuditEntry.model_validate_json(registry.store.read_bytes(k)[0]) for k in keys]
+
+
+def deploy_canary(registry: ModelRegistry, version: str, weight: int, shadow_share: float, actor: str,
+                  reason: str) -> AuditEntry:
+    """Make `version` the canary. Its traffic starts once its model application is warm."""
+    before = current(registry)
+    version = registry.resolve(version)
+    if version == before.aliases.stable:
+        raise RolloutRefusedError(f"{version} is already stable; a canary must be another version.")
+    registry.update_aliases(lambda a: a.model_copy(update={"canary": version}))
+    registry.update_rollout(lambda r: r.model_copy(update={
+        "canary_version": version, "canary_weight": weight, "shadow_share": shadow_share, "updated_by": actor}))
+    return _audit(registry, "deploy_canary", actor, reason, before)
+
+
+def set_traffic(registry: ModelRegistry, weight: int | None, shadow_share: float | None, actor: str,
+                reason: str) -> AuditEntry:
+    before = current(registry)
+    if before.rollout.canary_version is None:
+        raise RolloutRefusedError("There is no canary; deploy one first.")
+    update = {"updated_by": actor}
+    if weight is not None:
+        update["canary_weight"] = weight
+    if shadow_share is not None:
+        update["shadow_share"] = shadow_share
+    registry.update_rollout(lambda r: r.model_copy(update=update))
+    return _audit(registry, "set_traffic", actor, reason, before)
+
+
+def promote(registry: ModelRegistry, actor: str, reason: str) -> AuditEntry:
+    """Canary becomes stable, the old stable becomes fallback, the rollout is cleared.
+    Aliases first: while the rollout still names the canary it equals stable, so it gets
+    everything; then the rollout record is cleared."""
+    before = current(registry)
+    canary = before.rollout.canary_version
+    if canary is None:
+        raise RolloutRefusedError("There is no canary to promote.")
+    registry.update_aliases(lambda a: Aliases(stable=canary, canary=None, fallback=a.stable))
+    registry.update_rollout(lambda r: RolloutState(updated_by=actor))
+    return _audit(registry, "promote", actor, reason, before)
+
+
+def rollback(registry: ModelRegistry, actor: str, reason: str) -> AuditEntry:
+    """Canary weight and shadow to 0 first (traffic back on stable at once), then the canary
+    alias is dropped; stable and fallback stay as they were."""
+    before = current(registry)
+    if before.rollout.canary_version is None and before.aliases.canary is None:
+        raise RolloutRefusedError("There is no canary to roll back.")
+    registry.update_rollout(lambda r: RolloutState(updated_by=actor))
+    registry.update_aliases(lambda a: a.model_copy(update={"canary": None}))
+    return _audit(registry, "rollback", actor, reason, before)

@@ -1,0 +1,87 @@
+"""The admin API: rollout status and changes, behind admin tokens (separate from client keys).
+
+Every change is a function of `asrops.rollout` (compare-and-swap plus an audit entry); this
+module only checks the token and maps the request. A concurrent change loses with 409.
+(No `from __future__ import annotations` here: FastAPI must see the `Actor` dependency.)
+"""
+
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from asrops import rollout
+from asrops.registry import ModelRegistry
+from serve.auth import ClientKeys
+from serve.errors import ADMIN_DISABLED, UNAUTHORIZED, ApiError
+
+
+class CanaryRequest(BaseModel):
+    version: str
+    weight: int = Field(default=0, ge=0, le=100)
+    shadow_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    reason: str = ""
+
+
+class TrafficRequest(BaseModel):
+    weight: int | None = Field(default=None, ge=0, le=100)
+    shadow_share: float | None = Field(default=None, ge=0.0, le=1.0)
+    reason: str = ""
+
+
+class ReasonRequest(BaseModel):
+    reason: str = ""
+
+
+class RolloutStatus(BaseModel):
+    view: rollout.RolloutView
+    serving: dict
+    """What the ingress sees and counts: running versions, breakers, routes, fallbacks."""
+
+
+def build_admin(registry: ModelRegistry, admin_tokens: list[str], serving: Callable[[], dict]) -> APIRouter:
+    tokens = ClientKeys.from_plain(admin_tokens)
+
+    def actor(request: Request) -> str:
+        if not tokens.enabled:
+            raise ApiError(ADMIN_DISABLED, "The admin API is off: no admin token is configured "
+                           "(set ASROPS_SERVE__ADMIN_TOKENS).")
+        auth = request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not tokens.check(token):
+            raise ApiError(UNAUTHORIZED, "Missing or invalid admin token. Send 'Authorization: Bearer <admin token>'.",
+                           headers={"WWW-Authenticate": "Bearer"})
+        name = request.headers.get("x-actor", "").strip()[:100]
+        return f"{name or 'admin'} (token {ClientKeys.client_id(token)[:8]})"
+
+    Actor = Annotated[str, Depends(actor)]
+    router = APIRouter(prefix="/admin", tags=["admin"])
+
+    # Plain `def` endpoints: registry calls block, so FastAPI runs them in its thread pool.
+    @router.get("/rollout", response_model=RolloutStatus)
+    def status(_: Actor):
+        return RolloutStatus(view=rollout.current(registry), serving=serving())
+
+    @router.get("/audit", response_model=list[rollout.AuditEntry])
+    def audit(_: Actor, limit: int = 100):
+        return rollout.read_audit(registry, limit)
+
+    @router.post("/rollout/canary", response_model=rollout.AuditEntry)
+    def canary(body: CanaryRequest, who: Actor):
+        return rollout.deploy_canary(registry, body.version, body.weight, body.shadow_share, who, body.reason)
+
+    @router.post("/rollout/traffic", response_model=rollout.AuditEntry)
+    def traffic(body: TrafficRequest, who: Actor):
+        return rollout.set_traffic(registry, body.weight, body.shadow_share, who, body.reason)
+
+    @router.post("/rollout/promote", response_model=rollout.AuditEntry)
+    def promote(body: ReasonRequest, who: Actor):
+        return rollout.promote(registry, who, body.reason)
+
+    @router.post("/rollout/rollback", response_model=rollout.AuditEntry)
+    def rollback(body: ReasonRequest, who: Actor):
+        return rollout.rollback(registry, who, body.reason)
+
+    return router

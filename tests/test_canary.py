@@ -1,0 +1,143 @@
+"""Canary routing on the running service (real Ray Serve): weighted sticky split, and canaries
+that raise or hang answered by the stable with zero client-visible errors.
+
+The canaries here are small Serve deployments that stand in for a second model version
+(one that echoes, one that raises, one that hangs): a broken Whisper cannot be made on
+demand, and a second real model would only slow the test. The routing, fallback and
+breakers under test are the product's, in the real ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import time
+
+import httpx
+import numpy as np
+import pytest
+from ray import serve
+
+from asrops import rollout
+from asrops.audio import audio_to_wav_bytes
+from asrops.engines.types import Transcription
+from asrops.registry import ModelRegistry
+from asrops.settings import Settings
+from serve.model_server import ModelReply
+from tests.conftest import ADMIN_TOKEN
+
+pytestmark = pytest.mark.slow
+
+# Near silence: valid audio that the engine skips without decoding, so 1,000 requests are quick.
+QUIET = audio_to_wav_bytes((np.random.default_rng(0).standard_normal(8_000) * 1e-4).astype(np.float32))
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class FakeVersion:
+    """A stand-in model application: answers `text`, raises, or hangs."""
+
+    def __init__(self, version: str, behaviour: str):
+        self.version_id, self.behaviour = version, behaviour
+
+    def version(self) -> str:
+        return self.version_id
+
+    async def transcribe(self, request) -> ModelReply:
+        if self.behaviour == "raise":
+            raise RuntimeError("canary bug")
+        if self.behaviour == "hang":
+            await asyncio.sleep(3600)
+        return ModelReply(transcription=Transcription(text="canary says hi", segments=[], duration_s=0.5),
+                          version=self.version_id, batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def registry(service, data_dir) -> ModelRegistry:
+    return ModelRegistry.from_settings(Settings(data_dir=data_dir))
+
+
+def _publish_dummy(registry: ModelRegistry, version: str, tmp_path) -> None:
+    if version in {m.id for m in registry.list_versions()}:
+        return
+    src = tmp_path / version
+    src.mkdir()
+    (src / "weights.bin").write_bytes(version.encode() * 16)
+    registry.publish(src, id=version, family="test-canary", parent=None, source="tests/test_canary.py")
+
+
+def _wait_routable(service: str, version: str, timeout_s: float = 30) -> None:
+    """Until the ingress has seen the application and routes an explicit request to it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
+                       headers={"X-Model-Version": version}, timeout=30)
+        if r.status_code == 200 and r.headers["x-model-version"] == version:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{version} never became routable")
+
+
+@pytest.fixture
+def canary(service, registry, tmp_path):
+    """Deploy a fake version as canary: `canary(behaviour, weight)` → its version id.
+    Afterwards: rolled back, its application deleted, and the ingress back to stable only."""
+    deployed = []
+
+    def make(behaviour: str, weight: int) -> str:
+        version = f"test-{behaviour}-v1"
+        _publish_dummy(registry, version, tmp_path)
+        serve.run(FakeVersion.bind(version, behaviour), name=f"model-{version}", route_prefix=None)
+        deployed.append(version)
+        _wait_routable(service, version) if behaviour == "echo" else time.sleep(2.5)
+        r = httpx.post(f"{service}/admin/rollout/canary", headers=ADMIN,
+                       json={"version": version, "weight": weight, "reason": f"test {behaviour}"})
+        assert r.status_code == 200, r.text
+        time.sleep(2.5)  # the ingress re-reads the rollout every 2 s
+        return version
+
+    yield make
+    rollout.rollback(registry, "tests", "cleanup")
+    for version in deployed:
+        serve.delete(f"model-{version}")
+
+
+def _post(service: str, client_id: str) -> httpx.Response:
+    return httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
+                      headers={"X-Client-Id": client_id}, timeout=60)
+
+
+def test_weighted_split_is_binomial_and_sticky_per_client(service, canary):
+    version = canary("echo", weight=10)
+    clients = [f"client-{i}" for i in range(1000)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        first = list(pool.map(lambda c: _post(service, c), clients))
+        again = list(pool.map(lambda c: _post(service, c), clients[:200]))
+    assert all(r.status_code == 200 for r in first + again)
+    on_canary = [r.headers["x-model-version"] == version for r in first]
+    assert all(r.headers["x-route"] == ("canary" if c else "stable") for r, c in zip(first, on_canary))
+    share, n, p = sum(on_canary) / len(first), len(first), 0.10
+    assert abs(share - p) <= 2.576 * math.sqrt(p * (1 - p) / n), share
+    for r1, r2 in zip(first, again):  # a client stays on its version
+        assert r1.headers["x-model-version"] == r2.headers["x-model-version"]
+    # The version header names who produced the text.
+    assert all((r.json()["text"] == "canary says hi") == c for r, c in zip(first, on_canary))
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "hang"])
+def test_a_broken_canary_costs_clients_nothing_and_its_breaker_opens(service, canary, behaviour):
+    version = canary(behaviour, weight=100)
+    stable = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["view"]["aliases"]["stable"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda i: _post(service, f"c{i}"), range(24)))
+    assert [r.status_code for r in responses] == [200] * 24
+    assert {r.headers["x-model-version"] for r in responses} == {stable}
+    assert {r.headers["x-route"] for r in responses} == {"fallback"}
+    serving = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["serving"]
+    assert serving["breakers"][version]["state"] in ("open", "half_open")
+    assert serving["fallbacks"] >= 5  # the failures that opened it, each answered by stable
+    # With the breaker open, requests skip the canary and are answered at once.
+    start = time.monotonic()
+    assert _post(service, "after").status_code == 200
+    assert time.monotonic() - start < 2.5  # below canary_timeout_s: the hung canary was not asked

@@ -1,0 +1,144 @@
+"""Rollout operations on a real registry: canary, traffic, promote, roll back, audit, conflicts."""
+
+from pathlib import Path
+
+import pytest
+
+from asrops import rollout
+from asrops.errors import ConflictError, RolloutRefusedError
+from asrops.registry import Aliases, LocalStore, ModelRegistry
+from serve.routing import plan_route
+
+
+@pytest.fixture
+def registry(tmp_path) -> ModelRegistry:
+    registry = ModelRegistry(LocalStore(tmp_path / "registry"), tmp_path / "cache")
+    for i, version in enumerate(["v1", "v2", "v3"]):
+        src = tmp_path / version
+        src.mkdir()
+        (src / "model.bin").write_bytes(bytes([i]) * 64)
+        registry.publish(src, id=version, family="test", parent=None, source="test")
+    registry.write_aliases(Aliases(stable="v1"), None)
+    return registry
+
+
+def test_canary_then_promote_makes_it_stable_and_the_old_stable_the_fallback(registry):
+    rollout.deploy_canary(registry, "v2", weight=10, shadow_share=0.2, actor="alice", reason="retrained on drift")
+    view = rollout.current(registry)
+    assert view.aliases == Aliases(stable="v1", canary="v2")
+    assert (view.rollout.canary_version, view.rollout.canary_weight, view.rollout.shadow_share) == ("v2", 10, 0.2)
+    rollout.set_traffic(registry, weight=50, shadow_share=None, actor="alice", reason="step")
+    assert rollout.current(registry).rollout.canary_weight == 50
+    rollout.promote(registry, actor="bob", reason="checks passed")
+    view = rollout.current(registry)
+    assert view.aliases == Aliases(stable="v2", canary=None, fallback="v1")
+    assert view.rollout.canary_version is None and view.rollout.canary_weight == 0
+
+
+def test_rollback_puts_all_traffic_back_on_stable_and_keeps_the_aliases(registry):
+    registry.write_aliases(Aliases(stable="v1", fallback="v3"), registry.read_aliases().token)
+    rollout.deploy_canary(registry, "v2", weight=25, shadow_share=0.0, actor="alice", reason="try")
+    rollout.rollback(registry, actor="controller", reason="error ratio out of range")
+    view = rollout.current(registry)
+    assert view.aliases == Aliases(stable="v1", fallback="v3")
+    assert view.rollout.canary_weight == 0 and view.rollout.canary_version is None
+    plan = plan_route("stable", view.aliases, view.rollout, "anyone", "r", {"v1", "v2", "v3"})
+    assert plan.version == "v1"
+
+
+def test_every_change_is_audited_with_who_why_before_and_after(registry):
+    rollout.deploy_canary(registry, "v2", weight=5, shadow_share=0.0, actor="alice", reason="new data")
+    rollout.promote(registry, actor="bob", reason="good")
+    entries = rollout.read_audit(registry)
+    assert [(e.action, e.actor, e.reason) for e in entries] == [
+        ("deploy_canary", "alice", "new data"), ("promote", "bob", "good")]
+    assert entries[1].before.aliases.stable == "v1" and entries[1].after.aliases.stable == "v2"
+
+
+def test_nonsense_changes_are_refused_and_change_nothing(registry):
+    before = rollout.current(registry)
+    for change in (
+        lambda: rollout.promote(registry, "a", "r"),
+        lambda: rollout.rollback(registry, "a", "r"),
+        lambda: rollout.set_traffic(registry, 10, None, "a", "r"),
+        lambda: rollout.deploy_canary(registry, "v1", 10, 0.0, "a", "r"),
+    ):
+        with pytest.raises(RolloutRefusedError):
+            change()
+    assert rollout.current(registry) == before and rollout.read_audit(registry) == []
+
+
+def test_a_concurrent_writer_gets_a_conflict_not_a_lost_update(registry, monkeypatch):
+    rollout.deploy_canary(registry, "v2", weight=5, shadow_share=0.0, actor="alice", reason="r")
+    real_read = registry.read_rollout
+    stale = real_read()
+
+    raced = []
+
+    def read_then_lose_the_race():
+        if not raced:  # another writer lands right after our read
+            raced.append(registry.write_rollout(stale.value.model_copy(update={"canary_weight": 7}), stale.token))
+        return stale
+
+    monkeypatch.setattr(registry, "read_rollout", read_then_lose_the_race)
+    with pytest.raises(ConflictError):
+        rollout.set_traffic(registry, weight=50, shadow_share=None, actor="bob", reason="r")
+    monkeypatch.setattr(registry, "read_rollout", real_read)
+    assert raced and rollout.current(registry).rollout.canary_weight == 7  # the winner's write stands
+    assert [e.action for e in rollout.read_audit(registry)] == ["deploy_canary"]  # the loser left no entry
+
+
+def test_read_audit_path_is_inside_the_registry(registry, tmp_path):
+    rollout.deploy_canary(registry, "v3", weight=1, shadow_share=0.0, actor="a", reason="r")
+    assert list(Path(tmp_path / "registry").rglob("audit/*.json"))
+
+
+# --- the admin API over the same operations ----------------------------------------------
+def _admin_client(registry, tokens=("adm-secret",)):
+    from fastapi.testclient import TestClient
+
+    from asrops.settings import Settings
+    from serve.admin import build_admin
+    from serve.api import build_api
+    from tests.test_api import FakeTranscriber
+
+    settings = Settings(data_dir="/nonexistent")
+    admin = build_admin(registry, list(tokens), lambda: {"running": ["v1"]})
+    return TestClient(build_api(FakeTranscriber(), settings, admin=admin))
+
+
+def test_admin_calls_without_the_admin_token_get_401_and_change_nothing(registry):
+    client = _admin_client(registry)
+    before = rollout.current(registry)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer sk-client-key"}):
+        assert client.get("/admin/rollout", headers=headers).status_code == 401
+        r = client.post("/admin/rollout/canary", json={"version": "v2", "weight": 50}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert client.post("/admin/rollout/promote", json={}, headers=headers).status_code == 401
+    assert rollout.current(registry) == before and rollout.read_audit(registry) == []
+
+
+def test_with_no_admin_token_configured_the_admin_api_is_off(registry):
+    client = _admin_client(registry, tokens=())
+    r = client.post("/admin/rollout/canary", json={"version": "v2"}, headers={"Authorization": "Bearer x"})
+    assert r.status_code == 403 and "ASROPS_SERVE__ADMIN_TOKENS" in r.json()["error"]["message"]
+
+
+def test_admin_api_runs_a_rollout_and_audits_it(registry):
+    client = _admin_client(registry)
+    auth = {"Authorization": "Bearer adm-secret", "X-Actor": "carol"}
+    r = client.post("/admin/rollout/canary", json={"version": "v2", "weight": 10, "reason": "drift"}, headers=auth)
+    assert r.status_code == 200 and r.json()["after"]["rollout"]["canary_weight"] == 10
+    assert client.post("/admin/rollout/traffic", json={"weight": 150}, headers=auth).status_code in (400, 422)
+    assert client.post("/admin/rollout/traffic", json={"weight": 40}, headers=auth).status_code == 200
+    status = client.get("/admin/rollout", headers=auth).json()
+    assert status["view"]["rollout"]["canary_weight"] == 40 and status["serving"] == {"running": ["v1"]}
+    assert client.post("/admin/rollout/promote", json={"reason": "good"}, headers=auth).status_code == 200
+    r = client.post("/admin/rollout/promote", json={}, headers=auth)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "rollout_refused"
+    r = client.post("/admin/rollout/canary", json={"version": "v9"}, headers=auth)
+    assert r.status_code == 404
+    audit = client.get("/admin/audit", headers=auth).json()
+    assert [e["action"] for e in audit] == ["deploy_canary", "set_traffic", "promote"]
+    assert audit[0]["actor"].startswith("carol (token ") and "adm-secret" not in audit[0]["actor"]
+    assert rollout.current(registry).aliases == Aliases(stable="v2", fallback="v1")

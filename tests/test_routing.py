@@ -1,0 +1,98 @@
+"""Routing rules: weighted sticky canary split, explicit versions, shadow share, fallback chains."""
+
+import math
+
+import pytest
+
+from asrops.errors import VersionNotFoundError
+from asrops.registry import Aliases, RolloutState
+from serve.routing import Route, bucket, plan_route
+
+ALIASES = Aliases(stable="v1", canary="v2", fallback="v0")
+RUNNING = {"v0", "v1", "v2"}
+
+
+def rollout(weight: int = 0, shadow: float = 0.0) -> RolloutState:
+    return RolloutState(canary_version="v2", canary_weight=weight, shadow_share=shadow)
+
+
+def test_canary_share_at_weight_10_is_within_the_99_percent_binomial_interval():
+    n, p = 2000, 0.10
+    routes = [plan_route("stable", ALIASES, rollout(10), f"client-{i}", f"req-{i}", RUNNING).route for i in range(n)]
+    share = routes.count(Route.CANARY) / n
+    half_width = 2.576 * math.sqrt(p * (1 - p) / n)
+    assert abs(share - p) <= half_width, share
+
+
+def test_a_client_stays_on_one_version_and_raising_the_weight_never_moves_it_back():
+    clients = [f"key-{i}" for i in range(500)]
+    on_canary = {}
+    for weight in (5, 10, 25, 50, 100):
+        for client in clients:
+            versions = {plan_route("stable", ALIASES, rollout(weight), client, f"r{j}", RUNNING).version
+                        for j in range(3)}
+            assert len(versions) == 1  # sticky within a step, whatever the request id
+            now = versions.pop() == "v2"
+            assert not (on_canary.get(client) and not now)  # once on the canary, stays there
+            on_canary[client] = now
+    assert all(on_canary.values())  # weight 100: everyone
+
+
+def test_a_new_canary_reshuffles_who_goes_first():
+    clients = [f"key-{i}" for i in range(1000)]
+    first = {c for c in clients if bucket(c, "v2") < 10}
+    second = {c for c in clients if bucket(c, "v3") < 10}
+    assert first != second and 0 < len(first & second) < len(first)
+
+
+def test_canary_requests_fall_back_to_stable_then_to_the_fallback_alias():
+    client = next(f"c{i}" for i in range(1000) if bucket(f"c{i}", "v2") < 50)
+    plan = plan_route("stable", ALIASES, rollout(50), client, "r", RUNNING)
+    assert (plan.version, plan.route) == ("v2", Route.CANARY)
+    assert plan.fallbacks == [("v1", Route.FALLBACK), ("v0", Route.FALLBACK)]
+
+
+def test_stable_requests_fall_back_to_the_fallback_alias_only_when_it_runs():
+    plan = plan_route("stable", ALIASES, rollout(0), "c", "r", RUNNING)
+    assert (plan.version, plan.route, plan.fallbacks) == ("v1", Route.STABLE, [("v0", Route.FALLBACK)])
+    plan = plan_route("stable", ALIASES, rollout(0), "c", "r", {"v1", "v2"})
+    assert plan.fallbacks == []
+
+
+def test_an_explicit_version_or_alias_wins_over_the_split():
+    for weight in (0, 100):
+        assert plan_route("v1", ALIASES, rollout(weight), "c", "r", RUNNING).route == Route.EXPLICIT
+        plan = plan_route("canary", ALIASES, rollout(weight), "c", "r", RUNNING)
+        assert (plan.version, plan.route) == ("v2", Route.EXPLICIT)
+
+
+def test_shadow_copies_a_share_of_stable_traffic_to_the_canary_and_stable_answers():
+    plans = [plan_route("stable", ALIASES, rollout(0, shadow=0.3), "same-client", f"req-{i}", RUNNING)
+             for i in range(2000)]
+    shadowed = [p for p in plans if p.route == Route.SHADOW]
+    assert all(p.version == "v1" and p.shadow == "v2" for p in shadowed)
+    assert abs(len(shadowed) / 2000 - 0.3) < 0.05  # drawn per request, not per client
+
+
+def test_weight_zero_and_no_shadow_sends_nothing_to_the_canary():
+    plans = [plan_route("stable", ALIASES, rollout(0), f"c{i}", f"r{i}", RUNNING) for i in range(500)]
+    assert {p.version for p in plans} == {"v1"} and all(p.shadow is None for p in plans)
+
+
+def test_a_canary_that_is_not_running_yet_gets_no_traffic():
+    plan = plan_route("stable", ALIASES, rollout(100), "c", "r", {"v0", "v1"})
+    assert (plan.version, plan.route) == ("v1", Route.STABLE)
+
+
+def test_unknown_names_are_not_found():
+    with pytest.raises(VersionNotFoundError):
+        plan_route("v9", ALIASES, rollout(), "c", "r", RUNNING)
+    with pytest.raises(VersionNotFoundError):
+        plan_route("canary", Aliases(stable="v1"), RolloutState(), "c", "r", {"v1"})
+
+
+def test_without_a_running_stable_the_fallback_answers():
+    plan = plan_route("stable", ALIASES, rollout(), "c", "r", {"v0"})
+    assert (plan.version, plan.route) == ("v0", Route.FALLBACK)
+    with pytest.raises(VersionNotFoundError):
+        plan_route("stable", ALIASES, rollout(), "c", "r", set())
