@@ -17,7 +17,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Versioned sp
 models_app = typer.Typer(no_args_is_help=True, help="List, inspect and import model versions.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios against a peer measured in the same run.")
 app.add_typer(models_app, name="models")
+rollout_app = typer.Typer(no_args_is_help=True, help="Canary rollouts on a running service, through its admin API "
+                          "(token from ASROPS_ADMIN_TOKEN).")
 app.add_typer(bench_app, name="bench")
+app.add_typer(rollout_app, name="rollout")
 
 EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="torch, onnx or onnx-int8 (default: settings).")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads; 0 = settings (0 there = all cores).")]
@@ -318,3 +321,81 @@ def synth(
 
 if __name__ == "__main__":
     app()
+
+
+# --- rollout: the admin API's client ---------------------------------------------------
+UrlOption = Annotated[str, typer.Option(help="Base URL of the running service.")]
+ReasonOption = Annotated[str, typer.Option(help="Why: kept in the audit log.")]
+
+
+def _admin(method: str, url: str, path: str, body: dict | None = None) -> dict | list:
+    import os
+
+    import httpx
+
+    token = os.environ.get("ASROPS_ADMIN_TOKEN", "")
+    if not token:
+        raise typer.BadParameter("set ASROPS_ADMIN_TOKEN to one of the service's admin tokens")
+    headers = {"Authorization": f"Bearer {token}", "X-Actor": os.environ.get("USER", "cli")}
+    try:
+        r = httpx.request(method, url.rstrip("/") + path, json=body, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        raise typer.BadParameter(f"cannot reach {url}: {exc}") from None
+    if r.status_code != 200:
+        message = r.json().get("error", {}).get("message", r.text) if r.headers.get(
+            "content-type", "").startswith("application/json") else r.text
+        typer.echo(f"error {r.status_code}: {message}", err=True)
+        raise typer.Exit(1)
+    return r.json()
+
+
+def _show(data) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@rollout_app.command("status")
+def rollout_status(url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """Aliases, rollout state, running versions, breakers and route counts."""
+    _show(_admin("GET", url, "/admin/rollout"))
+
+
+@rollout_app.command("canary")
+def rollout_canary(
+    version: Annotated[str, typer.Argument(help="Version id (or alias) to put in front of traffic.")],
+    weight: Annotated[int, typer.Option(min=0, max=100, help="Percent of traffic.")] = 0,
+    shadow: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of stable traffic copied to it.")] = 0.0,
+    reason: ReasonOption = "",
+    url: UrlOption = "http://127.0.0.1:8000",
+) -> None:
+    """Deploy a version as canary (it gets traffic once it is warm)."""
+    _show(_admin("POST", url, "/admin/rollout/canary",
+                 {"version": version, "weight": weight, "shadow_share": shadow, "reason": reason}))
+
+
+@rollout_app.command("traffic")
+def rollout_traffic(
+    weight: Annotated[Optional[int], typer.Option(min=0, max=100, help="Percent of traffic.")] = None,
+    shadow: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Shadow share.")] = None,
+    reason: ReasonOption = "",
+    url: UrlOption = "http://127.0.0.1:8000",
+) -> None:
+    """Set the canary's weight and/or shadow share."""
+    _show(_admin("POST", url, "/admin/rollout/traffic", {"weight": weight, "shadow_share": shadow, "reason": reason}))
+
+
+@rollout_app.command("promote")
+def rollout_promote(reason: ReasonOption = "", url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """Canary becomes stable; the old stable becomes fallback."""
+    _show(_admin("POST", url, "/admin/rollout/promote", {"reason": reason}))
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(reason: ReasonOption = "", url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """Canary traffic to 0 and its alias dropped; right after a promotion, undo it."""
+    _show(_admin("POST", url, "/admin/rollout/rollback", {"reason": reason}))
+
+
+@rollout_app.command("audit")
+def rollout_audit(limit: int = 20, url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """The latest rollout changes: when, who, why, before and after."""
+    _show(_admin("GET", url, f"/admin/audit?limit={limit}"))

@@ -98,11 +98,16 @@ def promote(registry: ModelRegistry, actor: str, reason: str) -> AuditEntry:
 
 
 def rollback(registry: ModelRegistry, actor: str, reason: str) -> AuditEntry:
-    """Canary weight and shadow to 0 first (traffic back on stable at once), then the canary
-    alias is dropped; stable and fallback stay as they were."""
+    """With a canary: its weight and shadow go to 0 first (traffic back on stable at once),
+    then the canary alias is dropped. Without one, right after a promotion: the aliases the
+    promotion replaced are restored (the old stable answers again)."""
     before = current(registry)
-    if before.rollout.canary_version is None and before.aliases.canary is None:
-        raise RolloutRefusedError("There is no canary to roll back.")
-    registry.update_rollout(lambda r: RolloutState(updated_by=actor))
-    registry.update_aliases(lambda a: a.model_copy(update={"canary": None}))
+    if before.rollout.canary_version is not None or before.aliases.canary is not None:
+        registry.update_rollout(lambda r: RolloutState(updated_by=actor))
+        registry.update_aliases(lambda a: a.model_copy(update={"canary": None}))
+        return _audit(registry, "rollback", actor, reason, before)
+    promoted = next((e for e in reversed(read_audit(registry)) if e.action in ("promote", "rollback")), None)
+    if promoted is None or promoted.action != "promote" or promoted.after.aliases.stable != before.aliases.stable:
+        raise RolloutRefusedError("There is no canary to roll back and no promotion to undo.")
+    registry.update_aliases(lambda a: promoted.before.aliases.model_copy(update={"canary": None}))
     return _audit(registry, "rollback", actor, reason, before)

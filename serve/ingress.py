@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from asrops.engines.types import DecodeOptions
@@ -30,6 +31,8 @@ from serve.routing import Route, RoutePlan, plan_route
 log = logging.getLogger("asrops.serve.ingress")
 
 REFRESH_S = 2.0  # how often aliases and running model applications are re-read
+REPLICA_DEATH_RETRIES = 2
+REPLICA_DIED = (RayActorError, ActorUnavailableError)
 
 
 class ServeTranscriber:
@@ -61,12 +64,17 @@ class ServeTranscriber:
         except Exception:
             log.warning("registry unreachable; keeping aliases %s", self.aliases, exc_info=True)
         statuses = (await asyncio.to_thread(serve.status)).applications
+        # An application gets traffic once it has been RUNNING (loaded and warm) and keeps it
+        # while it exists: a replica that died and is being replaced makes it UNHEALTHY or
+        # DEPLOYING for a while, and Serve holds requests until a replica is back.
         apps = {
             name: app.last_deployed_time_s for name, app in statuses.items()
-            if name.startswith("model-") and app.status == "RUNNING"
+            if name.startswith("model-") and (
+                app.status == "RUNNING" or (name in self._app_versions and app.status in ("DEPLOYING", "UNHEALTHY")))
         }
         for name, deployed_at in apps.items():
-            if self._app_versions.get(name, (None, None))[1] != deployed_at:
+            known = self._app_versions.get(name)
+            if known is None or (known[1] != deployed_at and statuses[name].status == "RUNNING"):  # new, or redeployed
                 version = await serve.get_app_handle(name).version.remote()
                 self._app_versions[name] = (version, deployed_at)
         self._app_versions = {n: v for n, v in self._app_versions.items() if n in apps}
@@ -136,10 +144,13 @@ class ServeTranscriber:
                     raise ApiError(OVERLOADED, "The service is at capacity; retry after the time in Retry-After.",
                                    headers={"Retry-After": str(self.settings.serve.retry_after_s)}) from None
                 continue
-            except Exception as exc:  # the version raised, hung or vanished: the next one answers
+            except Exception as exc:  # the version raised, hung or lost its replicas: next in line
                 self.breaker(version).record(failed=True)
                 log.warning("request %s: version %s (route %s) failed (%s: %s); %s", request_id, version, route,
                             type(exc).__name__, exc, "no fallback left" if last else "falling back")
+                if last and isinstance(exc, REPLICA_DIED):
+                    raise ApiError(UNAVAILABLE, f"Version {version} lost its replica; retry shortly.",
+                                   headers={"Retry-After": str(self.settings.serve.retry_after_s)}) from None
                 if last:
                     raise ApiError(INTERNAL, f"Version {version} could not transcribe this audio.") from None
                 self.stats.fallbacks += 1
@@ -153,6 +164,19 @@ class ServeTranscriber:
         raise AssertionError("unreachable: the last version in line either answers or raises")
 
     async def _call(self, version: str, request: ModelRequest, timeout_s: float | None) -> ModelReply:
+        """One version's answer. A replica that dies mid-request is retried: Serve sends the
+        retry to a live replica, or holds it until the dead one has been replaced."""
+        for attempt in range(REPLICA_DEATH_RETRIES + 1):
+            try:
+                return await self._call_once(version, request, timeout_s)
+            except REPLICA_DIED as exc:
+                if attempt == REPLICA_DEATH_RETRIES:
+                    raise
+                log.warning("a replica of %s died under a request (%s); retrying", version, type(exc).__name__)
+                await asyncio.sleep(0.5 * (attempt + 1))  # give Serve time to notice the death
+        raise AssertionError("unreachable")
+
+    async def _call_once(self, version: str, request: ModelRequest, timeout_s: float | None) -> ModelReply:
         if version not in self.running:
             raise VersionUnavailable(f"version {version} is not running")
         response = self._handle(version).transcribe.remote(request)

@@ -8,6 +8,7 @@ of its replicas carries the version.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -66,6 +67,11 @@ class ModelServer:
     def version(self) -> str:
         """Which version this application serves (its name need not say)."""
         return self.version_id
+
+    def info(self) -> dict:
+        """What this replica is doing, for operators (and the replica-kill test: its pid)."""
+        return {"version": self.version_id, "pid": os.getpid(), "lanes": self.lanes.lanes,
+                "busy_lanes": self.lanes.busy, "queued": self.lanes.queued}
 
     async def transcribe(self, request: ModelRequest) -> ModelReply:
         return await self.transcribe_batch(request)

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import math
+import os
+import signal
+import threading
 import time
 
 import httpx
@@ -22,6 +26,7 @@ from ray import serve
 from asrops import rollout
 from asrops.audio import audio_to_wav_bytes
 from asrops.engines.types import Transcription
+from asrops.errors import RolloutRefusedError
 from asrops.registry import ModelRegistry
 from asrops.settings import Settings
 from serve.model_server import ModelReply
@@ -98,7 +103,8 @@ def canary(service, registry, tmp_path):
         return version
 
     yield make
-    rollout.rollback(registry, "tests", "cleanup")
+    with contextlib.suppress(RolloutRefusedError):  # a test may have rolled back itself
+        rollout.rollback(registry, "tests", "cleanup")
     for version in deployed:
         serve.delete(f"model-{version}")
 
@@ -141,3 +147,98 @@ def test_a_broken_canary_costs_clients_nothing_and_its_breaker_opens(service, ca
     start = time.monotonic()
     assert _post(service, "after").status_code == 200
     assert time.monotonic() - start < 2.5  # below canary_timeout_s: the hung canary was not asked
+
+
+class SteadyLoad:
+    """Concurrent clients posting quiet clips in a loop until stopped; keeps every response."""
+
+    def __init__(self, service: str, clients: int = 4):
+        self.service, self.clients = service, clients
+        self.results: list[tuple[int, str, str]] = []  # (status, version header, text or error)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(timeout=180) as http:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                try:
+                    r = http.post(f"{self.service}/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
+                                  headers={"X-Client-Id": f"load-{i}-{n}"})
+                    body = r.json().get("text", r.text) if r.headers.get("content-type", "").startswith(
+                        "application/json") else r.text
+                    self.results.append((r.status_code, r.headers.get("x-model-version", ""), str(body)))
+                except httpx.HTTPError as exc:
+                    self.results.append((0, "", repr(exc)))
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def failures(self) -> list[tuple[int, str, str]]:
+        return [r for r in self.results if r[0] != 200]
+
+
+def _stable_replica_pid(service: str) -> int:
+    stable = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["view"]["aliases"]["stable"]
+    return serve.get_app_handle(f"model-{stable}").info.remote().result(timeout_s=60)["pid"]
+
+
+def test_killing_the_model_replica_under_steady_traffic_fails_no_request(service):
+    pid = _stable_replica_pid(service)
+    with SteadyLoad(service) as load:
+        time.sleep(3)
+        answered_before = len(load.results)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # Serve replaces the replica
+            with contextlib.suppress(Exception):
+                if _stable_replica_pid(service) != pid:
+                    break
+            time.sleep(1)
+        time.sleep(3)
+    assert answered_before > 0 and len(load.results) > answered_before + 4
+    assert load.failures() == []
+    assert _stable_replica_pid(service) != pid
+
+
+def test_promote_then_roll_back_under_load_fails_nothing_and_every_version_header_is_true(service, canary):
+    version = canary("echo", weight=50)
+    with SteadyLoad(service) as load:
+        time.sleep(2)
+        r = httpx.post(f"{service}/admin/rollout/promote", headers=ADMIN, json={"reason": "test"})
+        assert r.status_code == 200, r.text
+        time.sleep(4)
+        r = httpx.post(f"{service}/admin/rollout/rollback", headers=ADMIN, json={"reason": "test"})
+        assert r.status_code == 200, r.text
+        time.sleep(4)
+    assert load.failures() == []
+    versions = {v for _, v, _ in load.results}
+    assert version in versions and len(versions) == 2
+    for _, v, text in load.results:  # the header names the version that produced the text
+        assert (text == "canary says hi") == (v == version)
+    after = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["view"]["aliases"]
+    assert after["stable"] != version and after["canary"] is None
+
+
+def test_rollout_cli_shows_the_rollout_and_needs_the_admin_token(service, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from asrops.cli import app
+
+    monkeypatch.setenv("ASROPS_ADMIN_TOKEN", ADMIN_TOKEN)
+    result = CliRunner().invoke(app, ["rollout", "status", "--url", service])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["view"]["aliases"]["stable"].startswith("whisper-tiny.en-")
+    monkeypatch.setenv("ASROPS_ADMIN_TOKEN", "wrong")
+    result = CliRunner().invoke(app, ["rollout", "promote", "--url", service])
+    assert result.exit_code == 1 and "401" in result.output

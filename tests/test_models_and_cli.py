@@ -121,7 +121,9 @@ def test_import_a_local_checkpoint_as_canary(stable_dir, tmp_path):
 @pytest.mark.parametrize(
     "command",
     [[], ["models"], ["models", "list"], ["models", "show"], ["models", "import"], ["models", "import-default"],
-     ["transcribe"], ["eval"], ["bench"], ["bench", "engine"]],
+     ["transcribe"], ["eval"], ["bench"], ["bench", "engine"], ["serve"], ["synth"],
+     ["rollout"], ["rollout", "status"], ["rollout", "canary"], ["rollout", "traffic"], ["rollout", "promote"],
+     ["rollout", "rollback"], ["rollout", "audit"]],
 )
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])

@@ -46,6 +46,17 @@ def test_rollback_puts_all_traffic_back_on_stable_and_keeps_the_aliases(registry
     assert plan.version == "v1"
 
 
+def test_rollback_right_after_a_promotion_restores_the_old_aliases(registry):
+    registry.write_aliases(Aliases(stable="v1", fallback="v3"), registry.read_aliases().token)
+    rollout.deploy_canary(registry, "v2", weight=50, shadow_share=0.0, actor="a", reason="r")
+    rollout.promote(registry, actor="a", reason="r")
+    assert rollout.current(registry).aliases == Aliases(stable="v2", fallback="v1")
+    rollout.rollback(registry, actor="b", reason="complaints")
+    assert rollout.current(registry).aliases == Aliases(stable="v1", fallback="v3")
+    with pytest.raises(RolloutRefusedError):  # a promotion is undone once
+        rollout.rollback(registry, actor="b", reason="again")
+
+
 def test_every_change_is_audited_with_who_why_before_and_after(registry):
     rollout.deploy_canary(registry, "v2", weight=5, shadow_share=0.0, actor="alice", reason="new data")
     rollout.promote(registry, actor="bob", reason="good")
