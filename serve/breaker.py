@@ -30,6 +30,7 @@ class CircuitBreaker:
         self._outcomes: deque[tuple[float, bool]] = deque()  # (when, failed) inside the window
         self._opened_at = 0.0
         self._probes = 0  # in flight while half-open
+        self._probe_at = 0.0
 
     def allow(self) -> bool:
         """May a request go to this version now? (Half-open lets `half_open_probes` through.)"""
@@ -37,9 +38,13 @@ class CircuitBreaker:
             self.state, self._probes = BreakerState.HALF_OPEN, 0
         if self.state is BreakerState.CLOSED:
             return True
-        if self.state is BreakerState.HALF_OPEN and self._probes < self.settings.half_open_probes:
-            self._probes += 1
-            return True
+        if self.state is BreakerState.HALF_OPEN:
+            if self._probes and self._clock() - self._probe_at >= self.settings.open_s:
+                self._probes = 0  # a probe that never reported (its request was cancelled)
+            if self._probes < self.settings.half_open_probes:
+                self._probes += 1
+                self._probe_at = self._clock()
+                return True
         return False
 
     def record(self, failed: bool) -> None:

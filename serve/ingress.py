@@ -132,11 +132,12 @@ class ServeTranscriber:
                          request_id: str) -> TranscribeResult:
         plan = self._plan(model, client, request_id)
         chain = [(plan.version, plan.route), *plan.fallbacks]
-        # Versions whose breaker is open are skipped, unless nothing else is left to try.
-        allowed = [(v, r) for v, r in chain if self.breaker(v).allow()] or chain[-1:]
         request = ModelRequest(audio=audio, options=options)
-        for i, (version, route) in enumerate(allowed):
-            last = i == len(allowed) - 1
+        for i, (version, route) in enumerate(chain):
+            last = i == len(chain) - 1
+            # A version whose breaker is open is skipped, unless it is the last one left.
+            if not self.breaker(version).allow() and not last:
+                continue
             try:
                 reply = await self._call(version, request, None if last else self.settings.serve.canary_timeout_s)
             except BackPressureError:
@@ -159,6 +160,7 @@ class ServeTranscriber:
             if plan.shadow and route is Route.SHADOW:
                 self._start_shadow(plan.shadow, request, reply.transcription.text, request_id)
             self.stats.count(route)
+            log.info("request %s: answered by %s via route %s", request_id, reply.version, route.value)
             return TranscribeResult(transcription=reply.transcription, version=reply.version, route=route.value,
                                     batch_size=reply.batch_size)
         raise AssertionError("unreachable: the last version in line either answers or raises")

@@ -77,3 +77,15 @@ def test_a_failed_probe_opens_it_again_for_another_open_s():
     assert b.state is BreakerState.OPEN and not b.allow()
     clock.now += 10
     assert b.allow()
+
+
+def test_a_probe_that_never_reports_does_not_wedge_it_half_open():
+    b, clock = breaker()
+    for _ in range(3):
+        b.record(failed=True)
+    clock.now += 10
+    assert b.allow()  # the probe's request is cancelled and never recorded
+    clock.now += 5
+    assert not b.allow()
+    clock.now += 5
+    assert b.allow()  # another probe after open_s

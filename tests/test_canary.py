@@ -242,3 +242,49 @@ def test_rollout_cli_shows_the_rollout_and_needs_the_admin_token(service, monkey
     monkeypatch.setenv("ASROPS_ADMIN_TOKEN", "wrong")
     result = CliRunner().invoke(app, ["rollout", "promote", "--url", service])
     assert result.exit_code == 1 and "401" in result.output
+
+
+def test_shadow_copies_are_answered_by_stable_and_their_disagreement_recorded(service, canary, speech_dir):
+    version = canary("echo", weight=0)
+    r = httpx.post(f"{service}/admin/rollout/traffic", headers=ADMIN, json={"shadow_share": 1.0, "reason": "shadow"})
+    assert r.status_code == 200
+    time.sleep(2.5)
+    jfk = (speech_dir / "faster_whisper/jfk.flac").read_bytes()
+    for i in range(3):
+        r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("jfk.flac", jfk)}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-route"] == "shadow"
+        assert r.headers["x-model-version"] != version and "country" in r.json()["text"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        serving = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["serving"]
+        if serving["shadow_compared"] >= 3:
+            break
+        time.sleep(0.5)
+    assert serving["shadow_compared"] >= 3
+    assert serving["shadow_mean_wer"] > 90  # "canary says hi" against Kennedy's sentence
+
+
+def test_the_reconciler_deploys_a_referenced_version_warm_and_removes_it_once_unreferenced(service, registry,
+                                                                                          data_dir):
+    from serve.launcher import VersionReconciler
+
+    stable = registry.resolve("stable")
+    copy = "whisper-copy-for-test"
+    if copy not in {m.id for m in registry.list_versions()}:
+        registry.publish(registry.fetch(stable), id=copy, family="whisper", parent=stable, source="test copy")
+    reconciler = VersionReconciler(Settings(data_dir=data_dir), registry, drain_s=1.0)
+    rollout.deploy_canary(registry, copy, weight=0, shadow_share=0.0, actor="tests", reason="reconciler test")
+    try:
+        reconciler.step()  # returns once the new version is deployed and warm
+        assert serve.status().applications[f"model-{copy}"].status == "RUNNING"
+        _wait_routable(service, copy)
+    finally:
+        rollout.rollback(registry, "tests", "reconciler test done")
+    reconciler.step()  # unreferenced from now on
+    time.sleep(1.2)
+    reconciler.step()  # past the drain: deleted
+    deadline = time.monotonic() + 60
+    while f"model-{copy}" in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(1)
+    assert f"model-{copy}" not in serve.status().applications
+    assert f"model-{stable}" in serve.status().applications  # the stable is never touched
