@@ -108,6 +108,74 @@ class ServeSettings(BaseModel):
     breaker: BreakerSettings = BreakerSettings()
 
 
+class ProductionLogSettings(BaseModel):
+    """One record per request (serve/telemetry.py writes, monitoring/ reads), off the request path."""
+
+    uri: str = ""
+    """A local directory or `s3://bucket/prefix`. Empty means `<data_dir>/prodlog`."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for an `s3://` uri; None means AWS's own."""
+    enabled: bool = True
+    flush_interval_s: float = Field(default=2.0, gt=0)
+    """How often buffered records are written as one parquet file, in seconds."""
+    max_buffered_records: int = Field(default=20_000, ge=1)
+    """Records held in memory while the store is slow or failing; beyond this the oldest are dropped (counted)."""
+    keep_audio: bool = True
+    """False keeps no audio at all; only features and transcripts are logged."""
+    audio_sample_share: float = Field(default=0.1, ge=0, le=1)
+    """Share of successful requests whose audio is kept (16 kHz FLAC) for relabelling."""
+    audio_retention_days: float = Field(default=7.0, gt=0)
+    """Sampled audio older than this many days is deleted by the drift monitor."""
+
+
+class DriftSettings(BaseModel):
+    """The drift monitor (monitoring/): an Evidently report per window against a reference."""
+
+    window_s: float = Field(default=300.0, gt=0)
+    """Length of one current window, in seconds; the monitor runs once per window."""
+    min_samples: int = Field(default=30, ge=1)
+    """A window with fewer successful requests gets no drift judgement (no verdict on thin data)."""
+    drift_share: float = Field(default=0.5, gt=0, le=1)
+    """Share of drifted columns that makes a window drifted (Evidently's dataset drift)."""
+    verdict_windows: int = Field(default=3, ge=1)
+    """N: how many recent judged windows a verdict looks at..."""
+    verdict_drifted: int = Field(default=2, ge=1)
+    """...K: how many of them must be drifted for a drift verdict."""
+    numeric_features: list[str] = [
+        "duration_s", "rms_dbfs", "peak", "clipping_ratio", "snr_db", "silence_ratio",
+        "spectral_centroid_hz", "words", "characters", "words_per_s", "avg_logprob",
+        "no_speech_prob", "compression_ratio", "oov_share",
+    ]
+    categorical_features: list[str] = ["original_sample_rate", "original_channels"]
+    text_feature: str | None = "text"
+    """Transcript column checked for text drift (a TF-IDF domain classifier); None skips it."""
+    numeric_method: str | None = None
+    """Evidently stat test for numeric columns (`ks`, `wasserstein`, `psi`, ...); None = Evidently's default by size."""
+    categorical_method: str | None = None
+    text_method: str | None = None
+    column_methods: dict[str, str] = {}
+    """Per-column stat test overriding the defaults above, e.g. `{"snr_db": "wasserstein"}`."""
+    column_thresholds: dict[str, float] = {}
+    """Per-column threshold for its stat test (p-value for tests, distance for distances)."""
+    reference_rows: int = Field(default=2_000, ge=10)
+    """Most reference rows used (sampled), to bound the report's cost."""
+
+
+class MonitoringSettings(BaseModel):
+    monitor_port: int = 9464
+    """Where the drift monitor serves its /metrics."""
+    prometheus_port: int = 9090
+    prometheus_binary: str = "prometheus"
+    """Debian's `prometheus` package; `asrops serve` starts one unless `prometheus_enabled` is false."""
+    prometheus_enabled: bool = True
+    scrape_interval_s: float = Field(default=5.0, gt=0)
+    ray_metrics_port: int = 8080
+    """Ray's own Prometheus endpoint on each node (replica metrics); Ray lists its nodes in a
+    service-discovery file that Prometheus reads."""
+    drift: DriftSettings = DriftSettings()
+    production_log: ProductionLogSettings = ProductionLogSettings()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ASROPS_", env_nested_delimiter="__", extra="ignore"
@@ -123,10 +191,15 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     audio: AudioSettings = AudioSettings()
     serve: ServeSettings = ServeSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
 
     @cached_property
     def registry_uri(self) -> str:
         return self.registry.uri or str(self.data_dir / "registry")
+
+    @cached_property
+    def production_log_uri(self) -> str:
+        return self.monitoring.production_log.uri or str(self.data_dir / "prodlog")
 
     @cached_property
     def cache_dir(self) -> Path:

@@ -7,6 +7,7 @@ directly), so the HTTP contract is tested once, without Ray.
 
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Protocol
@@ -21,6 +22,7 @@ from asrops.engines.types import DecodeOptions, Transcription
 from asrops.formats import WRITERS
 from asrops.settings import Settings
 from serve.auth import ClientKeys
+from serve.telemetry import RequestTelemetry
 from serve.errors import (
     FILE_TOO_LARGE,
     INVALID_VALUE,
@@ -33,6 +35,7 @@ from serve.errors import (
 
 OPENAI_MODEL_ALIAS = "whisper-1"  # what OpenAI clients send by default; means `stable`
 TEXT_MEDIA_TYPES = {"text": "text/plain", "srt": "text/plain", "vtt": "text/vtt"}
+TRANSCRIPTIONS_PATH = "/v1/audio/transcriptions"
 
 
 class TranscribeResult(BaseModel):
@@ -110,10 +113,12 @@ def build_api(
     settings: Settings,
     request_id: Callable[[], str] | None = None,
     admin: APIRouter | None = None,
+    telemetry: RequestTelemetry | None = None,
 ) -> FastAPI:
     """`request_id`, when given, supplies the id of the current request and means the server
     in front (Ray Serve's proxy) already puts it in the `X-Request-Id` response header;
-    `admin` is the admin API's router (see serve/admin.py), mounted as it is."""
+    `admin` is the admin API's router (see serve/admin.py), mounted as it is; `telemetry`
+    sees every transcription request once it is answered (metrics, production log)."""
     app = FastAPI(title="asrops", version="1", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     if admin is not None:
@@ -123,10 +128,12 @@ def build_api(
 
     @app.middleware("http")
     async def request_id_and_size(request: Request, call_next):
+        started = time.perf_counter()
         rid = request_id() if request_id else uuid.uuid4().hex
         request.state.request_id = rid
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > upload_limit + 1024 * 1024:  # + room for form fields
+            request.state.error_code = FILE_TOO_LARGE.code
             response = error_response(
                 f"The upload is {int(length) / 2**20:.1f} MiB; the limit is {upload_limit / 2**20:.0f} MiB. "
                 "Send a shorter or more compressed file.", FILE_TOO_LARGE)
@@ -134,6 +141,11 @@ def build_api(
             response = await call_next(request)
         if request_id is None:
             response.headers["X-Request-Id"] = rid
+        if telemetry and request.url.path == TRANSCRIPTIONS_PATH and request.method == "POST":
+            state = request.state
+            telemetry.observe(rid, response.status_code, time.perf_counter() - started,
+                              getattr(state, "error_code", None) if response.status_code >= 400 else None,
+                              getattr(state, "decoded", None), getattr(state, "result", None))
         return response
 
     def client_key(request: Request) -> str:
@@ -162,7 +174,7 @@ def build_api(
     async def list_models(_: Annotated[str, Depends(client_key)]):
         return ModelList(data=[ModelCard(id=name) for name in [OPENAI_MODEL_ALIAS, *transcriber.model_names()]])
 
-    @app.post("/v1/audio/transcriptions")
+    @app.post(TRANSCRIPTIONS_PATH)
     async def transcriptions(
         request: Request,
         client: Annotated[str, Depends(client_key)],
@@ -180,6 +192,7 @@ def build_api(
         transcriber.resolve(name)  # unknown model → 404 before any decoding work
         data = await file.read()
         audio = await asyncio.to_thread(decode_audio, data, settings.audio)
+        request.state.decoded = audio
         try:
             result = await asyncio.wait_for(
                 transcriber.transcribe(name, audio.samples, options, client, request.state.request_id),
@@ -188,6 +201,7 @@ def build_api(
         except TimeoutError:
             raise ApiError(TIMEOUT, f"Transcription took longer than {settings.serve.request_timeout_s:.0f} s. "
                            "Retry, or send shorter audio.") from None
+        request.state.result = result
         headers = {
             "X-Model-Version": result.version,
             "X-Route": result.route,

@@ -85,18 +85,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, E
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    # Each handler notes the error's code on the request, for metrics and the production log.
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError):
+    async def _api_error(request: Request, exc: ApiError):
+        request.state.error_code = exc.kind.code
         return error_response(exc.message, exc.kind, exc.param, exc.headers)
 
     @app.exception_handler(errors.AsropsError)
-    async def _core_error(_: Request, exc: errors.AsropsError):
+    async def _core_error(request: Request, exc: errors.AsropsError):
         kind = classify(exc) or INTERNAL
+        request.state.error_code = kind.code
         return error_response(str(exc), kind)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
         message, param, kind = _validation_message(exc)
+        request.state.error_code = kind.code
         return error_response(message, kind, param)
 
     @app.exception_handler(StarletteHTTPException)

@@ -19,14 +19,17 @@ from ray.serve.exceptions import BackPressureError
 from asrops.engines.types import DecodeOptions
 from asrops.errors import VersionNotFoundError
 from asrops.evaluation import score
+from asrops.prodlog import ProductionLogWriter, store_for
 from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState
 from asrops.settings import Settings, load_settings
 from serve.admin import build_admin
 from serve.api import TranscribeResult, build_api
 from serve.breaker import CircuitBreaker
 from serve.errors import INTERNAL, OVERLOADED, UNAVAILABLE, ApiError
+from serve.metrics import BREAKER_VALUE, IngressMetrics
 from serve.model_server import ModelReply, ModelRequest
 from serve.routing import Route, RoutePlan, plan_route
+from serve.telemetry import RequestTelemetry
 
 log = logging.getLogger("asrops.serve.ingress")
 
@@ -38,9 +41,10 @@ REPLICA_DIED = (RayActorError, ActorUnavailableError)
 class ServeTranscriber:
     """`Transcriber` over Serve model applications, one per version, routed by the rollout state."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings):
+    def __init__(self, registry: ModelRegistry, settings: Settings, metrics: IngressMetrics | None = None):
         self.registry = registry
         self.settings = settings
+        self.metrics = metrics
         self.aliases = Aliases()
         self.rollout = RolloutState()
         self.apps: dict[str, str] = {}  # version id → name of the model application serving it
@@ -49,6 +53,7 @@ class ServeTranscriber:
         self.breakers: dict[str, CircuitBreaker] = {}
         self.stats = RoutingStats()
         self._shadow_tasks: set[asyncio.Task] = set()
+        self._former_canaries: set[str] = set()
 
     async def refresh(self) -> None:
         """Re-read aliases, rollout state and which version each RUNNING `model-*` application
@@ -80,6 +85,21 @@ class ServeTranscriber:
         self._app_versions = {n: v for n, v in self._app_versions.items() if n in apps}
         self._handles = {n: h for n, h in self._handles.items() if n in apps}
         self.apps = {version: name for name, (version, _) in self._app_versions.items()}
+        self._export_gauges()
+
+    def _export_gauges(self) -> None:
+        """Breaker states and the canary's traffic, as gauges (refreshed with the routing view)."""
+        if not self.metrics:
+            return
+        for version in self.running | set(self.breakers):
+            self.metrics.breaker.set(BREAKER_VALUE[self.breaker(version).state], tags={"model_version": version})
+        if canary := self.rollout.canary_version:
+            self.metrics.canary_weight.set(self.rollout.canary_weight, tags={"model_version": canary})
+            self.metrics.shadow_share.set(self.rollout.shadow_share, tags={"model_version": canary})
+        for version in self._former_canaries - {canary}:
+            self.metrics.canary_weight.set(0, tags={"model_version": version})
+            self.metrics.shadow_share.set(0, tags={"model_version": version})
+        self._former_canaries = {canary} if canary else set()
 
     @property
     def running(self) -> set[str]:
@@ -155,6 +175,8 @@ class ServeTranscriber:
                 if last:
                     raise ApiError(INTERNAL, f"Version {version} could not transcribe this audio.") from None
                 self.stats.fallbacks += 1
+                if self.metrics:
+                    self.metrics.fallbacks.inc(1, tags={"model_version": version, "route": route.value})
                 continue
             self.breaker(version).record(failed=False)
             if plan.shadow and route is Route.SHADOW:
@@ -207,6 +229,8 @@ class ServeTranscriber:
             self.breaker(version).record(failed=False)
             disagreement = score([answered], [reply.transcription.text]).wer
             self.stats.record_shadow(disagreement)
+            if self.metrics and disagreement is not None:
+                self.metrics.shadow_disagreement.observe(disagreement / 100, tags={"model_version": version})
             log.info("request %s: shadow %s disagreement %.1f %% WER", request_id, version, disagreement or 0.0)
 
         task = asyncio.get_running_loop().create_task(shadow())
@@ -249,8 +273,18 @@ class RoutingStats:
 class Ingress:
     def __init__(self, settings_json: str | None = None):
         self.settings = Settings.model_validate_json(settings_json) if settings_json else load_settings()
-        self.transcriber = ServeTranscriber(ModelRegistry.from_settings(self.settings), self.settings)
+        self.metrics = IngressMetrics()
+        self.transcriber = ServeTranscriber(ModelRegistry.from_settings(self.settings), self.settings, self.metrics)
+        log_settings = self.settings.monitoring.production_log
+        self.production_log = ProductionLogWriter(
+            lambda: store_for(self.settings), log_settings, on_event=self.metrics.production_log_event,
+        ) if log_settings.enabled else None
         self._refresher = asyncio.get_event_loop().create_task(self._refresh_forever())
+
+    def __del__(self):
+        """Serve calls this on graceful shutdown: write what the production log still holds."""
+        if getattr(self, "production_log", None):
+            self.production_log.close(timeout_s=10)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -266,7 +300,8 @@ class Ingress:
         from ray.serve.context import _get_serve_request_context
 
         admin = build_admin(self.transcriber.registry, self.settings.serve.admin_tokens, self.transcriber.serving)
-        return build_api(self.transcriber, self.settings, lambda: _get_serve_request_context().request_id, admin)
+        return build_api(self.transcriber, self.settings, lambda: _get_serve_request_context().request_id, admin,
+                         RequestTelemetry(self.metrics, self.production_log))
 
 
 def ingress_deployment(settings: Settings):

@@ -24,19 +24,30 @@ log = logging.getLogger(__name__)
 INGRESS_APP = "asrops"
 
 
-def start_ray(settings: Settings) -> None:
-    """Start (or join, with RAY_ADDRESS) Ray and Serve's HTTP proxy."""
+def init_ray(settings: Settings) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray."""
     # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own
     # GCS and raylet, a load generator, a log shipper) takes the CPU from our replicas, which
     # are the node's whole purpose. An operator's explicit setting still wins.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    if not ray.is_initialized():
-        ray.init(
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            configure_logging=True,
-            runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}},
-        )
+    if ray.is_initialized():
+        return
+    local = os.environ.get("RAY_ADDRESS") is None
+    # The dashboard process is what writes the service-discovery file listing each node's
+    # metrics endpoint for Prometheus; a local node is addressed on loopback.
+    ray.init(
+        include_dashboard=True,
+        _node_ip_address=settings.serve.host if local else None,
+        _metrics_export_port=settings.monitoring.ray_metrics_port if local else None,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}},
+    )
+
+
+def start_ray(settings: Settings) -> None:
+    """Ray, and Serve's HTTP proxy on the configured host and port."""
+    init_ray(settings)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
 
 
@@ -128,9 +139,7 @@ def run_config(settings: Settings, config_path: Path, say: Callable[[str], None]
     from ray.serve.schema import ServeDeploySchema
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(config_path.read_text()))
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(settings)
     from ray.serve._private.api import serve_start  # what `serve run CONFIG` itself calls
 
     say(f"deploying {len(config.applications)} applications from {config_path}")

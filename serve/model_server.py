@@ -19,6 +19,7 @@ from asrops.engines.types import DecodeOptions, Transcription
 from asrops.registry import ModelRegistry
 from asrops.settings import Settings, load_settings
 from serve.lanes import EngineLanes
+from serve.metrics import ModelMetrics
 
 log = logging.getLogger("asrops.serve.model")
 
@@ -60,6 +61,7 @@ class ModelServer:
             e.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
         self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,
                                  key=lambda r: r.options.model_dump_json())
+        self.metrics = ModelMetrics(self.version_id)
         self.transcribe_batch.set_max_batch_size(settings.serve.max_batch_size)
         self.transcribe_batch.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
         log.info("model %s ready (%s engine, %d lanes)", self.version_id, engine.kind, lanes)
@@ -84,6 +86,7 @@ class ModelServer:
 
     def _decode(self, lane: int, requests: list[ModelRequest]) -> list[ModelReply]:
         """Runs in a lane's thread; a request that breaks the engine fails alone."""
+        self.metrics.batch(len(requests), self.lanes.queued)
         try:
             results = self.engines[lane].transcribe([r.audio for r in requests], requests[0].options)
             return [ModelReply(transcription=t, version=self.version_id, batch_size=len(requests)) for t in results]

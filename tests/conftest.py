@@ -113,14 +113,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def service(data_dir) -> Iterator[str]:
-    """The real service: local Ray, Serve's HTTP proxy, the stable model application and the
-    ingress, on a free port. Yields the base URL; shuts Serve and Ray down at the end."""
-    import ray
-    from ray import serve
-
+def service_settings(data_dir):
+    """The settings the session's service runs with (free ports, test admin token)."""
     from asrops.settings import Settings
-    from serve.launcher import run_local
 
     settings = Settings(data_dir=data_dir)
     settings.serve.port = free_port()
@@ -128,7 +123,22 @@ def service(data_dir) -> Iterator[str]:
     settings.serve.batch_wait_timeout_s = 0.1
     settings.serve.admin_tokens = [ADMIN_TOKEN]
     settings.serve.canary_timeout_s = 3.0  # a hung canary is given up on quickly
-    url = run_local(settings)
+    settings.monitoring.ray_metrics_port = free_port()
+    settings.monitoring.monitor_port = free_port()
+    settings.monitoring.production_log.flush_interval_s = 0.5
+    return settings
+
+
+@pytest.fixture(scope="session")
+def service(service_settings) -> Iterator[str]:
+    """The real service: local Ray, Serve's HTTP proxy, the stable model application and the
+    ingress, on a free port. Yields the base URL; shuts Serve and Ray down at the end."""
+    import ray
+    from ray import serve
+
+    from serve.launcher import run_local
+
+    url = run_local(service_settings)
     try:
         yield url
     finally:

@@ -124,3 +124,28 @@ def test_unknown_model_is_404_before_any_decoding():
     r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"not audio")}, data={"model": "x"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     assert fake.calls == []
+
+
+class RecordingTelemetry:
+    def __init__(self):
+        self.seen = []
+
+    def observe(self, request_id, status, latency_s, error_code, decoded, result):
+        self.seen.append((status, error_code, decoded is not None, result.version if result else None))
+
+
+def test_every_transcription_request_is_observed_once_with_its_outcome():
+    telemetry = RecordingTelemetry()
+    client = TestClient(build_api(FakeTranscriber(), Settings(data_dir="/nonexistent"), telemetry=telemetry))
+    assert _post(client).status_code == 200
+    assert client.post("/v1/audio/transcriptions", files={"file": ("a.png", b"\x89PNG\r\n\x1a\n" + b"0" * 64)}
+                       ).status_code == 415
+    assert client.post("/v1/audio/transcriptions", data={"model": "stable"}).status_code in (400, 422)
+    assert _post(client, model="nope").status_code == 404
+    assert client.get("/v1/models").status_code == 200  # not a transcription: not observed
+    assert telemetry.seen == [
+        (200, None, True, "v1"),
+        (415, "unsupported_media", False, None),
+        (400, "missing_required_parameter", False, None),
+        (404, "model_not_found", False, None),
+    ]

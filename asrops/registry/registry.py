@@ -85,7 +85,7 @@ class ModelRegistry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelRegistry:
-        return cls(open_store(settings.registry_uri, settings.registry), settings.cache_dir)
+        return cls(open_store(settings.registry_uri, settings.registry.s3_endpoint_url, settings.registry.s3_region), settings.cache_dir)
 
     # --- versions ----------------------------------------------------------------------
     def publish(

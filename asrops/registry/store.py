@@ -21,7 +21,6 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from asrops.errors import ConflictError
-from asrops.settings import RegistrySettings
 
 logger = logging.getLogger(__name__)
 
@@ -298,13 +297,12 @@ class S3Store:
         return None
 
 
-def open_store(uri: str, settings: RegistrySettings) -> ObjectStore:
-    """`s3://bucket/prefix` gives an S3Store (endpoint and region from settings); anything
-    else is a local directory."""
+def open_store(uri: str, endpoint_url: str | None = None, region: str = "us-east-1") -> ObjectStore:
+    """`s3://bucket/prefix` gives an S3Store (at `endpoint_url`, AWS's own when None); anything
+    else is a local directory. The registry and the production log both store through this."""
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         if not bucket:
-            raise ValueError(f"registry uri {uri!r} names no bucket")
-        return S3Store(
-            bucket, prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+            raise ValueError(f"store uri {uri!r} names no bucket")
+        return S3Store(bucket, prefix, endpoint_url=endpoint_url, region=region)
     return LocalStore(Path(uri.removeprefix("file://")))
