@@ -149,9 +149,12 @@ class DriftSettings(BaseModel):
     categorical_features: list[str] = ["original_sample_rate", "original_channels"]
     text_feature: str | None = "text"
     """Transcript column checked for text drift (a TF-IDF domain classifier); None skips it."""
-    numeric_method: str | None = None
-    """Evidently stat test for numeric columns (`ks`, `wasserstein`, `psi`, ...); None = Evidently's default by size."""
-    categorical_method: str | None = None
+    numeric_method: str | None = "ks"
+    """Evidently stat test for numeric columns (`ks`, `wasserstein`, `psi`, ...); None = Evidently's
+    default by size, which above 1,000 reference rows is normed Wasserstein at 0.1: on windows of
+    tens of requests sampling noise alone passes 0.1 (measured: 65-88 % of columns "drifted" on
+    undrifted windows), where K-S keeps its 5 % false-alarm rate per column."""
+    categorical_method: str | None = "chisquare"
     text_method: str | None = None
     column_methods: dict[str, str] = {}
     """Per-column stat test overriding the defaults above, e.g. `{"snr_db": "wasserstein"}`."""

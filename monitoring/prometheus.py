@@ -62,6 +62,13 @@ def write_config(
             "file_sd_configs": [
                 {"files": list(ray_sd_files or [RAY_SD_FILE]), "refresh_interval": "10s"}
             ],
+            # This Prometheus runs beside a local Ray, whose nodes are all this machine: scrape
+            # them on loopback whatever address Ray advertises (a cluster uses the Prometheus
+            # Operator's PodMonitor instead, see k8s/).
+            "relabel_configs": [{
+                "source_labels": ["__address__"], "regex": r".*:(\d+)",
+                "target_label": "__address__", "replacement": "127.0.0.1:$1",
+            }],
         },
         {
             "job_name": MONITOR_JOB,

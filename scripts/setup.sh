@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 # espeak-ng, flite: synthetic speech (asrops synth, tests). ffmpeg: handy for users; PyAV
-# bundles its own codecs, so decoding does not depend on it.
-APT_PACKAGES=(espeak-ng flite ffmpeg)
+# bundles its own codecs, so decoding does not depend on it. prometheus (with promtool): the
+# local metrics server `asrops serve` starts and the tests query. chromium: the tests render
+# the drift report in a headless browser.
+APT_PACKAGES=(espeak-ng flite ffmpeg prometheus chromium)
 "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c "import ensurepip" 2>/dev/null || APT_PACKAGES+=(python3-venv)
 
 missing=()

@@ -34,10 +34,9 @@ def init_ray(settings: Settings) -> None:
         return
     local = os.environ.get("RAY_ADDRESS") is None
     # The dashboard process is what writes the service-discovery file listing each node's
-    # metrics endpoint for Prometheus; a local node is addressed on loopback.
+    # metrics endpoint for Prometheus.
     ray.init(
         include_dashboard=True,
-        _node_ip_address=settings.serve.host if local else None,
         _metrics_export_port=settings.monitoring.ray_metrics_port if local else None,
         logging_level=logging.WARNING,
         configure_logging=True,

@@ -9,7 +9,6 @@ breakers under test are the product's, in the real ingress.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import math
@@ -19,69 +18,24 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 from ray import serve
 
 from asrops import rollout
-from asrops.audio import audio_to_wav_bytes
-from asrops.engines.types import Transcription
 from asrops.errors import RolloutRefusedError
 from asrops.registry import ModelRegistry
 from asrops.settings import Settings
-from serve.model_server import ModelReply
 from tests.conftest import ADMIN_TOKEN
+from tests.fakes import QUIET, FakeVersion, publish_dummy, wait_routable
 
 pytestmark = pytest.mark.slow
 
-# Near silence: valid audio that the engine skips without decoding, so 1,000 requests are quick.
-QUIET = audio_to_wav_bytes((np.random.default_rng(0).standard_normal(8_000) * 1e-4).astype(np.float32))
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-class FakeVersion:
-    """A stand-in model application: answers `text`, raises, or hangs."""
-
-    def __init__(self, version: str, behaviour: str):
-        self.version_id, self.behaviour = version, behaviour
-
-    def version(self) -> str:
-        return self.version_id
-
-    async def transcribe(self, request) -> ModelReply:
-        if self.behaviour == "raise":
-            raise RuntimeError("canary bug")
-        if self.behaviour == "hang":
-            await asyncio.sleep(3600)
-        return ModelReply(transcription=Transcription(text="canary says hi", segments=[], duration_s=0.5),
-                          version=self.version_id, batch_size=1)
 
 
 @pytest.fixture(scope="module")
 def registry(service, data_dir) -> ModelRegistry:
     return ModelRegistry.from_settings(Settings(data_dir=data_dir))
-
-
-def _publish_dummy(registry: ModelRegistry, version: str, tmp_path) -> None:
-    if version in {m.id for m in registry.list_versions()}:
-        return
-    src = tmp_path / version
-    src.mkdir()
-    (src / "weights.bin").write_bytes(version.encode() * 16)
-    registry.publish(src, id=version, family="test-canary", parent=None, source="tests/test_canary.py")
-
-
-def _wait_routable(service: str, version: str, timeout_s: float = 30) -> None:
-    """Until the ingress has seen the application and routes an explicit request to it."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
-                       headers={"X-Model-Version": version}, timeout=30)
-        if r.status_code == 200 and r.headers["x-model-version"] == version:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{version} never became routable")
 
 
 @pytest.fixture
@@ -92,10 +46,10 @@ def canary(service, registry, tmp_path):
 
     def make(behaviour: str, weight: int) -> str:
         version = f"test-{behaviour}-v1"
-        _publish_dummy(registry, version, tmp_path)
+        publish_dummy(registry, version, tmp_path)
         serve.run(FakeVersion.bind(version, behaviour), name=f"model-{version}", route_prefix=None)
         deployed.append(version)
-        _wait_routable(service, version) if behaviour == "echo" else time.sleep(2.5)
+        wait_routable(service, version) if behaviour == "echo" else time.sleep(2.5)
         r = httpx.post(f"{service}/admin/rollout/canary", headers=ADMIN,
                        json={"version": version, "weight": weight, "reason": f"test {behaviour}"})
         assert r.status_code == 200, r.text
@@ -277,7 +231,7 @@ def test_the_reconciler_deploys_a_referenced_version_warm_and_removes_it_once_un
     try:
         reconciler.step()  # returns once the new version is deployed and warm
         assert serve.status().applications[f"model-{copy}"].status == "RUNNING"
-        _wait_routable(service, copy)
+        wait_routable(service, copy)
     finally:
         rollout.rollback(registry, "tests", "reconciler test done")
     reconciler.step()  # unreferenced from now on

@@ -1,0 +1,93 @@
+"""The drift reference: what traffic looked like when the stable version was known to be good.
+
+Two ways to make one, both stored in the production log's store (`reference/`):
+- `pin_window`: a production window an operator vouches for;
+- `from_manifest`: the stable version's validation set (audio + text), transcribed here by the
+  stable version itself, so its features are what that version produces on known-good audio.
+Either also stores the reference vocabulary (the words its transcripts use), which the
+production log uses for each request's out-of-vocabulary share.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from asrops.audio import decode_audio
+from asrops.features import vocabulary_of, words_of
+from asrops.prodlog import FinishedRequest, ProductionLogReader, to_record
+from asrops.registry.store import ObjectStore
+
+log = logging.getLogger("asrops.monitoring.reference")
+
+REFERENCE_KEY = "reference/features.parquet"
+BATCH = 8
+
+
+def successful(frame: pd.DataFrame) -> pd.DataFrame:
+    """Only answered requests describe traffic: errors have no transcript to compare."""
+    return frame[frame["status"] == 200].reset_index(drop=True)
+
+
+def held_out_oov_share(texts: list[str]) -> list[float | None]:
+    """Each reference row's OOV share against the vocabulary of the other half of the
+    reference: what production rows will look like against the whole vocabulary, where
+    measuring a row against a vocabulary that contains its own words would always give 0."""
+    halves = [vocabulary_of(texts[1::2]), vocabulary_of(texts[0::2])]  # even rows vs odd vocabulary
+    shares = []
+    for i, text in enumerate(texts):
+        words = words_of(text)
+        shares.append(sum(w not in halves[i % 2] for w in words) / len(words) if words else None)
+    return shares
+
+
+def save_reference(store: ObjectStore, frame: pd.DataFrame) -> None:
+    frame = frame.copy()
+    frame["oov_share"] = held_out_oov_share([t or "" for t in frame["text"]])
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    store.write_bytes(REFERENCE_KEY, buf.getvalue())
+    ProductionLogReader(store).write_vocabulary(vocabulary_of([t for t in frame["text"].dropna()]))
+    log.info("reference stored: %d rows, %s", len(frame), REFERENCE_KEY)
+
+
+def load_reference(store: ObjectStore) -> pd.DataFrame | None:
+    try:
+        return pd.read_parquet(io.BytesIO(store.read_bytes(REFERENCE_KEY)[0]))
+    except KeyError:
+        return None
+
+
+def pin_window(store: ObjectStore, start: datetime, end: datetime) -> pd.DataFrame:
+    frame = successful(ProductionLogReader(store).read(start, end))
+    if frame.empty:
+        raise ValueError(f"no answered requests between {start:%Y-%m-%d %H:%M:%S} and {end:%Y-%m-%d %H:%M:%S}")
+    save_reference(store, frame)
+    return load_reference(store)
+
+
+def from_manifest(store: ObjectStore, manifest: Path, engine, version: str,
+                  progress: Callable[[str], None] = log.info, limit: int | None = None) -> pd.DataFrame:
+    """Transcribe every clip of `manifest` (jsonl with `audio`) with `engine`, keep its features."""
+    import json
+
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()][:limit]
+    records = []
+    for start in range(0, len(rows), BATCH):
+        chunk = rows[start : start + BATCH]
+        decoded = [decode_audio((manifest.parent / r["audio"]).read_bytes()) for r in chunk]
+        for i, (audio, t) in enumerate(zip(decoded, engine.transcribe([a.samples for a in decoded]))):
+            records.append(to_record(FinishedRequest(
+                request_id=f"reference-{start + i}", time=datetime.now(UTC), model_version=version,
+                route="reference", status=200, latency_s=0.0, samples=audio.samples,
+                original_sample_rate=audio.original_sample_rate, original_channels=audio.original_channels,
+                transcription=t), None))
+        progress(f"reference: {len(records)}/{len(rows)} clips transcribed")
+    frame = pd.DataFrame([r.model_dump() for r in records])
+    save_reference(store, frame)
+    return load_reference(store)

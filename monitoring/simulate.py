@@ -1,0 +1,98 @@
+"""Traffic simulator: sends labelled synthetic speech (from `asrops synth`) to a running service
+at a chosen rate and mix, so stationary or drifted traffic can be produced on demand.
+
+A mix is a list of manifests with weights (`clean/manifest.jsonl:0.8,accent/manifest.jsonl:0.2`);
+each request draws its clip from a manifest picked by weight. Requests leave on a fixed
+schedule (open loop: a slow service does not slow the sender) up to a concurrency bound.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel
+
+
+class MixPart(BaseModel):
+    manifest: Path
+    weight: float
+
+
+class SimulationResult(BaseModel):
+    sent: int
+    statuses: dict[str, int]
+    """HTTP status (or `error` for a connection failure) → count."""
+    p50_latency_s: float | None
+    seconds: float
+
+
+def parse_mix(spec: str) -> list[MixPart]:
+    """`a.jsonl:0.8,b.jsonl:0.2` (a missing weight is 1)."""
+    parts = []
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        path, _, weight = item.rpartition(":") if ":" in item else (item, "", "1")
+        parts.append(MixPart(manifest=Path(path), weight=float(weight or 1)))
+    if not parts:
+        raise ValueError("the mix names no manifest")
+    return parts
+
+
+def _clips(manifest: Path) -> list[bytes]:
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{manifest} lists no clips")
+    return [(manifest.parent / row["audio"]).read_bytes() for row in rows]
+
+
+def simulate(url: str, mix: list[MixPart], rate_per_s: float, count: int, concurrency: int = 8,
+             api_key: str | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
+             client_ids: int = 50) -> SimulationResult:
+    """Send `count` requests at `rate_per_s` drawn from `mix`; returns what came back.
+    Each request carries one of `client_ids` client ids, as a fleet of client apps would."""
+    rng = random.Random(seed)
+    pools = [_clips(part.manifest) for part in mix]
+    weights = [part.weight for part in mix]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    statuses: Counter[str] = Counter()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    plan = [(rng.choices(range(len(pools)), weights)[0], rng.random(), rng.randrange(client_ids))
+            for _ in range(count)]
+
+    def send(http: httpx.Client, i: int) -> None:
+        pool_index, pick, client = plan[i]
+        pool = pools[pool_index]
+        clip = pool[int(pick * len(pool))]
+        started = time.monotonic()
+        try:
+            r = http.post(f"{url}/v1/audio/transcriptions", files={"file": ("clip.wav", clip)},
+                          headers={**headers, "X-Client-Id": f"sim-{client}"})
+            status = str(r.status_code)
+        except httpx.HTTPError:
+            status = "error"
+        with lock:
+            statuses[status] += 1
+            latencies.append(time.monotonic() - started)
+            done = sum(statuses.values())
+        if progress and (done % 25 == 0 or done == count):
+            progress(f"simulate: {done}/{count} answered ({dict(statuses)})")
+
+    start = time.monotonic()
+    with httpx.Client(timeout=180) as http, ThreadPoolExecutor(concurrency) as pool:
+        for i in range(count):
+            delay = start + i / rate_per_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(send, http, i)
+    latencies.sort()
+    return SimulationResult(sent=count, statuses=dict(statuses),
+                            p50_latency_s=latencies[len(latencies) // 2] if latencies else None,
+                            seconds=time.monotonic() - start)

@@ -1,0 +1,59 @@
+"""Stand-in model versions for tests of routing and monitoring: small Serve deployments that
+answer a fixed text, raise, or hang, where a broken Whisper cannot be made on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import numpy as np
+from ray import serve
+
+from asrops.audio import audio_to_wav_bytes
+from asrops.engines.types import Transcription
+from asrops.registry import ModelRegistry
+from serve.model_server import ModelReply
+
+# Near silence: valid audio that the engine skips without decoding, so 1,000 requests are quick.
+QUIET = audio_to_wav_bytes((np.random.default_rng(0).standard_normal(8_000) * 1e-4).astype(np.float32))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class FakeVersion:
+    """A stand-in model application: answers `text`, raises, or hangs."""
+
+    def __init__(self, version: str, behaviour: str):
+        self.version_id, self.behaviour = version, behaviour
+
+    def version(self) -> str:
+        return self.version_id
+
+    async def transcribe(self, request) -> ModelReply:
+        if self.behaviour == "raise":
+            raise RuntimeError("canary bug")
+        if self.behaviour == "hang":
+            await asyncio.sleep(3600)
+        return ModelReply(transcription=Transcription(text="canary says hi", segments=[], duration_s=0.5),
+                          version=self.version_id, batch_size=1)
+
+
+def publish_dummy(registry: ModelRegistry, version: str, tmp_path) -> None:
+    if version in {m.id for m in registry.list_versions()}:
+        return
+    src = tmp_path / version
+    src.mkdir()
+    (src / "weights.bin").write_bytes(version.encode() * 16)
+    registry.publish(src, id=version, family="test-canary", parent=None, source="tests/test_canary.py")
+
+
+def wait_routable(service: str, version: str, timeout_s: float = 30) -> None:
+    """Until the ingress has seen the application and routes an explicit request to it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
+                       headers={"X-Model-Version": version}, timeout=30)
+        if r.status_code == 200 and r.headers["x-model-version"] == version:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{version} never became routable")

@@ -1,0 +1,238 @@
+"""Monitoring on the running service (real Ray Serve, real model, synthetic speech): the
+production log the ingress writes, drift verdicts from it, and a log store that fails.
+
+Traffic goes through the real HTTP API with `monitoring.simulate`; the drift monitor reads the
+production log the ingress wrote. Windows are cut from the traffic's own time span, so 20
+windows need no 20 x 5 minutes of waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from prometheus_client import start_http_server
+from ray import serve
+
+from asrops import rollout
+from asrops.errors import RolloutRefusedError
+from asrops.prodlog import ProductionLogReader, store_for
+from asrops.registry import ModelRegistry
+from asrops.synth import SynthSpec, generate
+from monitoring.monitor import DriftMonitor, MonitorMetrics
+from monitoring.prometheus import PrometheusClient, PrometheusServer
+from monitoring.promql import expressions_to_check
+from monitoring.reference import pin_window
+from monitoring.simulate import MixPart, simulate
+from tests.conftest import ADMIN_TOKEN, free_port
+from tests.fakes import FakeVersion, publish_dummy, wait_routable
+
+pytestmark = pytest.mark.slow
+
+WINDOW_REQUESTS = 15  # requests per judged window (min_samples below)
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+DOMAINS = ["general", "commands"]
+
+
+@pytest.fixture(scope="module")
+def clean_clips(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean")
+    return generate(SynthSpec(n=60, voices=["en-us", "kal", "slt"], domains=DOMAINS, seed=11), out)
+
+
+@pytest.fixture(scope="module")
+def drifted_clips(tmp_path_factory):
+    """The same sentences' domains, spoken in Scottish and Caribbean English over white noise at 10 dB."""
+    out = tmp_path_factory.mktemp("drifted")
+    return generate(SynthSpec(n=40, voices=["en-gb-scotland", "en-029"], rate=(185, 205), snr_db=10,
+                              domains=DOMAINS, seed=12), out)
+
+
+@pytest.fixture(scope="module")
+def monitor_metrics(service_settings):
+    """The drift monitor's metrics, served where the monitor serves them (scraped by Prometheus)."""
+    metrics = MonitorMetrics()
+    server, _ = start_http_server(service_settings.monitoring.monitor_port, addr="127.0.0.1",
+                                  registry=metrics.registry)
+    yield metrics
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prometheus(service, service_settings, monitor_metrics, tmp_path_factory):
+    """A real Prometheus (Debian's) scraping Ray's nodes, found through Ray's service-discovery
+    file, and the monitor, every second."""
+    settings = service_settings.model_copy(deep=True)
+    settings.monitoring.prometheus_port = free_port()
+    settings.monitoring.scrape_interval_s = 1
+    with PrometheusServer(settings, tmp_path_factory.mktemp("prometheus")) as server:
+        yield PrometheusClient(server.url)
+
+
+def _send(service, manifest, count, rate=40.0):
+    result = simulate(service, [MixPart(manifest=manifest, weight=1)], rate_per_s=rate, count=count,
+                      concurrency=8, seed=count)
+    assert result.statuses == {"200": count}, result.statuses
+    time.sleep(1.5)  # the ingress flushes its production log every 0.5 s here
+
+
+def _window_ends(start: datetime, end: datetime, windows: int) -> list[datetime]:
+    step = (end - start) / windows
+    return [start + step * (i + 1) for i in range(windows)]
+
+
+def test_stationary_traffic_gives_no_verdict_in_20_windows_and_a_shift_one_within_3(
+        service, service_settings, clean_clips, drifted_clips, monitor_metrics):
+    settings = service_settings.monitoring.model_copy(deep=True)
+    store = store_for(service_settings)
+
+    t0 = datetime.now(UTC)
+    _send(service, clean_clips, 60)
+    reference = pin_window(store, t0, datetime.now(UTC))
+    assert len(reference) == 60 and reference["snr_db"].notna().all()
+
+    start = datetime.now(UTC)
+    _send(service, clean_clips, 20 * WINDOW_REQUESTS)
+    stationary_end = datetime.now(UTC)
+    _send(service, drifted_clips, 3 * WINDOW_REQUESTS)
+    drifted_end = datetime.now(UTC)
+
+    log = ProductionLogReader(store).read(start, drifted_end)
+    assert len(log) == 23 * WINDOW_REQUESTS  # one record per request, none lost
+
+    # Windows of equal length over each stretch of traffic; each holds about WINDOW_REQUESTS.
+    settings.drift.min_samples = WINDOW_REQUESTS - 4
+    settings.drift.window_s = (stationary_end - start).total_seconds() / 20
+    monitor = DriftMonitor(store, settings, monitor_metrics, reference=reference)
+    stationary = [monitor.run_window(end) for end in _window_ends(start, stationary_end, 20)]
+    assert [o.verdict.state for o in stationary].count("drift") == 0, [
+        (o.samples, o.result.drift_share if o.result else None) for o in stationary]
+    assert sum(o.result is not None for o in stationary) >= 18  # judged, not skipped as thin
+
+    settings.drift.window_s = (drifted_end - stationary_end).total_seconds() / 3
+    monitor.settings = settings
+    shifted = [monitor.run_window(end) for end in _window_ends(stationary_end, drifted_end, 3)]
+    assert "drift" in [o.verdict.state for o in shifted], [(o.samples, o.verdict) for o in shifted]
+    drifted = next(o for o in shifted if o.verdict.state == "drift")
+    by_column = {c.column: c for c in drifted.result.columns}
+    assert by_column["snr_db"].drifted  # the noise is seen where it is
+    assert drifted.report_html and drifted.report_json
+
+
+
+
+@contextlib.contextmanager
+def unwritable_log_store(service_settings):
+    """The production log's directory replaced by a plain file: every write into it fails."""
+    root = store_for(service_settings).root
+    moved = root.with_name(root.name + "-moved")
+    root.rename(moved)
+    root.write_text("not a directory: every write into the log store fails")
+    try:
+        yield
+    finally:
+        root.unlink()
+        moved.rename(root)
+
+
+def _wait_for(query, predicate, timeout_s: float = 90.0, step_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = query()
+        if predicate(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(step_s)
+
+
+def test_an_unwritable_log_store_does_not_stop_transcription_and_shows_in_a_metric(
+        service, service_settings, clean_clips, prometheus):
+    failures = "sum(ray_asrops_production_log_write_failures_total) or vector(0)"
+    before = prometheus.query_value(failures)
+    start = datetime.now(UTC)
+    with unwritable_log_store(service_settings):
+        result = simulate(service, [MixPart(manifest=clean_clips, weight=1)], rate_per_s=20, count=20)
+        assert result.statuses == {"200": 20}  # transcription goes on
+        assert _wait_for(lambda: prometheus.query_value(failures), lambda v: v > before) > before
+    # Once the store works again, the records kept in memory are written.
+    reader = ProductionLogReader(store_for(service_settings))
+    assert len(_wait_for(lambda: reader.read(start, datetime.now(UTC)), lambda f: len(f) >= 20, 30)) == 20
+
+
+class BackgroundTraffic:
+    """Real speech at a steady rate until stopped, so that rates and quantiles have data."""
+
+    def __init__(self, service, manifest, rate_per_s: float = 3.0):
+        self.service, self.manifest, self.rate = service, manifest, rate_per_s
+        self.statuses: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self):
+        seed = 0
+        while not self._stop.is_set():
+            seed += 1
+            r = simulate(self.service, [MixPart(manifest=self.manifest, weight=1)], self.rate, count=6, seed=seed)
+            for k, v in r.statuses.items():
+                self.statuses[k] = self.statuses.get(k, 0) + v
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_every_dashboard_and_alert_expression_finds_data_in_a_real_prometheus(
+        service, service_settings, clean_clips, prometheus, monitor_metrics, tmp_path):
+    registry = ModelRegistry.from_settings(service_settings)
+    store = store_for(service_settings)
+    versions = {"raise": "test-prom-raise-v1", "echo": "test-prom-echo-v1"}
+    for behaviour, version in versions.items():
+        publish_dummy(registry, version, tmp_path)
+        serve.run(FakeVersion.bind(version, behaviour), name=f"model-{version}", route_prefix=None)
+    wait_routable(service, versions["echo"])
+    try:
+        with BackgroundTraffic(service, clean_clips) as traffic:
+            # A canary that fails every request: fallbacks, and its breaker opens.
+            r = httpx.post(f"{service}/admin/rollout/canary", headers=ADMIN,
+                           json={"version": versions["raise"], "weight": 100, "reason": "prometheus test"})
+            assert r.status_code == 200, r.text
+            time.sleep(8)
+            # Then a canary in shadow: every stable request is copied to it and compared.
+            rollout.rollback(registry, "tests", "next canary")
+            r = httpx.post(f"{service}/admin/rollout/canary", headers=ADMIN, json={
+                "version": versions["echo"], "weight": 0, "shadow_share": 1.0, "reason": "prometheus test"})
+            assert r.status_code == 200, r.text
+            # Bad uploads (decode errors), a log store that fails for a moment, a drift window.
+            for _ in range(3):
+                assert httpx.post(f"{service}/v1/audio/transcriptions",
+                                  files={"file": ("x.wav", b"RIFF....WAVEfmt garbage")}).status_code == 415
+            with unwritable_log_store(service_settings):
+                time.sleep(3)
+            time.sleep(5)
+            settings = service_settings.monitoring.model_copy(deep=True)
+            settings.drift.min_samples = 5
+            settings.drift.window_s = 30
+            reference = pin_window(store, datetime.now(UTC) - timedelta(seconds=30), datetime.now(UTC))
+            DriftMonitor(store, settings, monitor_metrics, reference=reference).run_window()
+
+            checks = expressions_to_check()
+            missing = _wait_for(lambda: [c for c in checks if not _has_data(prometheus, c.query)], lambda m: not m)
+        assert set(traffic.statuses) == {"200"}, traffic.statuses  # nothing of the above reached a client
+    finally:
+        with contextlib.suppress(RolloutRefusedError):
+            rollout.rollback(registry, "tests", "cleanup")
+        for version in versions.values():
+            serve.delete(f"model-{version}")
+    assert not missing, "no data for:\n" + "\n".join(f"{c.source}: {c.query}" for c in missing)
+
+
+def _has_data(prometheus: PrometheusClient, query: str) -> bool:
+    return any(not math.isnan(s.value) for s in prometheus.query(query))
