@@ -141,20 +141,26 @@ def serve_command(
     config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="A Serve config file (serve deploy schema), e.g. serve/serve_config.yaml.")] = None,
     port: Annotated[Optional[int], typer.Option(help="HTTP port (default: settings, 8000).")] = None,
 ) -> None:
-    """Run the transcription service locally: Ray, Serve, the stable model and the HTTP API."""
+    """Run the transcription service locally: Ray, Serve, the stable model and the HTTP API,
+    with the drift monitor and a local Prometheus beside it."""
+    import signal
     import time
-
 
     settings = _setup()
     if port:
         settings.serve.port = port
     from asrops.registry import ModelRegistry
+    from monitoring.stack import start_monitoring
     from serve.launcher import VersionReconciler, curl_example, run_config, run_local
 
     url = run_config(settings, config, _say) if config else run_local(settings, _say)
+    stack = start_monitoring(settings, _say)
     typer.echo(f"asrops is serving at {url}  (OpenAI API at {url}/v1, docs at {url}/docs)")
     typer.echo(f"try:  {curl_example(url, settings)}")
+    for note in stack.notes:
+        typer.echo(note)
     typer.echo("Ctrl-C stops it.")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
     try:
         if config:  # the config file says which applications run
             while True:
@@ -162,8 +168,11 @@ def serve_command(
         # Deploys versions the rollout starts referencing (a new canary) and removes old ones.
         VersionReconciler(settings, ModelRegistry.from_settings(settings)).run_forever(say=_say)
     except KeyboardInterrupt:
+        pass
+    finally:
         from ray import serve
 
+        stack.stop()
         serve.shutdown()
 
 
@@ -319,10 +328,6 @@ def synth(
     typer.echo(manifest)
 
 
-if __name__ == "__main__":
-    app()
-
-
 # --- rollout: the admin API's client ---------------------------------------------------
 UrlOption = Annotated[str, typer.Option(help="Base URL of the running service.")]
 ReasonOption = Annotated[str, typer.Option(help="Why: kept in the audit log.")]
@@ -399,3 +404,105 @@ def rollout_rollback(reason: ReasonOption = "", url: UrlOption = "http://127.0.0
 def rollout_audit(limit: int = 20, url: UrlOption = "http://127.0.0.1:8000") -> None:
     """The latest rollout changes: when, who, why, before and after."""
     _show(_admin("GET", url, f"/admin/audit?limit={limit}"))
+
+
+# --- monitoring: drift and traffic --------------------------------------------------------
+drift_app = typer.Typer(no_args_is_help=True, help="Drift reports on the production log, and their reference.")
+app.add_typer(drift_app, name="drift")
+
+
+def _monitor(settings: Settings):
+    from asrops.prodlog import store_for
+    from monitoring.monitor import DriftMonitor
+
+    return DriftMonitor(store_for(settings), settings.monitoring)
+
+
+@app.command()
+def monitor(
+    bootstrap_reference: Annotated[bool, typer.Option(help="With no reference yet, make one from clean synthetic speech through the stable version.")] = False,
+) -> None:
+    """Run the drift monitor: one Evidently report per window, verdicts, metrics on monitor_port."""
+    settings = _setup()
+    drift_monitor = _monitor(settings)
+    if bootstrap_reference:
+        from monitoring.reference import load_reference, synthetic_reference
+
+        if load_reference(drift_monitor.store) is None:
+            synthetic_reference(drift_monitor.store, _registry(settings), settings, _say)
+    drift_monitor.run_forever(say=_say)
+
+
+@drift_app.command("report")
+def drift_report(
+    window_s: Annotated[Optional[float], typer.Option(help="Window length in seconds (default: settings, 300).")] = None,
+    end: Annotated[Optional[str], typer.Option(help="Window end, ISO 8601 UTC (default now).")] = None,
+) -> None:
+    """One drift report now: the last window of the production log against the reference.
+    Prints the result as JSON (and where the HTML report is) on stdout."""
+    from datetime import datetime
+
+    settings = _setup()
+    if window_s:
+        settings.monitoring.drift.window_s = window_s
+    try:
+        outcome = _monitor(settings).run_window(datetime.fromisoformat(end) if end else None)
+    except LookupError as exc:
+        _say(str(exc))
+        raise typer.Exit(1) from None
+    if outcome.result is None:
+        _say(f"only {outcome.samples} answered requests in the window (min {settings.monitoring.drift.min_samples}): "
+             "no report")
+    else:
+        _say(f"drift report: {outcome.report_html}")
+    typer.echo(outcome.model_dump_json(indent=1))
+
+
+@drift_app.command("reference")
+def drift_reference(
+    manifest: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="A validation set (jsonl with audio) to transcribe with the stable version.")] = None,
+    start: Annotated[Optional[str], typer.Option("--from", help="Pin the production window from this time (ISO 8601 UTC)...")] = None,
+    stop: Annotated[Optional[str], typer.Option("--to", help="...to this time.")] = None,
+    synthetic: Annotated[int, typer.Option(help="With neither: this many clean synthetic clips through the stable version.")] = 100,
+) -> None:
+    """Set the drift reference (stored beside the production log)."""
+    from datetime import datetime
+
+    from asrops.prodlog import store_for
+    from monitoring import reference
+
+    settings = _setup()
+    store = store_for(settings)
+    if start and stop:
+        frame = reference.pin_window(store, datetime.fromisoformat(start), datetime.fromisoformat(stop))
+    elif manifest:
+        version, engine = _load_engine(settings, "stable", None, 0)
+        frame = reference.from_manifest(store, manifest, engine, version, _say)
+    else:
+        frame = reference.synthetic_reference(store, _registry(settings), settings, _say, n=synthetic)
+    typer.echo(f"reference: {len(frame)} rows")
+
+
+@app.command()
+def simulate(
+    mix: Annotated[str, typer.Argument(help="Manifests from `asrops synth` with weights: clean/manifest.jsonl:0.8,accent/manifest.jsonl:0.2")],
+    url: Annotated[str, typer.Option(help="Base URL of the running service.")] = "http://127.0.0.1:8000",
+    rate: Annotated[float, typer.Option(help="Requests per second.")] = 2.0,
+    count: Annotated[int, typer.Option(help="Requests to send.")] = 100,
+    concurrency: Annotated[int, typer.Option(help="Most requests in flight.")] = 8,
+    seed: int = 0,
+) -> None:
+    """Send synthetic speech to the service at a chosen rate and mix (stationary or drifted traffic)."""
+    import os
+
+    from monitoring.simulate import parse_mix
+    from monitoring.simulate import simulate as run_simulation
+
+    _setup()
+    result = run_simulation(url, parse_mix(mix), rate, count, concurrency, os.environ.get("ASROPS_API_KEY"), seed,
+                            progress=_say)
+    typer.echo(result.model_dump_json(indent=1))
+
+
+if __name__ == "__main__":
+    app()

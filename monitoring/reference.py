@@ -91,3 +91,21 @@ def from_manifest(store: ObjectStore, manifest: Path, engine, version: str,
     frame = pd.DataFrame([r.model_dump() for r in records])
     save_reference(store, frame)
     return load_reference(store)
+
+
+def synthetic_reference(store: ObjectStore, registry, settings, progress: Callable[[str], None] = log.info,
+                        n: int = 100) -> pd.DataFrame:
+    """A reference with no data of one's own yet: the stable version's features on clean
+    synthetic speech (asrops synth's `clean` preset), the traffic it is known to handle."""
+    import tempfile
+
+    from asrops.engines import load_engine
+    from asrops.synth import PRESETS, generate
+
+    version = registry.resolve("stable")
+    progress(f"drift reference: none yet; making one from {n} clean synthetic clips through {version}")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = generate(PRESETS["clean"].model_copy(update={"n": n, "seed": 1}), Path(tmp), progress=progress)
+        engine = load_engine(registry.fetch(version), settings.engine.kind, settings.engine.device,
+                             settings.engine.threads)
+        return from_manifest(store, manifest, engine, version, progress)
