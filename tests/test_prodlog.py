@@ -4,16 +4,18 @@ audio with retention, and a failing store that neither blocks nor loses the call
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
+import boto3
 import numpy as np
 import pytest
 
 from asrops.engines.types import Segment, Transcription
 from asrops.features import audio_features, transcript_features, vocabulary_of
-from asrops.prodlog import FinishedRequest, ProductionLogReader, ProductionLogWriter
+from asrops.prodlog import FinishedRequest, ProductionLogReader, ProductionLogWriter, store_for
 from asrops.registry.store import LocalStore
-from asrops.settings import ProductionLogSettings
+from asrops.settings import ProductionLogSettings, Settings
 
 RNG = np.random.default_rng(0)
 
@@ -54,8 +56,20 @@ def test_words_outside_the_reference_vocabulary_are_counted():
     assert transcript_features(transcription(), None).oov_share is None
 
 
-def test_records_round_trip_through_parquet_with_sampled_audio(tmp_path):
-    store = LocalStore(tmp_path / "log")
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path, monkeypatch):
+    """The log store as the service opens it from settings: a directory, or S3 (moto over HTTP)."""
+    monkeypatch.setenv("ASROPS_DATA_DIR", str(tmp_path / "data"))
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("moto_endpoint")
+        bucket = f"asrops-log-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        monkeypatch.setenv("ASROPS_MONITORING__PRODUCTION_LOG__URI", f"s3://{bucket}/prodlog")
+        monkeypatch.setenv("ASROPS_MONITORING__PRODUCTION_LOG__S3_ENDPOINT_URL", endpoint)
+    return store_for(Settings())
+
+
+def test_records_round_trip_through_parquet_with_sampled_audio(store):
     events: list[tuple[str, int]] = []
     writer = ProductionLogWriter(lambda: store, ProductionLogSettings(audio_sample_share=1.0, flush_interval_s=0.2),
                                  on_event=lambda name, n: events.append((name, n)))
@@ -76,8 +90,7 @@ def test_records_round_trip_through_parquet_with_sampled_audio(tmp_path):
     assert ("written", 6) in events
 
 
-def test_keep_audio_off_keeps_none_and_old_audio_is_purged(tmp_path):
-    store = LocalStore(tmp_path / "log")
+def test_keep_audio_off_keeps_none_and_old_audio_is_purged(store):
     writer = ProductionLogWriter(lambda: store, ProductionLogSettings(keep_audio=False, audio_sample_share=1.0))
     writer.submit(finished(1, datetime.now(UTC)))
     assert writer.flush()
