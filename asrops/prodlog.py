@@ -112,7 +112,11 @@ def to_record(done: FinishedRequest, vocabulary: frozenset[str] | None) -> Reque
     return RequestRecord(**fields)
 
 
-def _flac(samples: np.ndarray) -> bytes:
+def audio_key(request_id: str, when: datetime) -> str:
+    return f"{AUDIO}/date={when:%Y-%m-%d}/hour={when:%H}/{request_id}.flac"
+
+
+def flac_bytes(samples: np.ndarray) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
@@ -230,13 +234,13 @@ class ProductionLogWriter:
         if (not s.keep_audio or done.samples is None or done.status != 200
                 or self._random.random() >= s.audio_sample_share):
             return None
-        return _flac(done.samples)
+        return flac_bytes(done.samples)
 
     def _write(self, store: ObjectStore, batch: list[tuple[RequestRecord, bytes | None]]) -> bool:
         try:
             for record, audio in batch:
                 if audio is not None and record.audio_key is None:
-                    key = f"{AUDIO}/date={record.time:%Y-%m-%d}/hour={record.time:%H}/{record.request_id}.flac"
+                    key = audio_key(record.request_id, record.time)
                     store.write_bytes(key, audio)
                     record.audio_key = key
             records = [r for r, _ in batch]

@@ -126,6 +126,11 @@ class ProductionLogSettings(BaseModel):
     """Share of successful requests whose audio is kept (16 kHz FLAC) for relabelling."""
     audio_retention_days: float = Field(default=7.0, gt=0)
     """Sampled audio older than this many days is deleted by the drift monitor."""
+    recent_requests: int = Field(default=512, ge=0)
+    """Answered requests each ingress remembers (text and audio), so that feedback on them can
+    be joined and their audio kept for relabelling..."""
+    recent_audio_s: float = Field(default=3_600.0, ge=0)
+    """...holding at most this many seconds of audio (16 kHz float32: 64 KB a second)."""
 
 
 class DriftSettings(BaseModel):

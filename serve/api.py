@@ -19,10 +19,10 @@ from pydantic import BaseModel
 
 from asrops.audio import decode_audio
 from asrops.engines.types import DecodeOptions, Transcription
+from asrops.feedback import FeedbackIn, FeedbackRecord
 from asrops.formats import WRITERS
 from asrops.settings import Settings
 from serve.auth import ClientKeys
-from serve.telemetry import RequestTelemetry
 from serve.errors import (
     FILE_TOO_LARGE,
     INVALID_VALUE,
@@ -32,6 +32,8 @@ from serve.errors import (
     error_response,
     install_error_handlers,
 )
+from serve.feedback import FeedbackRecorder
+from serve.telemetry import RequestTelemetry
 
 OPENAI_MODEL_ALIAS = "whisper-1"  # what OpenAI clients send by default; means `stable`
 TEXT_MEDIA_TYPES = {"text": "text/plain", "srt": "text/plain", "vtt": "text/vtt"}
@@ -114,11 +116,13 @@ def build_api(
     request_id: Callable[[], str] | None = None,
     admin: APIRouter | None = None,
     telemetry: RequestTelemetry | None = None,
+    feedback: FeedbackRecorder | None = None,
 ) -> FastAPI:
     """`request_id`, when given, supplies the id of the current request and means the server
     in front (Ray Serve's proxy) already puts it in the `X-Request-Id` response header;
     `admin` is the admin API's router (see serve/admin.py), mounted as it is; `telemetry`
-    sees every transcription request once it is answered (metrics, production log)."""
+    sees every transcription request once it is answered (metrics, production log); `feedback`
+    serves POST /v1/feedback."""
     app = FastAPI(title="asrops", version="1", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
     if admin is not None:
@@ -208,5 +212,11 @@ def build_api(
             "X-Batch-Size": str(result.batch_size),
         }
         return _render(result.transcription, response_format, headers)
+
+    if feedback is not None:
+        @app.post("/v1/feedback", response_model=FeedbackRecord)
+        async def post_feedback(body: FeedbackIn, _: Annotated[str, Depends(client_key)]):
+            """A corrected transcript for a transcription this service answered (by its X-Request-Id)."""
+            return await feedback.record(body)
 
     return app

@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError
 from asrops.engines.types import DecodeOptions
 from asrops.errors import VersionNotFoundError
 from asrops.evaluation import score
+from asrops.feedback import RecentRequests
 from asrops.prodlog import ProductionLogWriter, store_for
 from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState
 from asrops.settings import Settings, load_settings
@@ -26,6 +27,7 @@ from serve.admin import build_admin
 from serve.api import TranscribeResult, build_api
 from serve.breaker import CircuitBreaker
 from serve.errors import INTERNAL, OVERLOADED, UNAVAILABLE, ApiError
+from serve.feedback import FeedbackRecorder
 from serve.metrics import BREAKER_VALUE, IngressMetrics
 from serve.model_server import ModelReply, ModelRequest
 from serve.routing import Route, RoutePlan, plan_route
@@ -279,6 +281,7 @@ class Ingress:
         self.production_log = ProductionLogWriter(
             lambda: store_for(self.settings), log_settings, on_event=self.metrics.production_log_event,
         ) if log_settings.enabled else None
+        self.recent = RecentRequests(log_settings.recent_requests, log_settings.recent_audio_s)
         self._refresher = asyncio.get_event_loop().create_task(self._refresh_forever())
 
     def __del__(self):
@@ -300,8 +303,10 @@ class Ingress:
         from ray.serve.context import _get_serve_request_context
 
         admin = build_admin(self.transcriber.registry, self.settings.serve.admin_tokens, self.transcriber.serving)
+        feedback = FeedbackRecorder(lambda: store_for(self.settings), self.recent, self.metrics,
+                                    self.settings.serve.retry_after_s)
         return build_api(self.transcriber, self.settings, lambda: _get_serve_request_context().request_id, admin,
-                         RequestTelemetry(self.metrics, self.production_log))
+                         RequestTelemetry(self.metrics, self.production_log, self.recent), feedback)
 
 
 def ingress_deployment(settings: Settings):

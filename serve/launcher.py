@@ -139,7 +139,9 @@ def run_config(settings: Settings, config_path: Path, say: Callable[[str], None]
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(config_path.read_text()))
     init_ray(settings)
-    from ray.serve._private.api import serve_start  # what `serve run CONFIG` itself calls
+    from ray.serve._private.api import (
+        serve_start,  # what `serve run CONFIG` itself calls
+    )
 
     say(f"deploying {len(config.applications)} applications from {config_path}")
     serve_start(http_options=config.http_options.model_dump()).deploy_apps(config, _blocking=True)

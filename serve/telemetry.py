@@ -11,6 +11,7 @@ import logging
 from datetime import UTC, datetime
 
 from asrops.audio import DecodedAudio
+from asrops.feedback import AnsweredRequest, RecentRequests
 from asrops.prodlog import FinishedRequest, ProductionLogWriter
 from serve.metrics import IngressMetrics
 
@@ -22,8 +23,9 @@ NO_ROUTE = "none"
 
 
 class RequestTelemetry:
-    def __init__(self, metrics: IngressMetrics | None, writer: ProductionLogWriter | None):
-        self.metrics, self.writer = metrics, writer
+    def __init__(self, metrics: IngressMetrics | None, writer: ProductionLogWriter | None,
+                 recent: RecentRequests | None = None):
+        self.metrics, self.writer, self.recent = metrics, writer, recent
 
     def observe(self, request_id: str, status: int, latency_s: float, error_code: str | None,
                 decoded: DecodedAudio | None, result) -> None:
@@ -35,6 +37,11 @@ class RequestTelemetry:
 
     def _observe(self, request_id, status, latency_s, error_code, decoded, result) -> None:
         version, route = (result.version, result.route) if result else ("", NO_ROUTE)
+        now = datetime.now(UTC)
+        if self.recent is not None and result:
+            self.recent.add(request_id, AnsweredRequest(model_version=version, route=route, time=now,
+                                                        text=result.transcription.text,
+                                                        samples=decoded.samples if decoded is not None else None))
         if self.metrics:
             self.metrics.request(version, route, status, latency_s)
             if error_code in DECODE_ERROR_CODES:
@@ -44,7 +51,7 @@ class RequestTelemetry:
                 self.metrics.transcription(version, route, t.duration_s, latency_s, t.segments)
         if self.writer:
             self.writer.submit(FinishedRequest(
-                request_id=request_id, time=datetime.now(UTC), model_version=version, route=route, status=status,
+                request_id=request_id, time=now, model_version=version, route=route, status=status,
                 latency_s=latency_s, error_code=error_code,
                 samples=decoded.samples if decoded is not None else None,
                 original_sample_rate=decoded.original_sample_rate if decoded is not None else None,

@@ -4,6 +4,7 @@ stands in for the model applications (the real ones are exercised in test_servic
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -149,3 +150,60 @@ def test_every_transcription_request_is_observed_once_with_its_outcome():
         (400, "missing_required_parameter", False, None),
         (404, "model_not_found", False, None),
     ]
+
+
+def _feedback_client(tmp_path, **serve):
+    from asrops.feedback import RecentRequests
+    from asrops.registry.store import LocalStore
+    from serve.feedback import FeedbackRecorder
+    from serve.telemetry import RequestTelemetry
+
+    settings = Settings(data_dir=tmp_path)
+    for key, value in serve.items():
+        setattr(settings.serve, key, value)
+    store, recent = LocalStore(tmp_path / "log"), RecentRequests()
+    app = build_api(FakeTranscriber(), settings, telemetry=RequestTelemetry(None, None, recent),
+                    feedback=FeedbackRecorder(lambda: store, recent))
+    return TestClient(app), store
+
+
+def test_feedback_is_joined_to_the_answer_and_keeps_the_audio(tmp_path):
+    from asrops.feedback import FeedbackStore
+
+    client, store = _feedback_client(tmp_path)
+    rid = _post(client).headers["x-request-id"]
+    r = client.post("/v1/feedback", json={"request_id": rid, "text": "Hello their friend", "tags": {"accent": "x"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # "hello there" answered, "hello their friend" right: 1 substitution + 1 deletion in 3 words.
+    assert body["model_version"] == "v1" and body["word_errors"] == 2 and body["reference_words"] == 3
+    assert store.exists(body["audio_key"])
+    stored = FeedbackStore(store).read(datetime.now(UTC) - timedelta(minutes=1), datetime.now(UTC))
+    assert stored["request_id"].tolist() == [rid] and stored["tags"][0] == {"accent": "x"}
+
+
+def test_feedback_errors_are_in_the_openai_shape(tmp_path):
+    client, _ = _feedback_client(tmp_path, api_keys=["sk-1"])
+    r = client.post("/v1/feedback", json={"request_id": "nope", "text": "x"})
+    assert r.status_code == 401
+    auth = {"Authorization": "Bearer sk-1"}
+    r = client.post("/v1/feedback", json={"request_id": "nope", "text": "x"}, headers=auth)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "request_not_found"
+    assert "X-Request-Id" in r.json()["error"]["message"]
+    r = client.post("/v1/feedback", json={"request_id": "nope"}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text"
+
+
+def test_feedback_on_a_request_this_ingress_forgot_is_joined_from_the_production_log(tmp_path):
+    from asrops.prodlog import FinishedRequest, ProductionLogWriter
+    from asrops.settings import ProductionLogSettings
+
+    client, store = _feedback_client(tmp_path)
+    writer = ProductionLogWriter(lambda: store, ProductionLogSettings(audio_sample_share=1.0))
+    writer.submit(FinishedRequest(request_id="old-1", time=datetime.now(UTC), model_version="v0", route="canary",
+                                  status=200, latency_s=0.1, samples=np.zeros(16_000, np.float32),
+                                  transcription=Transcription(text="turn it off", segments=[], duration_s=1.0)))
+    assert writer.flush()
+    body = client.post("/v1/feedback", json={"request_id": "old-1", "text": "turn it off"}).json()
+    assert (body["model_version"], body["route"], body["word_errors"]) == ("v0", "canary", 0)
+    assert body["audio_key"] and store.exists(body["audio_key"])

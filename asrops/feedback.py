@@ -1,0 +1,128 @@
+"""Feedback: corrected transcripts that clients send for requests they made.
+
+Each correction is joined, when it arrives, to what the service answered (version, its text)
+and to the request's audio, which is kept for relabelling whether or not the production log
+had sampled it. Stored beside the production log:
+
+    feedback/date=YYYY-MM-DD/<request id>.json
+
+It is the source of labels for retraining and of live word error rates per version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from asrops.evaluation import score
+from asrops.registry.store import ObjectStore
+
+log = logging.getLogger("asrops.feedback")
+
+FEEDBACK = "feedback"
+
+
+class FeedbackIn(BaseModel):
+    """What a client sends to POST /v1/feedback."""
+
+    request_id: str = Field(min_length=1, max_length=200)
+    """The X-Request-Id of the transcription being corrected."""
+    text: str = Field(max_length=20_000)
+    """The correct transcript."""
+    tags: dict[str, str] = Field(default_factory=dict, max_length=20)
+    """Optional slice tags (accent, domain, device, ...), used to stratify retraining data."""
+
+
+class FeedbackRecord(BaseModel):
+    """A stored correction, joined to what was answered."""
+
+    request_id: str
+    received_at: datetime
+    model_version: str
+    route: str
+    hypothesis: str
+    reference: str
+    tags: dict[str, str]
+    audio_key: str | None
+    """Where the request's audio is (16 kHz FLAC), for retraining."""
+    word_errors: int
+    reference_words: int
+
+    @property
+    def wer(self) -> float | None:
+        return 100.0 * self.word_errors / self.reference_words if self.reference_words else None
+
+
+@dataclass
+class AnsweredRequest:
+    """What the service remembers of a recent request so that feedback can be joined to it."""
+
+    model_version: str
+    route: str
+    text: str
+    time: datetime
+    samples: np.ndarray | None
+
+
+class RecentRequests:
+    """The last answered requests (bounded by count and by seconds of audio), in memory: most
+    feedback comes within minutes, and a request's audio must still be at hand to keep it."""
+
+    def __init__(self, max_requests: int = 512, max_audio_s: float = 3_600.0):
+        self.max_requests, self.max_audio_s = max_requests, max_audio_s
+        self._items: OrderedDict[str, AnsweredRequest] = OrderedDict()
+        self._audio_s = 0.0
+
+    def add(self, request_id: str, answered: AnsweredRequest) -> None:
+        self._items[request_id] = answered
+        self._audio_s += self._seconds(answered)
+        while self._items and (len(self._items) > self.max_requests or self._audio_s > self.max_audio_s):
+            _, old = self._items.popitem(last=False)
+            self._audio_s -= self._seconds(old)
+
+    def get(self, request_id: str) -> AnsweredRequest | None:
+        return self._items.get(request_id)
+
+    @staticmethod
+    def _seconds(a: AnsweredRequest) -> float:
+        return len(a.samples) / 16_000 if a.samples is not None else 0.0
+
+
+def join(feedback: FeedbackIn, answered: AnsweredRequest, audio_key: str | None) -> FeedbackRecord:
+    s = score([feedback.text], [answered.text])
+    return FeedbackRecord(
+        request_id=feedback.request_id, received_at=datetime.now(UTC), model_version=answered.model_version,
+        route=answered.route, hypothesis=answered.text, reference=feedback.text, tags=feedback.tags,
+        audio_key=audio_key, word_errors=s.word_errors, reference_words=s.words,
+    )
+
+
+class FeedbackStore:
+    def __init__(self, store: ObjectStore):
+        self.store = store
+
+    def key(self, request_id: str, when: datetime) -> str:
+        return f"{FEEDBACK}/date={when:%Y-%m-%d}/{request_id}.json"
+
+    def save(self, record: FeedbackRecord) -> None:
+        """A second correction of the same request replaces the first."""
+        self.store.write_bytes(self.key(record.request_id, record.received_at), record.model_dump_json().encode())
+
+    def read(self, start: datetime, end: datetime) -> pd.DataFrame:
+        """Corrections received in [start, end), one row each."""
+        rows = []
+        day = start.date()
+        while day <= end.date():
+            for key in self.store.list_prefix(f"{FEEDBACK}/date={day:%Y-%m-%d}/"):
+                record = FeedbackRecord.model_validate(json.loads(self.store.read_bytes(key)[0]))
+                if start <= record.received_at < end:
+                    rows.append(record.model_dump())
+            day += timedelta(days=1)
+        return pd.DataFrame(rows, columns=list(FeedbackRecord.model_fields))
