@@ -184,6 +184,111 @@ class MonitoringSettings(BaseModel):
     production_log: ProductionLogSettings = ProductionLogSettings()
 
 
+class DatasetSettings(BaseModel):
+    """What the retraining dataset builder keeps (retrain/dataset.py); every drop is counted."""
+
+    min_snr_db: float = 3.0
+    """Estimated SNR below this: too noisy to learn from."""
+    max_clipping_ratio: float = Field(default=0.01, ge=0, le=1)
+    """Share of clipped samples above this: distorted."""
+    min_duration_s: float = Field(default=0.5, gt=0)
+    max_duration_s: float = Field(default=30.0, gt=0)
+    """Whisper trains on 30-s windows; longer clips would be cut."""
+    min_chars_per_s: float = 2.0
+    max_chars_per_s: float = 30.0
+    """Characters of transcript per second of audio outside [min, max]: the text does not belong
+    to the audio (a mislabel, a truncated file, silence)."""
+    min_speech_ratio: float = Field(default=0.1, ge=0, le=1)
+    """Share of non-silent frames below this: (nearly) silent audio."""
+    replay_share: float = Field(default=0.2, ge=0, le=1)
+    """Replayed parent and golden examples, as a share of the new training examples (against forgetting)."""
+    validation_share: float = Field(default=0.15, gt=0, lt=1)
+    test_share: float = Field(default=0.2, gt=0, lt=1)
+    """Held-out shares of the new data, split per slice (stratified)."""
+    slice_fields: list[str] = ["accent", "snr_db", "domain", "voice"]
+    """Fields that define slices, for stratified splits and per-slice reports."""
+    seed: int = 0
+
+
+class TrainSettings(BaseModel):
+    """Fine-tuning the parent version (retrain/train.py), on Ray Train."""
+
+    learning_rate: float = Field(default=1e-5, gt=0)
+    """Small on purpose: 1e-4 made tiny.en memorise templates and forget general English."""
+    max_steps: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    warmup_steps: int = Field(default=3, ge=0)
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Decay after warmup."""
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    freeze_encoder: bool = True
+    """Freeze the whole encoder (on CPU its outputs are then computed once per clip and cached)."""
+    freeze_encoder_layers: int = Field(default=0, ge=0)
+    """With freeze_encoder off: freeze the convolutions and the first N encoder layers."""
+    lora: bool = False
+    """Train LoRA adapters (peft) on the attention projections instead of whole weights."""
+    lora_rank: int = Field(default=8, ge=1)
+    spec_augment: bool = True
+    """Whisper's config masks (time and feature) while training, when the encoder is trained."""
+    speed_perturbation: tuple[float, ...] = (0.9, 1.0, 1.1)
+    """Speed factors drawn per example (when the encoder is trained)."""
+    noise_snr_db: float | None = 20.0
+    """White noise at this SNR on half the examples (when the encoder is trained); None = off."""
+    eval_every_steps: int = Field(default=10, ge=1)
+    early_stopping_patience: int = Field(default=2, ge=1)
+    """Evaluations without a lower validation WER before training stops."""
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """On GPU: bf16 where supported, else fp16; always fp32 on CPU."""
+    max_failures: int = Field(default=2, ge=0)
+    """Worker failures Ray Train recovers from (resuming from the last checkpoint)."""
+    threads: int = Field(default=0, ge=0)
+    """Torch threads per CPU worker; 0 = all cores."""
+
+
+class GateSettings(BaseModel):
+    """The evaluation gate a candidate must pass before it is published (retrain/evaluate.py)."""
+
+    bootstrap_samples: int = Field(default=1000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    require_heldout_improvement: bool = True
+    """The held-out WER difference (candidate - stable) must have its whole interval below 0."""
+    max_golden_relative_worsening: float = Field(default=0.02, ge=0)
+    """The golden set's WER may worsen by at most this share of the stable's WER."""
+    canary_weight: int = Field(default=5, ge=0, le=100)
+    """A passing candidate starts as canary at this weight..."""
+    shadow_share: float = Field(default=0.0, ge=0, le=1)
+    """...or (with weight 0) in shadow on this share of stable traffic."""
+
+
+class TriggerSettings(BaseModel):
+    """When a retrain starts by itself (retrain/trigger.py)."""
+
+    on_drift: bool = True
+    feedback_wer_threshold: float | None = 30.0
+    """Live WER (percent, from feedback) of the stable above this triggers a retrain; None = off."""
+    schedule_s: float | None = None
+    """Retrain at least this often (seconds); None = no schedule."""
+    cooldown_s: float = Field(default=3_600.0, ge=0)
+    """No automatic retrain within this many seconds of the last one."""
+    min_new_labels: int = Field(default=50, ge=0)
+    """Corrections received since the last retrain needed before an automatic one."""
+
+
+class RetrainSettings(BaseModel):
+    dataset: DatasetSettings = DatasetSettings()
+    train: TrainSettings = TrainSettings()
+    gate: GateSettings = GateSettings()
+    trigger: TriggerSettings = TriggerSettings()
+    curated_manifests: list[Path] = []
+    """Extra labelled data (manifests in `asrops synth`'s format) every retrain uses."""
+    golden_manifests: list[Path] = []
+    """The pinned regression set; empty means ../shared/data/speech's core English subset when present."""
+    work_dir: Path | None = None
+    """Datasets, checkpoints and reports of each job; None means `<data_dir>/retrain`."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ASROPS_", env_nested_delimiter="__", extra="ignore"
@@ -200,6 +305,7 @@ class Settings(BaseSettings):
     audio: AudioSettings = AudioSettings()
     serve: ServeSettings = ServeSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    retrain: RetrainSettings = RetrainSettings()
 
     @cached_property
     def registry_uri(self) -> str:
