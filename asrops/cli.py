@@ -411,11 +411,23 @@ drift_app = typer.Typer(no_args_is_help=True, help="Drift reports on the product
 app.add_typer(drift_app, name="drift")
 
 
-def _monitor(settings: Settings):
+def _monitor(settings: Settings, with_trigger: bool = False):
     from asrops.prodlog import store_for
-    from monitoring.monitor import DriftMonitor
+    from monitoring.monitor import DriftMonitor, MonitorMetrics
 
-    return DriftMonitor(store_for(settings), settings.monitoring)
+    store, metrics = store_for(settings), MonitorMetrics()
+    on_verdict = None
+    if with_trigger:
+        from retrain.trigger import RetrainTrigger
+
+        trigger = RetrainTrigger(settings, store, _registry(settings), metrics.retrain_jobs)
+
+        def on_verdict(state, now):
+            try:
+                trigger.step(state, now)
+            except Exception as exc:  # no Ray dashboard to submit to (a bare monitor): say so, go on
+                _say(f"retrain trigger skipped: {type(exc).__name__}: {exc}")
+    return DriftMonitor(store, settings.monitoring, metrics, on_verdict=on_verdict)
 
 
 @app.command()
@@ -424,7 +436,7 @@ def monitor(
 ) -> None:
     """Run the drift monitor: one Evidently report per window, verdicts, metrics on monitor_port."""
     settings = _setup()
-    drift_monitor = _monitor(settings)
+    drift_monitor = _monitor(settings, with_trigger=True)
     if bootstrap_reference:
         from monitoring.reference import load_reference, synthetic_reference
 
@@ -502,6 +514,61 @@ def simulate(
     result = run_simulation(url, parse_mix(mix), rate, count, concurrency, os.environ.get("ASROPS_API_KEY"), seed,
                             progress=_say)
     typer.echo(result.model_dump_json(indent=1))
+
+
+
+# --- retraining -----------------------------------------------------------------------------
+retrain_app = typer.Typer(no_args_is_help=True, help="Retrain the stable version on new labelled data (Ray Train).")
+app.add_typer(retrain_app, name="retrain")
+
+
+@retrain_app.command("start")
+def retrain_start(
+    reason: Annotated[str, typer.Option(help="Why: kept with the job and the version it publishes.")] = "by hand",
+    address: Annotated[Optional[str], typer.Option(help="Ray dashboard address (default RAY_ADDRESS or the local one).")] = None,
+) -> None:
+    """Start a retrain by hand: submitted as a Ray job to the running cluster (one at a time)."""
+    from datetime import UTC, datetime
+
+    from retrain.trigger import TriggerInputs, decide, retrain_jobs, submit_retrain
+
+    settings = _setup()
+    running = any(j.status in ("PENDING", "RUNNING") for j in retrain_jobs(address))
+    decision = decide(TriggerInputs(now=datetime.now(UTC), manual=True, job_running=running), settings.retrain.trigger)
+    _say(decision.log_message())
+    if not decision.start:
+        raise typer.Exit(1)
+    typer.echo(submit_retrain(decision.cause, reason, address))
+
+
+@retrain_app.command("run")
+def retrain_run(
+    cause: Annotated[str, typer.Option(help="What started it: manual, drift, feedback_wer or schedule.")] = "manual",
+    reason: Annotated[str, typer.Option(help="Why, in words.")] = "by hand",
+) -> None:
+    """Run one retrain in this process (what a retrain Ray job runs): data, fine-tuning,
+    evaluation gate, and publish + canary when it passes."""
+    import ray
+
+    from retrain.job import run_retrain
+    from serve.launcher import init_ray
+
+    settings = _setup()
+    init_ray(settings)  # inside a Ray job: joins its cluster
+    outcome = run_retrain(settings, cause, reason, _say, gpus_available=ray.cluster_resources().get("GPU", 0) > 0)
+    typer.echo(outcome.model_dump_json(indent=1))
+    if not outcome.passed:
+        raise typer.Exit(2)
+
+
+@retrain_app.command("status")
+def retrain_status(address: Annotated[Optional[str], typer.Option(help="Ray dashboard address.")] = None) -> None:
+    """Retrain jobs the cluster knows, with their states."""
+    from retrain.trigger import retrain_jobs
+
+    _setup()
+    for job in retrain_jobs(address):
+        typer.echo(job.model_dump_json())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jiwer
 import numpy as np
@@ -44,6 +44,17 @@ class EvalItem(BaseModel):
     """Reference transcript, as written in the source (normalised only when scoring)."""
 
 
+class ItemCounts(NamedTuple):
+    """One utterance's reference sizes and error counts (normalised text), the unit that
+    corpus rates sum and the evaluation gate's bootstrap resamples."""
+
+    words: int
+    word_errors: int
+    """Substitutions + deletions + insertions."""
+    chars: int
+    char_errors: int
+
+
 class Score(BaseModel):
     wer: float
     """Word error rate in percent; 0.0 when nothing was scored (`words == 0`)."""
@@ -68,6 +79,8 @@ class ItemResult(BaseModel):
     """Percent; None when the normalised reference is empty."""
     duration_s: float
     slices: dict[str, str]
+    counts: ItemCounts | None = None
+    """Word and character counts behind `wer`; None when the normalised reference is empty."""
 
 
 class EvalReport(BaseModel):
@@ -122,13 +135,13 @@ def core_english_filter(item: EvalItem | dict) -> bool:
 
 
 # --- scoring -----------------------------------------------------------------------------
-def _counts(reference: str, hypothesis: str) -> tuple[int, int, int, int]:
+def _counts(reference: str, hypothesis: str) -> ItemCounts:
     """(words, word errors, chars, char errors) for normalised, non-empty `reference`."""
     w = jiwer.process_words(reference, hypothesis)
     c = jiwer.process_characters(reference, hypothesis)
     words = w.hits + w.substitutions + w.deletions
     chars = c.hits + c.substitutions + c.deletions
-    return (
+    return ItemCounts(
         words,
         w.substitutions + w.deletions + w.insertions,
         chars,
@@ -136,7 +149,8 @@ def _counts(reference: str, hypothesis: str) -> tuple[int, int, int, int]:
     )
 
 
-def _score_counts(counts: Iterable[tuple[int, int, int, int] | None]) -> Score:
+def score_counts(counts: Iterable[ItemCounts | None]) -> Score:
+    """Corpus-level rates from per-utterance counts; None (an empty reference) counts as skipped."""
     words = word_errors = chars = char_errors = n = skipped = 0
     for c in counts:
         if c is None:
@@ -157,7 +171,8 @@ def _score_counts(counts: Iterable[tuple[int, int, int, int] | None]) -> Score:
     )
 
 
-def _item_counts(reference: str, hypothesis: str) -> tuple[int, int, int, int] | None:
+def item_counts(reference: str, hypothesis: str) -> ItemCounts | None:
+    """One utterance's counts after Whisper normalisation; None when the reference normalises to ""."""
     ref, hyp = normalize_english(reference), normalize_english(hypothesis)
     return _counts(ref, hyp) if ref else None
 
@@ -166,7 +181,7 @@ def score(references: list[str], hypotheses: list[str]) -> Score:
     """Corpus-level WER/CER (percent) after Whisper normalisation of both sides."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    return _score_counts(_item_counts(r, h) for r, h in zip(references, hypotheses))
+    return score_counts(item_counts(r, h) for r, h in zip(references, hypotheses))
 
 
 # --- evaluation --------------------------------------------------------------------------
@@ -213,7 +228,7 @@ def evaluate(
         raise ValueError("batch_size must be >= 1")
     fields = default_slice_fields(items) if slice_fields is None else list(slice_fields)
     results: list[ItemResult] = []
-    counts: list[tuple[int, int, int, int] | None] = []
+    counts: list[ItemCounts | None] = []
     audio_s = wall_s = 0.0
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
@@ -224,7 +239,7 @@ def evaluate(
         if len(hypotheses) != len(batch):
             raise ValueError(f"transcribe returned {len(hypotheses)} texts for {len(batch)} inputs")
         for item, samples, hyp in zip(batch, audios, hypotheses):
-            c = _item_counts(item.text, hyp)
+            c = item_counts(item.text, hyp)
             counts.append(c)
             duration = samples.size / SAMPLE_RATE
             audio_s += duration
@@ -236,6 +251,7 @@ def evaluate(
                     wer=100.0 * c[1] / c[0] if c else None,
                     duration_s=duration,
                     slices={f: _slice_value(item, f) for f in fields},
+                    counts=c,
                 )
             )
         if progress is not None:
@@ -246,9 +262,9 @@ def evaluate(
         groups: dict[str, list] = {}
         for r, c in zip(results, counts):
             groups.setdefault(r.slices[f], []).append(c)
-        slices[f] = {value: _score_counts(groups[value]) for value in sorted(groups)}
+        slices[f] = {value: score_counts(groups[value]) for value in sorted(groups)}
     return EvalReport(
-        overall=_score_counts(counts),
+        overall=score_counts(counts),
         slices=slices,
         n=len(results),
         audio_s=audio_s,

@@ -285,6 +285,10 @@ class RetrainSettings(BaseModel):
     """Extra labelled data (manifests in `asrops synth`'s format) every retrain uses."""
     golden_manifests: list[Path] = []
     """The pinned regression set; empty means ../shared/data/speech's core English subset when present."""
+    golden_clips: int = Field(default=100, ge=0)
+    """At most this many clips of each golden manifest (0 = all): both versions transcribe them."""
+    replay_manifests: list[Path] = []
+    """The parent's training data (and other known-good data) replayed against forgetting."""
     work_dir: Path | None = None
     """Datasets, checkpoints and reports of each job; None means `<data_dir>/retrain`."""
 

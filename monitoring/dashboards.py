@@ -132,6 +132,15 @@ ROWS: list[Row] = [
             *_quantiles("ray_asrops_shadow_disagreement_ratio", (0.95,)),
         ], unit="percentunit", width=8),
     ]),
+    Row("Feedback", [
+        Panel("Live WER from client corrections by version", [Query(
+            f"sum by (model_version) (increase(ray_asrops_feedback_word_errors_total[{RATE}]))"
+            f" / sum by (model_version) (increase(ray_asrops_feedback_reference_words_total[{RATE}]))",
+            "{{model_version}}")], unit="percentunit", width=12,
+              description="Word errors of the answered text against POST /v1/feedback corrections, per word."),
+        Panel("Corrections received/s by version", [Query(
+            f"sum by (model_version) (rate(ray_asrops_feedback_total[{RATE}]))", "{{model_version}}")], width=12),
+    ]),
     Row("Whisper quality signals", [
         Panel("Mean avg_logprob by version", [Query(
             "-(" + _mean("ray_asrops_segment_neg_avg_logprob").expr + ")", "mean {{model_version}}")], width=8,

@@ -83,8 +83,10 @@ class WindowOutcome(BaseModel):
 
 class DriftMonitor:
     def __init__(self, store: ObjectStore, settings: MonitoringSettings, metrics: MonitorMetrics | None = None,
-                 reference: pd.DataFrame | None = None):
+                 reference: pd.DataFrame | None = None, on_verdict: Callable[[str, datetime], None] | None = None):
+        """`on_verdict(state, window end)` runs after each window (the retrain trigger)."""
         self.store, self.settings = store, settings
+        self.on_verdict = on_verdict
         self.reader = ProductionLogReader(store)
         self.metrics = metrics or MonitorMetrics()
         self.policy = VerdictPolicy(settings.drift)
@@ -155,6 +157,8 @@ class DriftMonitor:
                 if outcome.report_html:
                     say(f"drift report: {outcome.report_html}")
                 self.purge_audio()
+                if self.on_verdict:
+                    self.on_verdict(outcome.verdict.state.value, outcome.window_end)
             except LookupError as exc:
                 say(str(exc))
             except Exception:

@@ -32,12 +32,14 @@ def init_ray(settings: Settings) -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     if ray.is_initialized():
         return
-    local = os.environ.get("RAY_ADDRESS") is None
+    if os.environ.get("RAY_ADDRESS"):  # a cluster (or, inside a Ray job, the job's own cluster)
+        ray.init(logging_level=logging.WARNING, configure_logging=True)
+        return
     # The dashboard process is what writes the service-discovery file listing each node's
-    # metrics endpoint for Prometheus.
+    # metrics endpoint for Prometheus; it also serves the Ray Jobs API that retrains go through.
     ray.init(
         include_dashboard=True,
-        _metrics_export_port=settings.monitoring.ray_metrics_port if local else None,
+        _metrics_export_port=settings.monitoring.ray_metrics_port,
         logging_level=logging.WARNING,
         configure_logging=True,
         runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}},

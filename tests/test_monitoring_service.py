@@ -210,7 +210,13 @@ def test_every_dashboard_and_alert_expression_finds_data_in_a_real_prometheus(
             r = httpx.post(f"{service}/admin/rollout/canary", headers=ADMIN, json={
                 "version": versions["echo"], "weight": 0, "shadow_share": 1.0, "reason": "prometheus test"})
             assert r.status_code == 200, r.text
-            # Bad uploads (decode errors), a log store that fails for a moment, a drift window.
+            # A client's correction (live WER), bad uploads (decode errors), a log store that fails
+            # for a moment, a drift window.
+            clip = next((clean_clips.parent / "audio").glob("*.wav")).read_bytes()
+            answered = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("c.wav", clip)})
+            r = httpx.post(f"{service}/v1/feedback", json={"request_id": answered.headers["x-request-id"],
+                                                            "text": "something else entirely was said here"})
+            assert r.status_code == 200 and r.json()["word_errors"] > 0, r.text
             for _ in range(3):
                 assert httpx.post(f"{service}/v1/audio/transcriptions",
                                   files={"file": ("x.wav", b"RIFF....WAVEfmt garbage")}).status_code == 415

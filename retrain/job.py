@@ -1,0 +1,185 @@
+"""One retrain, start to end: data → fine-tune → evaluate against the stable → publish and
+deploy as canary, only if the gate passes.
+
+This is what a retrain Ray job runs (`asrops retrain run`). Each stage writes under the job's
+work directory (`<data_dir>/retrain/<job>/`): `data/` (manifests and the data report),
+`model/` (the best checkpoint), `evaluation/` (the evaluation report). A published candidate
+carries both reports among its files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from asrops import rollout
+from asrops.engines import load_engine
+from asrops.evaluation import core_english_filter, load_manifest
+from asrops.models.importer import publish_checkpoint
+from asrops.prodlog import store_for
+from asrops.registry import ModelRegistry
+from asrops.settings import Settings
+from retrain.dataset import BuiltDataset, Example, build_dataset, examples_from_feedback, examples_from_manifest
+from retrain.evaluate import EvaluationReport, compare, gate, transcribe_manifest, write_report
+from retrain.train import TrainJob, TrainResult, run_training
+
+log = logging.getLogger("asrops.retrain.job")
+
+FEEDBACK_LOOKBACK = timedelta(days=30)
+EVAL_ENGINE = "torch"  # the candidate has no ONNX export before it is published: compare like with like
+
+
+class RetrainOutcome(BaseModel):
+    job: str
+    cause: str
+    reason: str
+    parent: str
+    dataset_report: Path
+    train: TrainResult
+    evaluation_json: Path
+    evaluation_md: Path
+    passed: bool
+    reasons: list[str]
+    published: str | None = None
+    """The new version, when the gate passed."""
+    seconds: float
+
+
+def prepare_golden(settings: Settings, out_dir: Path) -> list[Path]:
+    """The pinned regression set as manifests of absolute paths, at most `golden_clips` rows
+    each: the configured manifests, else the core English subset of the real speech beside the
+    checkout (when present)."""
+    speech = settings.speech_data_dir / "manifest.jsonl"
+    configured = [Path(p) for p in settings.retrain.golden_manifests]
+    if not configured and speech.exists():
+        configured = [speech]
+    # The real speech's manifest also lists other languages and styles: its core English subset.
+    sources = [(p, core_english_filter if p.resolve() == speech.resolve() else None) for p in configured]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (manifest, keep) in enumerate(sources):
+        items = load_manifest(manifest, filter=keep)[: settings.retrain.golden_clips or None]
+        path = out_dir / f"golden-{i}-{manifest.parent.name}.jsonl"
+        path.write_text("".join(json.dumps({**(item.model_extra or {}), "audio": item.audio, "text": item.text})
+                                + "\n" for item in items))
+        paths.append(path)
+    return paths
+
+
+def gather_examples(settings: Settings, work: Path, since: datetime) -> tuple[list[Example], list[Example]]:
+    """New labelled data (feedback with audio since `since`, curated manifests) and replay data
+    (the parent's recorded training manifest, if any)."""
+    fields = settings.retrain.dataset.slice_fields
+    new = examples_from_feedback(store_for(settings), since, datetime.now(UTC), work / "feedback", fields)
+    for manifest in settings.retrain.curated_manifests:
+        new += examples_from_manifest(Path(manifest), "curated", fields)
+    replay = []
+    for manifest in settings.retrain.replay_manifests:
+        replay += examples_from_manifest(Path(manifest), "replay", fields)
+    return new, replay
+
+
+def _evaluate(settings: Settings, candidate_dir: Path, stable_dir: Path, data: BuiltDataset,
+              golden_paths: list[Path], say: Callable[[str], None]):
+    threads = settings.retrain.train.threads or settings.engine.threads
+    engines = {name: load_engine(d, EVAL_ENGINE, settings.engine.device, threads)
+               for name, d in (("stable", stable_dir), ("candidate", candidate_dir))}
+
+    def run(name: str, manifest: Path):
+        say(f"evaluating {name} on {manifest.name}")
+        return transcribe_manifest(engines[name], manifest, progress=say)
+
+    heldout = {n: run(n, data.test) for n in engines}
+    golden = {n: [r for manifest in golden_paths for r in run(n, manifest)] for n in engines}
+    g = settings.retrain.gate
+    return compare(heldout["candidate"], heldout["stable"], g, "held-out new data"), \
+        compare(golden["candidate"], golden["stable"], g, "golden regression set")
+
+
+def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str], None] = log.info,
+                gpus_available: bool = False) -> RetrainOutcome:
+    started = time.monotonic()
+    registry = ModelRegistry.from_settings(settings)
+    parent = registry.resolve("stable")
+    job = f"retrain-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    work = (settings.retrain.work_dir or settings.data_dir / "retrain") / job
+    say(f"{job}: {cause} ({reason}); parent {parent}; work dir {work}")
+
+    new, replay = gather_examples(settings, work, datetime.now(UTC) - FEEDBACK_LOOKBACK)
+    golden_paths = prepare_golden(settings, work / "golden")
+    golden = [e for p in golden_paths for e in examples_from_manifest(p, "golden", settings.retrain.dataset.slice_fields)]
+    say(f"data: {len(new)} new labelled examples, {len(replay)} replayable, {len(golden)} golden")
+    data = build_dataset(new, golden, replay, settings.retrain.dataset, work / "data")
+    say(f"data report: {data.report_md}")
+
+    stable_dir = registry.fetch(parent)
+    train = run_training(TrainJob(
+        parent_dir=stable_dir, train_manifest=data.train, validation_manifest=data.validation,
+        storage_path=str(checkpoint_root(settings)), name=job, output_dir=work / "model",
+        settings=settings.retrain.train), gpus_available)
+    say(f"trained {train.steps} steps in {train.seconds:.0f} s ({train.samples_per_s:.1f} samples/s); "
+        f"best validation WER {train.best_validation_wer}")
+
+    eval_started = datetime.now(UTC)
+    heldout, golden_cmp = _evaluate(settings, train.output_dir, stable_dir, data, golden_paths, say)
+    decision = gate(heldout, golden_cmp, settings.retrain.gate)
+    report = EvaluationReport(candidate_version=f"{job} (unpublished)", stable_version=parent, heldout=heldout,
+                              golden=golden_cmp, decision=decision, gate=settings.retrain.gate, engine=EVAL_ENGINE,
+                              started_at=eval_started, finished_at=datetime.now(UTC))
+    json_path, md_path = write_report(report, work / "evaluation")
+    for line in decision.reasons:
+        say(f"gate: {line}")
+    published = None
+    if decision.passed:
+        published = _publish_and_deploy(settings, registry, train, data, json_path, md_path, parent, cause, reason, say)
+    else:
+        say(f"gate failed: nothing published (report {md_path})")
+    return RetrainOutcome(job=job, cause=cause, reason=reason, parent=parent, dataset_report=data.report_md,
+                          train=train, evaluation_json=json_path, evaluation_md=md_path, passed=decision.passed,
+                          reasons=decision.reasons, published=published, seconds=time.monotonic() - started)
+
+
+def checkpoint_root(settings: Settings) -> Path | str:
+    """Checkpoints live beside the registry's versions (its directory, or its S3 prefix)."""
+    uri = settings.registry_uri
+    return f"{uri.rstrip('/')}-checkpoints" if uri.startswith("s3://") else Path(uri).parent / "checkpoints"
+
+
+def _publish_and_deploy(settings, registry, train: TrainResult, data: BuiltDataset, json_path: Path, md_path: Path,
+                        parent: str, cause: str, reason: str, say) -> str:
+    metrics = _manifest_metrics(json_path)
+    fingerprint = hashlib.sha256(data.train.read_bytes()).hexdigest()
+    manifest = publish_checkpoint(
+        registry, train.output_dir, family="whisper", parent=parent, source=f"retrain ({cause}): {reason}",
+        notes=f"fine-tuned from {parent}; evaluation in reports/evaluation.md", eval_metrics=metrics,
+        progress=say, data_fingerprint=fingerprint,
+        extra_files={"reports/evaluation.json": json_path, "reports/evaluation.md": md_path,
+                     "reports/data.json": data.report_json, "reports/data.md": data.report_md,
+                     "reports/train.jsonl": data.train},
+    )
+    g = settings.retrain.gate
+    rollout.deploy_canary(registry, manifest.id, weight=g.canary_weight, shadow_share=g.shadow_share,
+                          actor="retrain", reason=f"passed the evaluation gate ({cause})")
+    say(f"published {manifest.id}; canary at weight {g.canary_weight}, shadow share {g.shadow_share}")
+    return manifest.id
+
+
+def _manifest_metrics(json_path: Path) -> dict[str, float]:
+    report = json.loads(json_path.read_text())
+    out = {}
+    for key, name in (("heldout", "heldout"), ("golden", "golden")):
+        overall = report[key]["overall"]
+        out[f"{name}_wer"] = overall["candidate"]["wer"]
+        out[f"{name}_cer"] = overall["candidate"]["cer"]
+        out[f"{name}_stable_wer"] = overall["stable"]["wer"]
+        if overall.get("interval"):
+            out[f"{name}_wer_diff_low"] = overall["interval"]["low"]
+            out[f"{name}_wer_diff_high"] = overall["interval"]["high"]
+    return out

@@ -1,0 +1,78 @@
+"""One retrain end to end on Ray Train (real Ray, real model, synthetic speech), with its
+training worker killed mid-run: the job resumes from its last checkpoint, evaluates the
+candidate against the stable, publishes it with its reports, and deploys it as canary.
+
+The gate is opened here (no improvement required, any golden change allowed): a few training
+steps on 40 clips cannot show a significant gain, and what is under test is the pipeline and
+its recovery. Whether a retrain really improves is `python -m retrain.scenario`'s question.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from asrops import rollout
+from asrops.registry import ModelRegistry
+from asrops.synth import PRESETS, SynthSpec, generate
+from retrain.job import checkpoint_root, run_retrain
+
+pytestmark = pytest.mark.slow
+
+
+def _kill_the_worker_after_its_first_checkpoint(settings, work_dir, killed: list[int]) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        checkpoints = list(checkpoint_root(settings).glob("retrain-*/checkpoint_*"))
+        pid_files = list(work_dir.glob("retrain-*/model/worker.pid"))
+        if checkpoints and pid_files:
+            pid = int(pid_files[0].read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.5)
+
+
+def test_a_retrain_survives_a_killed_worker_and_publishes_a_canary_with_its_reports(
+        service, service_settings, tmp_path):
+    settings = service_settings.model_copy(deep=True)
+    drifted = generate(SynthSpec(n=40, voices=["en-gb-scotland", "en-029"], snr_db=10, domains=["medical", "numbers"],
+                                 seed=31), tmp_path / "drifted")
+    replay = generate(PRESETS["clean"].model_copy(update={"n": 10, "seed": 32}), tmp_path / "replay")
+    golden = generate(PRESETS["clean"].model_copy(update={"n": 10, "seed": 33}), tmp_path / "golden")
+    r = settings.retrain
+    r.curated_manifests, r.replay_manifests, r.golden_manifests = [drifted], [replay], [golden]
+    r.work_dir = tmp_path / "work"
+    r.train.max_steps, r.train.eval_every_steps, r.train.batch_size, r.train.threads = 6, 2, 8, 2
+    r.train.early_stopping_patience = 10
+    r.gate.require_heldout_improvement, r.gate.max_golden_relative_worsening = False, 10.0
+    r.gate.canary_weight = 0
+
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_the_worker_after_its_first_checkpoint, args=(settings, r.work_dir, killed))
+    killer.start()
+    try:
+        outcome = run_retrain(settings, "manual", "test: killed worker")
+    finally:
+        killer.join()
+    registry = ModelRegistry.from_settings(settings)
+    try:
+        assert killed, "the training worker was never killed"
+        assert outcome.train.resumed_from_step is not None and outcome.train.resumed_from_step >= 2
+        assert outcome.train.steps == 6  # it went on to the end after resuming
+        assert outcome.passed and outcome.published
+        manifest = registry.get_manifest(outcome.published)
+        assert manifest.parent == outcome.parent and manifest.data_fingerprint
+        assert {"heldout_wer", "golden_wer", "golden_stable_wer"} <= set(manifest.eval_metrics)
+        files = {f.path for f in manifest.files}
+        assert {"reports/evaluation.md", "reports/data.md", "model.safetensors", "onnx/int8/encoder_model.onnx"} \
+            <= files, files
+        assert rollout.current(registry).rollout.canary_version == outcome.published
+        report = outcome.evaluation_md.read_text()
+        assert "held-out" in report.lower() and "golden" in report.lower()
+    finally:
+        rollout.rollback(registry, "tests", "cleanup after the retrain test")
