@@ -23,13 +23,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
 import soundfile as sf
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from asrops.engines.types import Transcription
 from asrops.features import SAMPLE_RATE, audio_features, transcript_features
@@ -44,17 +43,23 @@ VOCABULARY_KEY = "reference/vocabulary.json"
 VOCABULARY_REFRESH_S = 60.0
 
 
-class RequestRecord(BaseModel):
-    """One row of the production log. Audio and transcript features are None when the request
-    failed before they existed (a bad upload has no transcript)."""
+class RequestOutcome(BaseModel):
+    """How a request ended: what both the ingress's hand-over and the stored record start with."""
 
     request_id: str
     time: datetime
     model_version: str
+    """The version that answered ("" when none did)."""
     route: str
     status: int
     latency_s: float
     error_code: str | None = None
+
+
+class RequestRecord(RequestOutcome):
+    """One row of the production log. Audio and transcript features are None when the request
+    failed before they existed (a bad upload has no transcript)."""
+
     # audio
     duration_s: float | None = None
     original_sample_rate: int | None = None
@@ -78,17 +83,11 @@ class RequestRecord(BaseModel):
     """Where the sampled copy of the audio is, when this request's audio was kept."""
 
 
-@dataclass
-class FinishedRequest:
+class FinishedRequest(RequestOutcome):
     """What the ingress knows when a request ends; turned into a RequestRecord off the request path."""
 
-    request_id: str
-    time: datetime
-    model_version: str
-    route: str
-    status: int
-    latency_s: float
-    error_code: str | None = None
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
     samples: np.ndarray | None = None
     original_sample_rate: int | None = None
     original_channels: int | None = None
@@ -101,8 +100,7 @@ def store_for(settings: Settings) -> ObjectStore:
 
 
 def to_record(done: FinishedRequest, vocabulary: frozenset[str] | None) -> RequestRecord:
-    fields = {k: getattr(done, k) for k in
-              ("request_id", "time", "model_version", "route", "status", "latency_s", "error_code")}
+    fields = done.model_dump(include=set(RequestOutcome.model_fields))
     if done.samples is not None:
         fields |= audio_features(done.samples, done.original_sample_rate or SAMPLE_RATE,
                                  done.original_channels or 1).model_dump()

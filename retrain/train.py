@@ -325,7 +325,7 @@ def _save_best(model, processor, output_dir: Path, s: TrainSettings) -> None:
 
 def run_training(job: TrainJob, gpus_available: bool) -> TrainResult:
     """Fit on Ray Train; returns where the best model is. Raises if training failed for good."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     s = job.settings
@@ -337,7 +337,8 @@ def run_training(job: TrainJob, gpus_available: bool) -> TrainResult:
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=RunConfig(name=job.name, storage_path=job.storage_path,
-                             failure_config=FailureConfig(max_failures=s.max_failures)),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
     if result.error:

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 def _kill_the_worker_after_its_first_checkpoint(settings, work_dir, killed: list[int]) -> None:
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        checkpoints = list(checkpoint_root(settings).glob("retrain-*/checkpoint_*"))
+        # Ray Train writes this once its controller has registered a checkpoint.
+        checkpoints = list(checkpoint_root(settings).glob("retrain-*/checkpoint_manager_snapshot.json"))
         pid_files = list(work_dir.glob("retrain-*/model/worker.pid"))
         if checkpoints and pid_files:
             pid = int(pid_files[0].read_text())
