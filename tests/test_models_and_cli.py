@@ -118,13 +118,18 @@ def test_import_a_local_checkpoint_as_canary(stable_dir, tmp_path):
     assert re.search(rf"^{re.escape(new_id)} .* canary$", listing, re.M)
 
 
-@pytest.mark.parametrize(
-    "command",
-    [[], ["models"], ["models", "list"], ["models", "show"], ["models", "import"], ["models", "import-default"],
-     ["transcribe"], ["eval"], ["bench"], ["bench", "engine"], ["serve"], ["synth"],
-     ["rollout"], ["rollout", "status"], ["rollout", "canary"], ["rollout", "traffic"], ["rollout", "promote"],
-     ["rollout", "rollback"], ["rollout", "audit"]],
-)
+def _command_paths(group=None, prefix=()) -> list[list[str]]:
+    """Every command and group of the CLI, walked from the app itself (a new one is covered)."""
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    paths = [list(prefix)]
+    for name, command in getattr(group, "commands", {}).items():
+        paths += _command_paths(command, (*prefix, name)) if hasattr(command, "commands") else [[*prefix, name]]
+    return paths
+
+
+@pytest.mark.parametrize("command", _command_paths(), ids=lambda c: " ".join(c) or "asrops")
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
