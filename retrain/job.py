@@ -94,7 +94,7 @@ def _evaluate(settings: Settings, candidate_dir: Path, stable_dir: Path, data: B
 
     def run(name: str, manifest: Path):
         say(f"evaluating {name} on {manifest.name}")
-        return transcribe_manifest(engines[name], manifest, progress=say)
+        return transcribe_manifest(engines[name], manifest)  # logs its own progress
 
     heldout = {n: run(n, data.test) for n in engines}
     golden = {n: [r for manifest in golden_paths for r in run(n, manifest)] for n in engines}

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from asrops.settings import Settings
-from asrops.synth import PRESETS, SynthSpec, generate
+from asrops.synth import PRESETS, SynthSpec, generate, split_templates
 
 log = logging.getLogger("asrops.retrain.scenario")
 
@@ -42,8 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work.resolve()
     drifted = generate(DRIFT.model_copy(update={"n": args.labelled, "seed": 21}), work / "drifted", say)
-    replay = generate(PRESETS["clean"].model_copy(update={"n": args.replay, "seed": 22}), work / "replay", say)
-    golden = generate(PRESETS["clean"].model_copy(update={"n": args.golden_clean, "seed": 23}), work / "golden", say)
+    # Replayed clean speech and the golden clean slice share no template: replaying the golden
+    # set's sentences would be training on the regression set (the dataset builder drops them).
+    replay_templates, golden_templates = split_templates(test_fraction=0.5, seed=5)
+    clean = PRESETS["clean"]
+    replay = generate(clean.model_copy(update={"n": args.replay, "seed": 22, "template_ids": replay_templates}),
+                      work / "replay", say)
+    golden = generate(clean.model_copy(update={"n": args.golden_clean, "seed": 23, "template_ids": golden_templates}),
+                      work / "golden", say)
 
     from serve.launcher import init_ray
 

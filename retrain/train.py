@@ -35,7 +35,9 @@ from asrops.settings import TrainSettings
 
 log = logging.getLogger("asrops.retrain.train")
 
-SOT, NO_TIMESTAMPS, EOT = 50257, 50362, 50256  # tiny.en: <|startoftranscript|>, <|notimestamps|>, <|endoftext|>
+SOT, EOT = 50257, 50256  # tiny.en: <|startoftranscript|>, <|endoftext|>
+TIMESTAMP_BEGIN = 50363  # <|0.00|>; one token per 20 ms up to <|30.00|>
+SECONDS_PER_TIMESTAMP = 0.02
 MAX_LABEL_TOKENS = 128
 STATE_FILE = "train_state.pt"
 BEST_DIR = "best"
@@ -95,13 +97,19 @@ def _augment(samples: np.ndarray, s: TrainSettings, rng: random.Random) -> np.nd
     return samples
 
 
-def _labels(tokenizer, texts: list[str]):
-    """Decoder targets: <|startoftranscript|><|notimestamps|> text <|endoftext|>; the model's
-    inputs are these shifted right, which transformers does from `labels`."""
+def _timestamp(seconds: float) -> int:
+    return TIMESTAMP_BEGIN + round(min(max(seconds, 0.0), 30.0) / SECONDS_PER_TIMESTAMP)
+
+
+def _labels(tokenizer, texts: list[str], durations: list[float]):
+    """Decoder targets in the timestamp mode the service decodes in (one segment per clip):
+    <|startoftranscript|><|0.00|> text <|end|><|endoftext|>. Training without timestamps while
+    serving with them teaches one mode and judges the other. The model's inputs are these
+    shifted right, which transformers does from `labels`."""
     import torch
 
-    ids = [[SOT, NO_TIMESTAMPS, *tokenizer.encode(" " + t.strip(), add_special_tokens=False)[:MAX_LABEL_TOKENS], EOT]
-           for t in texts]
+    ids = [[SOT, _timestamp(0.0), *tokenizer.encode(" " + t.strip(), add_special_tokens=False)[:MAX_LABEL_TOKENS],
+            _timestamp(d), EOT] for t, d in zip(texts, durations, strict=True)]
     width = max(len(i) for i in ids)
     labels = torch.full((len(ids), width), -100, dtype=torch.long)
     for row, tokens in enumerate(ids):
@@ -145,11 +153,11 @@ def _features(extractor, audios: list[np.ndarray]):
 
 
 def _greedy_texts(model, tokenizer, encoder_out, device, max_tokens: int = 96) -> list[str]:
-    """Greedy decoding from encoder outputs, for the validation WER."""
+    """Greedy decoding from encoder outputs in timestamp mode, for the validation WER."""
     import torch
 
     base = _base(model)
-    tokens = torch.tensor([[SOT, NO_TIMESTAMPS]] * encoder_out.shape[0], device=device)
+    tokens = torch.tensor([[SOT]] * encoder_out.shape[0], device=device)
     done = torch.zeros(encoder_out.shape[0], dtype=torch.bool, device=device)
     past = None
     with torch.no_grad():
@@ -163,7 +171,7 @@ def _greedy_texts(model, tokenizer, encoder_out, device, max_tokens: int = 96) -
             done |= nxt == EOT
             if bool(done.all()):
                 break
-    return [tokenizer.decode([t for t in row[2:].tolist() if t < EOT], skip_special_tokens=True) for row in tokens]
+    return [tokenizer.decode([t for t in row[1:].tolist() if t < EOT], skip_special_tokens=True) for row in tokens]
 
 
 # --- the loop each Ray Train worker runs -----------------------------------------------------
@@ -255,13 +263,15 @@ def train_loop_per_worker(config: dict) -> None:
     started, seen = time.monotonic(), 0
     while step < s.max_steps:
         batch = rng.sample(range(len(train_rows)), min(s.batch_size, len(train_rows)))
-        labels = _labels(processor.tokenizer, [train_rows[i]["text"] for i in batch]).to(device)
+        audios = [train_audio[i] for i in batch] if cached is not None else \
+            [_augment(train_audio[i], s, rng) for i in batch]
+        labels = _labels(processor.tokenizer, [train_rows[i]["text"] for i in batch],
+                         [len(a) / 16_000 for a in audios]).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if cached is not None:
                 out = model(encoder_outputs=(cached[batch],), labels=labels)
             else:
-                feats = _features(processor.feature_extractor, [_augment(train_audio[i], s, rng) for i in batch])
-                out = model(input_features=feats.to(device), labels=labels)
+                out = model(input_features=_features(processor.feature_extractor, audios).to(device), labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
         optimizer.step()
