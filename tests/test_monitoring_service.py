@@ -189,6 +189,37 @@ class BackgroundTraffic:
         self._thread.join()
 
 
+class Corrections:
+    """A client correcting one of its transcriptions every couple of seconds (live WER's rates)."""
+
+    def __init__(self, service, manifest):
+        self.service, self.clip = service, next((manifest.parent / "audio").glob("*.wav")).read_bytes()
+        self.refused: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self):
+        while not self._stop.wait(2.0):
+            answered = httpx.post(f"{self.service}/v1/audio/transcriptions", files={"file": ("c.wav", self.clip)},
+                                  timeout=60)
+            body = {"request_id": answered.headers["x-request-id"], "text": "something else entirely was said"}
+            for _ in range(10):  # the test breaks the log store for a moment: retry as Retry-After says
+                r = httpx.post(f"{self.service}/v1/feedback", json=body, timeout=60)
+                if r.status_code != 503:
+                    break
+                time.sleep(float(r.headers["retry-after"]))
+            if r.status_code != 200 or not r.json()["word_errors"]:
+                self.refused.append(r.text)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def test_every_dashboard_and_alert_expression_finds_data_in_a_real_prometheus(
         service, service_settings, clean_clips, prometheus, monitor_metrics, tmp_path):
     registry = ModelRegistry.from_settings(service_settings)
@@ -199,7 +230,7 @@ def test_every_dashboard_and_alert_expression_finds_data_in_a_real_prometheus(
         serve.run(FakeVersion.bind(version, behaviour), name=f"model-{version}", route_prefix=None)
     wait_routable(service, versions["echo"])
     try:
-        with BackgroundTraffic(service, clean_clips) as traffic:
+        with BackgroundTraffic(service, clean_clips) as traffic, Corrections(service, clean_clips) as corrections:
             # A canary that fails every request: fallbacks, and its breaker opens.
             r = httpx.post(f"{service}/admin/rollout/canary", headers=ADMIN,
                            json={"version": versions["raise"], "weight": 100, "reason": "prometheus test"})
@@ -210,13 +241,7 @@ def test_every_dashboard_and_alert_expression_finds_data_in_a_real_prometheus(
             r = httpx.post(f"{service}/admin/rollout/canary", headers=ADMIN, json={
                 "version": versions["echo"], "weight": 0, "shadow_share": 1.0, "reason": "prometheus test"})
             assert r.status_code == 200, r.text
-            # A client's correction (live WER), bad uploads (decode errors), a log store that fails
-            # for a moment, a drift window.
-            clip = next((clean_clips.parent / "audio").glob("*.wav")).read_bytes()
-            answered = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("c.wav", clip)})
-            r = httpx.post(f"{service}/v1/feedback", json={"request_id": answered.headers["x-request-id"],
-                                                            "text": "something else entirely was said here"})
-            assert r.status_code == 200 and r.json()["word_errors"] > 0, r.text
+            # Bad uploads (decode errors), a log store that fails for a moment, a drift window.
             for _ in range(3):
                 assert httpx.post(f"{service}/v1/audio/transcriptions",
                                   files={"file": ("x.wav", b"RIFF....WAVEfmt garbage")}).status_code == 415
@@ -232,6 +257,7 @@ def test_every_dashboard_and_alert_expression_finds_data_in_a_real_prometheus(
             checks = expressions_to_check()
             missing = _wait_for(lambda: [c for c in checks if not _has_data(prometheus, c.query)], lambda m: not m)
         assert set(traffic.statuses) == {"200"}, traffic.statuses  # nothing of the above reached a client
+        assert not corrections.refused, corrections.refused
     finally:
         with contextlib.suppress(RolloutRefusedError):
             rollout.rollback(registry, "tests", "cleanup")
