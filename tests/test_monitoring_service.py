@@ -163,22 +163,15 @@ def test_an_unwritable_log_store_does_not_stop_transcription_and_shows_in_a_metr
     assert len(_wait_for(lambda: reader.read(start, datetime.now(UTC)), lambda f: len(f) >= 20, 30)) == 20
 
 
-class BackgroundTraffic:
-    """Real speech at a steady rate until stopped, so that rates and quantiles have data."""
+class BackgroundLoop:
+    """Runs `_run` in a thread for the length of a `with` block; `_run` checks `_stop`."""
 
-    def __init__(self, service, manifest, rate_per_s: float = 3.0):
-        self.service, self.manifest, self.rate = service, manifest, rate_per_s
-        self.statuses: dict[str, int] = {}
+    def __init__(self):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
     def _run(self):
-        seed = 0
-        while not self._stop.is_set():
-            seed += 1
-            r = simulate(self.service, [MixPart(manifest=self.manifest, weight=1)], self.rate, count=6, seed=seed)
-            for k, v in r.statuses.items():
-                self.statuses[k] = self.statuses.get(k, 0) + v
+        raise NotImplementedError
 
     def __enter__(self):
         self._thread.start()
@@ -189,14 +182,30 @@ class BackgroundTraffic:
         self._thread.join()
 
 
-class Corrections:
+class BackgroundTraffic(BackgroundLoop):
+    """Real speech at a steady rate until stopped, so that rates and quantiles have data."""
+
+    def __init__(self, service, manifest, rate_per_s: float = 3.0):
+        super().__init__()
+        self.service, self.manifest, self.rate = service, manifest, rate_per_s
+        self.statuses: dict[str, int] = {}
+
+    def _run(self):
+        seed = 0
+        while not self._stop.is_set():
+            seed += 1
+            r = simulate(self.service, [MixPart(manifest=self.manifest, weight=1)], self.rate, count=6, seed=seed)
+            for k, v in r.statuses.items():
+                self.statuses[k] = self.statuses.get(k, 0) + v
+
+
+class Corrections(BackgroundLoop):
     """A client correcting one of its transcriptions every couple of seconds (live WER's rates)."""
 
     def __init__(self, service, manifest):
+        super().__init__()
         self.service, self.clip = service, next((manifest.parent / "audio").glob("*.wav")).read_bytes()
         self.refused: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
 
     def _run(self):
         while not self._stop.wait(2.0):
@@ -210,14 +219,6 @@ class Corrections:
                 time.sleep(float(r.headers["retry-after"]))
             if r.status_code != 200 or not r.json()["word_errors"]:
                 self.refused.append(r.text)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def test_every_dashboard_and_alert_expression_finds_data_in_a_real_prometheus(
