@@ -75,7 +75,7 @@ class RecentRequests:
     """The last answered requests (bounded by count and by seconds of audio), in memory: most
     feedback comes within minutes, and a request's audio must still be at hand to keep it."""
 
-    def __init__(self, max_requests: int = 512, max_audio_s: float = 3_600.0):
+    def __init__(self, max_requests: int = 512, max_audio_s: float = 600.0):
         self.max_requests, self.max_audio_s = max_requests, max_audio_s
         self._items: OrderedDict[str, AnsweredRequest] = OrderedDict()
         self._audio_s = 0.0

@@ -129,8 +129,8 @@ class ProductionLogSettings(BaseModel):
     recent_requests: int = Field(default=512, ge=0)
     """Answered requests each ingress remembers (text and audio), so that feedback on them can
     be joined and their audio kept for relabelling..."""
-    recent_audio_s: float = Field(default=3_600.0, ge=0)
-    """...holding at most this many seconds of audio (16 kHz float32: 64 KB a second)."""
+    recent_audio_s: float = Field(default=600.0, ge=0)
+    """...holding at most this many seconds of audio (16 kHz float32: 64 KB a second, so 38 MB)."""
 
 
 class DriftSettings(BaseModel):
