@@ -207,6 +207,10 @@ class DatasetSettings(BaseModel):
     """Held-out shares of the new data, split per slice (stratified)."""
     slice_fields: list[str] = ["accent", "snr_db", "domain", "voice"]
     """Fields that define slices, for stratified splits and per-slice reports."""
+    hold_out_by: Literal["template", "sentence"] = "template"
+    """What never crosses from training to held-out: a synthetic clip's template (the strict
+    choice: held-out text has sentence shapes never trained on), or only its sentence (traffic
+    that repeats the same kinds of request, where a retrain may learn those shapes)."""
     seed: int = 0
 
 

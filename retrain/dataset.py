@@ -175,16 +175,18 @@ def normalised(text: str) -> str:
 
 
 def examples_from_manifest(
-    path: Path, source: Source, slice_fields: list[str] | None = None
+    path: Path, source: Source, slice_fields: list[str] | None = None,
+    hold_out_by: Literal["template", "sentence"] = "template",
 ) -> list[Example]:
     """Rows of a manifest (`asrops synth`'s format: `audio` relative to it or absolute, `text`,
     slice fields) as examples; the id is the row's `id`/`utt_id`, else the audio file's stem;
-    the group is the row's `group` or `template`, else its normalised text."""
+    the group is the row's `group` or `template` (with `hold_out_by="template"`), else its
+    normalised text."""
     fields = DatasetSettings().slice_fields if slice_fields is None else slice_fields
     examples = []
     for item in load_manifest(Path(path)):
         extra = item.model_extra or {}
-        group = extra.get("group") or extra.get("template")  # `group`: a manifest we wrote
+        group = (extra.get("group") or extra.get("template")) if hold_out_by == "template" else None
         duration = extra.get("duration_s")
         examples.append(
             Example(

@@ -76,13 +76,13 @@ def prepare_golden(settings: Settings, out_dir: Path) -> list[Path]:
 def gather_examples(settings: Settings, work: Path, since: datetime) -> tuple[list[Example], list[Example]]:
     """New labelled data (feedback with audio since `since`, curated manifests) and replay data
     (the parent's recorded training manifest, if any)."""
-    fields = settings.retrain.dataset.slice_fields
+    fields, by = settings.retrain.dataset.slice_fields, settings.retrain.dataset.hold_out_by
     new = examples_from_feedback(store_for(settings), since, datetime.now(UTC), work / "feedback", fields)
     for manifest in settings.retrain.curated_manifests:
-        new += examples_from_manifest(Path(manifest), "curated", fields)
+        new += examples_from_manifest(Path(manifest), "curated", fields, by)
     replay = []
     for manifest in settings.retrain.replay_manifests:
-        replay += examples_from_manifest(Path(manifest), "replay", fields)
+        replay += examples_from_manifest(Path(manifest), "replay", fields, by)
     return new, replay
 
 
@@ -114,7 +114,8 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
 
     new, replay = gather_examples(settings, work, datetime.now(UTC) - FEEDBACK_LOOKBACK)
     golden_paths = prepare_golden(settings, work / "golden")
-    golden = [e for p in golden_paths for e in examples_from_manifest(p, "golden", settings.retrain.dataset.slice_fields)]
+    golden = [e for p in golden_paths for e in examples_from_manifest(p, "golden", settings.retrain.dataset.slice_fields,
+                                                                      settings.retrain.dataset.hold_out_by)]
     say(f"data: {len(new)} new labelled examples, {len(replay)} replayable, {len(golden)} golden")
     data = build_dataset(new, golden, replay, settings.retrain.dataset, work / "data")
     say(f"data report: {data.report_md}")
