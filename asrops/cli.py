@@ -359,9 +359,51 @@ def _show(data) -> None:
 
 
 @rollout_app.command("status")
-def rollout_status(url: UrlOption = "http://127.0.0.1:8000") -> None:
-    """Aliases, rollout state, running versions, breakers and route counts."""
-    _show(_admin("GET", url, "/admin/rollout"))
+def rollout_status(
+    url: UrlOption = "http://127.0.0.1:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="The whole status as JSON.")] = False,
+) -> None:
+    """Aliases, traffic, and the promotion controller's phase, weight and last check values
+    against their ranges (--json adds running versions, breakers and route counts)."""
+    from asrops.analysis import AnalysisState, status_lines
+
+    status = _admin("GET", url, "/admin/rollout")
+    if as_json:
+        _show(status)
+        return
+    view = status["view"]
+    typer.echo(f"aliases: {view['aliases']}")
+    typer.echo(f"traffic: canary {view['rollout']['canary_version']} at {view['rollout']['canary_weight']} %, "
+               f"shadow {view['rollout']['shadow_share']}")
+    if status.get("analysis"):
+        typer.echo("\n".join(status_lines(AnalysisState.model_validate(status["analysis"]))))
+    else:
+        typer.echo("no rollout analysed yet")
+
+
+def _analysis_action(action: str, reason: str, url: str) -> None:
+    from asrops.analysis import AnalysisState, status_lines
+
+    typer.echo("\n".join(status_lines(AnalysisState.model_validate(
+        _admin("POST", url, f"/admin/rollout/{action}", {"reason": reason})))))
+
+
+@rollout_app.command("pause")
+def rollout_pause(reason: ReasonOption = "", url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """The promotion controller stops stepping the canary (its weight stays) until resumed."""
+    _analysis_action("pause", reason, url)
+
+
+@rollout_app.command("resume")
+def rollout_resume(reason: ReasonOption = "", url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """The controller goes on; its next check is one interval later."""
+    _analysis_action("resume", reason, url)
+
+
+@rollout_app.command("abort")
+def rollout_abort(reason: ReasonOption = "", url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """End the rollout as failed and roll the canary back now."""
+    _analysis_action("abort", reason, url)
 
 
 @rollout_app.command("canary")
@@ -445,6 +487,24 @@ def monitor(
     drift_monitor.run_forever(say=_say)
 
 
+@app.command()
+def controller() -> None:
+    """Run the promotion controller: steps canaries up on Prometheus checks, promotes or rolls back."""
+    from prometheus_client import start_http_server
+
+    from monitoring.prometheus import PrometheusClient
+    from serve.controller import ControllerMetrics, PromotionController, prometheus_query
+
+    settings = _setup()
+    metrics = ControllerMetrics()
+    start_http_server(settings.promotion.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    _say(f"promotion controller: Prometheus {settings.prometheus_url}, metrics on "
+         f"http://127.0.0.1:{settings.promotion.metrics_port}/metrics")
+    PromotionController(_registry(settings), settings.promotion.spec(),
+                        prometheus_query(PrometheusClient(settings.prometheus_url)), metrics
+                        ).run_forever(settings.promotion.poll_s)
+
+
 @drift_app.command("report")
 def drift_report(
     window_s: Annotated[Optional[float], typer.Option(help="Window length in seconds (default: settings, 300).")] = None,
@@ -503,6 +563,7 @@ def simulate(
     count: Annotated[int, typer.Option(help="Requests to send.")] = 100,
     concurrency: Annotated[int, typer.Option(help="Most requests in flight.")] = 8,
     seed: int = 0,
+    correct: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of answers corrected with the manifest's text through POST /v1/feedback.")] = 0.0,
 ) -> None:
     """Send synthetic speech to the service at a chosen rate and mix (stationary or drifted traffic)."""
     import os
@@ -512,7 +573,7 @@ def simulate(
 
     _setup()
     result = run_simulation(url, parse_mix(mix), rate, count, concurrency, os.environ.get("ASROPS_API_KEY"), seed,
-                            progress=_say)
+                            progress=_say, correct_share=correct)
     typer.echo(result.model_dump_json(indent=1))
 
 

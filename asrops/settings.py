@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from asrops.analysis import AnalysisSpec
+
 
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -297,6 +299,26 @@ class RetrainSettings(BaseModel):
     """Datasets, checkpoints and reports of each job; None means `<data_dir>/retrain`."""
 
 
+class PromotionSettings(BaseModel):
+    """The promotion controller (serve/controller.py): steps a canary up on live Prometheus
+    metrics, promotes it or rolls it back."""
+
+    enabled: bool = True
+    """`asrops serve` starts the controller; off leaves canaries where operators put them."""
+    analysis: AnalysisSpec = AnalysisSpec()
+    analysis_file: Path | None = None
+    """A YAML file with the analysis (same fields as `analysis`); it replaces `analysis`."""
+    prometheus_url: str = ""
+    """Prometheus's HTTP API; empty means the local one on `monitoring.prometheus_port`."""
+    metrics_port: int = 9465
+    """Where the controller serves its /metrics (phase, weight, failed checks, check values)."""
+    poll_s: float = Field(default=1.0, gt=0)
+    """How often the controller re-reads the rollout (pauses and aborts take effect this fast)."""
+
+    def spec(self) -> AnalysisSpec:
+        return AnalysisSpec.from_yaml(self.analysis_file) if self.analysis_file else self.analysis
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ASROPS_", env_nested_delimiter="__", extra="ignore"
@@ -314,6 +336,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     retrain: RetrainSettings = RetrainSettings()
+    promotion: PromotionSettings = PromotionSettings()
 
     @cached_property
     def registry_uri(self) -> str:
@@ -322,6 +345,10 @@ class Settings(BaseSettings):
     @cached_property
     def production_log_uri(self) -> str:
         return self.monitoring.production_log.uri or str(self.data_dir / "prodlog")
+
+    @cached_property
+    def prometheus_url(self) -> str:
+        return self.promotion.prometheus_url or f"http://127.0.0.1:{self.monitoring.prometheus_port}"
 
     @cached_property
     def cache_dir(self) -> Path:

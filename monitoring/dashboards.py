@@ -111,9 +111,12 @@ ROWS: list[Row] = [
         Panel("Decode errors/s by kind", [Query(
             f"sum by (kind) (rate(ray_asrops_decode_errors_total[{RATE}]))", "{{kind}}")],
             unit="reqps", width=8),
-        Panel("Fallbacks/s by failed version", [Query(
-            f"sum by (model_version, route) (rate(ray_asrops_fallbacks_total[{RATE}]))",
-            "from {{model_version}} ({{route}})")], unit="reqps", width=8),
+        Panel("Fallbacks/s by failed version", [
+            Query(f"sum by (model_version, route) (rate(ray_asrops_fallbacks_total[{RATE}]))",
+                  "from {{model_version}} ({{route}})"),
+            Query(f"sum by (model_version, route) (rate(ray_asrops_breaker_skips_total[{RATE}]))",
+                  "skipped {{model_version}}: breaker open ({{route}})"),
+        ], unit="reqps", width=8),
         Panel("Circuit breaker state", [Query(
             "max by (model_version) (ray_asrops_breaker_state)", "{{model_version}}")],
             kind="state-timeline", width=8,
@@ -131,6 +134,15 @@ ROWS: list[Row] = [
             _mean("ray_asrops_shadow_disagreement_ratio"),
             *_quantiles("ray_asrops_shadow_disagreement_ratio", (0.95,)),
         ], unit="percentunit", width=8),
+    ]),
+    Row("Promotion controller", [
+        Panel("Rollout phase", [Query("max by (phase) (asrops_rollout_phase)", "{{phase}}")],
+              kind="stat", width=8, description="1 for the current phase: initializing, progressing, promoting, "
+                                                "succeeded, failed or paused (the README's Promotion section)."),
+        Panel("Weight the controller set", [Query("max(asrops_rollout_weight)", "weight")],
+              unit="percent", width=8),
+        Panel("Failed checks of the current rollout", [Query("max(asrops_rollout_failed_checks)", "failed")],
+              width=8, description="The rollout is rolled back when this reaches the analysis threshold."),
     ]),
     Row("Feedback", [
         Panel("Live WER from client corrections by version", [Query(

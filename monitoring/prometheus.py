@@ -23,6 +23,7 @@ ALERT_RULES_FILE = Path(__file__).resolve().parent / "prometheus" / "alerts.yml"
 RAY_SD_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
 """Where Ray lists its nodes' metrics endpoints (under Ray's default temp dir)."""
 MONITOR_JOB = "asrops-monitor"
+CONTROLLER_JOB = "asrops-controller"
 RAY_JOB = "ray"
 
 
@@ -52,7 +53,7 @@ def write_config(
     extra_targets: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write `out_dir/prometheus.yml` scraping Ray's nodes (found through Ray's service-discovery
-    file), the drift monitor, and any `extra_targets` (job name -> `host:port` list)."""
+    file), the drift monitor, the promotion controller, and any `extra_targets` (job name -> `host:port` list)."""
     interval = _duration(settings.monitoring.scrape_interval_s)
     scrape_configs: list[dict] = [
         {
@@ -74,9 +75,13 @@ def write_config(
             "job_name": MONITOR_JOB,
             "static_configs": [{"targets": [f"127.0.0.1:{settings.monitoring.monitor_port}"]}],
         },
+        {
+            "job_name": CONTROLLER_JOB,
+            "static_configs": [{"targets": [f"127.0.0.1:{settings.promotion.metrics_port}"]}],
+        },
     ]
     for job, targets in (extra_targets or {}).items():
-        if job in (RAY_JOB, MONITOR_JOB):
+        if job in (RAY_JOB, MONITOR_JOB, CONTROLLER_JOB):
             raise ValueError(f"extra target job {job!r} clashes with a built-in job")
         scrape_configs.append({"job_name": job, "static_configs": [{"targets": list(targets)}]})
     config = {

@@ -21,28 +21,35 @@ log = logging.getLogger("asrops.monitoring.stack")
 class MonitoringStack:
     prometheus: PrometheusServer | None = None
     monitor: subprocess.Popen | None = None
+    controller: subprocess.Popen | None = None
     notes: list[str] = field(default_factory=list)
     """What to tell the operator: where each part is."""
 
     def stop(self) -> None:
-        if self.monitor and self.monitor.poll() is None:
-            self.monitor.terminate()
-            try:
-                self.monitor.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.monitor.kill()
+        for process in (self.controller, self.monitor):
+            if process and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
         if self.prometheus:
             self.prometheus.stop()
 
 
 def start_monitoring(settings: Settings, say: Callable[[str], None] = log.info) -> MonitoringStack:
-    """Start the drift monitor (a process of its own: `asrops monitor`) and, when enabled and
-    installed, a local Prometheus scraping Ray's nodes and the monitor."""
+    """Start the drift monitor (a process of its own: `asrops monitor`), the promotion controller
+    (`asrops controller`) and, when enabled and installed, a local Prometheus scraping Ray's
+    nodes, the monitor and the controller."""
     m = settings.monitoring
     stack = MonitoringStack()
     stack.monitor = subprocess.Popen([sys.executable, "-m", "asrops.cli", "monitor", "--bootstrap-reference"])
     stack.notes.append(f"drift monitor: metrics at http://127.0.0.1:{m.monitor_port}/metrics, reports under "
                        f"{settings.production_log_uri}/drift-reports/ (open the .html in a browser)")
+    if settings.promotion.enabled:
+        stack.controller = subprocess.Popen([sys.executable, "-m", "asrops.cli", "controller"])
+        stack.notes.append(f"promotion controller: steps canaries up on Prometheus checks ({settings.prometheus_url}); "
+                           "`asrops rollout status` shows its phase and checks")
     if not m.prometheus_enabled:
         stack.notes.append("prometheus: disabled (ASROPS_MONITORING__PROMETHEUS_ENABLED=false)")
     elif shutil.which(m.prometheus_binary) is None:

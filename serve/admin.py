@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from asrops import rollout
+from asrops.analysis import AnalysisState
 from asrops.registry import ModelRegistry
 from serve.auth import ClientKeys
 from serve.errors import ADMIN_DISABLED, UNAUTHORIZED, ApiError
@@ -39,6 +40,8 @@ class RolloutStatus(BaseModel):
     view: rollout.RolloutView
     serving: dict
     """What the ingress sees and counts: running versions, breakers, routes, fallbacks."""
+    analysis: AnalysisState | None = None
+    """The promotion controller's state: phase, weight, failed checks, last check values."""
 
 
 def build_admin(registry: ModelRegistry, admin_tokens: list[str], serving: Callable[[], dict]) -> APIRouter:
@@ -62,7 +65,8 @@ def build_admin(registry: ModelRegistry, admin_tokens: list[str], serving: Calla
     # Plain `def` endpoints: registry calls block, so FastAPI runs them in its thread pool.
     @router.get("/rollout", response_model=RolloutStatus)
     def status(_: Actor):
-        return RolloutStatus(view=rollout.current(registry), serving=serving())
+        return RolloutStatus(view=rollout.current(registry), serving=serving(),
+                             analysis=rollout.read_analysis(registry))
 
     @router.get("/audit", response_model=list[rollout.AuditEntry])
     def audit(_: Actor, limit: int = 100):
@@ -83,5 +87,17 @@ def build_admin(registry: ModelRegistry, admin_tokens: list[str], serving: Calla
     @router.post("/rollout/rollback", response_model=rollout.AuditEntry)
     def rollback(body: ReasonRequest, who: Actor):
         return rollout.rollback(registry, who, body.reason)
+
+    @router.post("/rollout/pause", response_model=AnalysisState)
+    def pause(body: ReasonRequest, who: Actor):
+        return rollout.pause(registry, who, body.reason)
+
+    @router.post("/rollout/resume", response_model=AnalysisState)
+    def resume(body: ReasonRequest, who: Actor):
+        return rollout.resume(registry, who, body.reason)
+
+    @router.post("/rollout/abort", response_model=AnalysisState)
+    def abort(body: ReasonRequest, who: Actor):
+        return rollout.abort(registry, who, body.reason)
 
     return router

@@ -159,6 +159,8 @@ class ServeTranscriber:
             last = i == len(chain) - 1
             # A version whose breaker is open is skipped, unless it is the last one left.
             if not self.breaker(version).allow() and not last:
+                if self.metrics:
+                    self.metrics.breaker_skips.inc(1, tags={"model_version": version, "route": route.value})
                 continue
             try:
                 reply = await self._call(version, request, None if last else self.settings.serve.canary_timeout_s)

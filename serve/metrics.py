@@ -50,6 +50,8 @@ class IngressMetrics:
                                      boundaries=COMPRESSION_BUCKETS, tag_keys=VR)
         self.fallbacks = Counter("asrops_fallbacks_total", "Requests a version failed and the next in line "
                                  "answered; model_version is the version that failed.", tag_keys=VR)
+        self.breaker_skips = Counter("asrops_breaker_skips_total", "Requests meant for a version whose open "
+                                     "breaker skipped it; the next in line answered.", tag_keys=VR)
         self.breaker = Gauge("asrops_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
                              tag_keys=("model_version",))
         self.canary_weight = Gauge("asrops_canary_weight", "Percent of clients routed to the canary.",

@@ -125,6 +125,7 @@ def service_settings(data_dir):
     settings.serve.canary_timeout_s = 3.0  # a hung canary is given up on quickly
     settings.monitoring.ray_metrics_port = free_port()
     settings.monitoring.monitor_port = free_port()
+    settings.promotion.metrics_port = free_port()
     settings.monitoring.production_log.flush_interval_s = 0.5
     return settings
 

@@ -4,6 +4,7 @@ answer a fixed text, raise, or hang, where a broken Whisper cannot be made on de
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -57,3 +58,40 @@ def wait_routable(service: str, version: str, timeout_s: float = 30) -> None:
             return
         time.sleep(0.5)
     raise TimeoutError(f"{version} never became routable")
+
+
+class SteadyLoad:
+    """Concurrent clients posting quiet clips in a loop until stopped; keeps every response."""
+
+    def __init__(self, service: str, clients: int = 4):
+        self.service, self.clients = service, clients
+        self.results: list[tuple[int, str, str]] = []  # (status, version header, text or error)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(timeout=180) as http:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                try:
+                    r = http.post(f"{self.service}/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
+                                  headers={"X-Client-Id": f"load-{i}-{n}"})
+                    body = r.json().get("text", r.text) if r.headers.get("content-type", "").startswith(
+                        "application/json") else r.text
+                    self.results.append((r.status_code, r.headers.get("x-model-version", ""), str(body)))
+                except httpx.HTTPError as exc:
+                    self.results.append((0, "", repr(exc)))
+
+    def __enter__(self) -> SteadyLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def failures(self) -> list[tuple[int, str, str]]:
+        return [r for r in self.results if r[0] != 200]

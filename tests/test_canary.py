@@ -14,7 +14,6 @@ import contextlib
 import math
 import os
 import signal
-import threading
 import time
 
 import httpx
@@ -26,7 +25,7 @@ from asrops.errors import RolloutRefusedError
 from asrops.registry import ModelRegistry
 from asrops.settings import Settings
 from tests.conftest import ADMIN_TOKEN
-from tests.fakes import QUIET, FakeVersion, publish_dummy, wait_routable
+from tests.fakes import QUIET, FakeVersion, SteadyLoad, publish_dummy, wait_routable
 
 pytestmark = pytest.mark.slow
 
@@ -103,43 +102,6 @@ def test_a_broken_canary_costs_clients_nothing_and_its_breaker_opens(service, ca
     assert time.monotonic() - start < 2.5  # below canary_timeout_s: the hung canary was not asked
 
 
-class SteadyLoad:
-    """Concurrent clients posting quiet clips in a loop until stopped; keeps every response."""
-
-    def __init__(self, service: str, clients: int = 4):
-        self.service, self.clients = service, clients
-        self.results: list[tuple[int, str, str]] = []  # (status, version header, text or error)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(timeout=180) as http:
-            n = 0
-            while not self._stop.is_set():
-                n += 1
-                try:
-                    r = http.post(f"{self.service}/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
-                                  headers={"X-Client-Id": f"load-{i}-{n}"})
-                    body = r.json().get("text", r.text) if r.headers.get("content-type", "").startswith(
-                        "application/json") else r.text
-                    self.results.append((r.status_code, r.headers.get("x-model-version", ""), str(body)))
-                except httpx.HTTPError as exc:
-                    self.results.append((0, "", repr(exc)))
-
-    def __enter__(self) -> SteadyLoad:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-    def failures(self) -> list[tuple[int, str, str]]:
-        return [r for r in self.results if r[0] != 200]
-
-
 def _stable_replica_pid(service: str) -> int:
     stable = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["view"]["aliases"]["stable"]
     return serve.get_app_handle(f"model-{stable}").info.remote().result(timeout_s=60)["pid"]
@@ -190,7 +152,7 @@ def test_rollout_cli_shows_the_rollout_and_needs_the_admin_token(service, monkey
     from asrops.cli import app
 
     monkeypatch.setenv("ASROPS_ADMIN_TOKEN", ADMIN_TOKEN)
-    result = CliRunner().invoke(app, ["rollout", "status", "--url", service])
+    result = CliRunner().invoke(app, ["rollout", "status", "--json", "--url", service])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["view"]["aliases"]["stable"].startswith("whisper-tiny.en-")
     monkeypatch.setenv("ASROPS_ADMIN_TOKEN", "wrong")

@@ -31,6 +31,7 @@ _COUNTERS_AND_GAUGES = {
     "ray_asrops_requests_total",
     "ray_asrops_decode_errors_total",
     "ray_asrops_fallbacks_total",
+    "ray_asrops_breaker_skips_total",
     "ray_asrops_breaker_state",
     "ray_asrops_canary_weight",
     "ray_asrops_shadow_share",
@@ -48,6 +49,9 @@ _COUNTERS_AND_GAUGES = {
     "asrops_drift_verdicts_total",
     "asrops_drift_runs_total",
     "asrops_retrain_jobs",
+    "asrops_rollout_phase",
+    "asrops_rollout_weight",
+    "asrops_rollout_failed_checks",
     "up",
 }
 _HISTOGRAMS = {
@@ -63,7 +67,9 @@ _HISTOGRAMS = {
 EXPORTED_METRICS = _COUNTERS_AND_GAUGES | {
     f"{name}{suffix}" for name in _HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
 }
-"""Every series name the service, the drift monitor and Prometheus itself export."""
+"""Every series name the service, the drift monitor, the promotion controller and Prometheus
+itself export (the controller's per-check series only exist once a rollout ran, so no panel
+relies on them)."""
 
 
 def _rules() -> list[dict]:

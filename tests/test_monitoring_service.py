@@ -29,6 +29,7 @@ from monitoring.prometheus import PrometheusClient, PrometheusServer
 from monitoring.promql import expressions_to_check
 from monitoring.reference import pin_window
 from monitoring.simulate import MixPart, simulate
+from serve.controller import ControllerMetrics
 from tests.conftest import ADMIN_TOKEN, free_port
 from tests.fakes import FakeVersion, publish_dummy, wait_routable
 
@@ -64,9 +65,19 @@ def monitor_metrics(service_settings):
 
 
 @pytest.fixture(scope="module")
-def prometheus(service, service_settings, monitor_metrics, tmp_path_factory):
+def controller_metrics(service_settings):
+    """The promotion controller's metrics, where the controller serves them (no rollout runs here)."""
+    metrics = ControllerMetrics()
+    server, _ = start_http_server(service_settings.promotion.metrics_port, addr="127.0.0.1",
+                                  registry=metrics.registry)
+    yield metrics
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prometheus(service, service_settings, monitor_metrics, controller_metrics, tmp_path_factory):
     """A real Prometheus (Debian's) scraping Ray's nodes, found through Ray's service-discovery
-    file, and the monitor, every second."""
+    file, the monitor and the controller, every second."""
     settings = service_settings.model_copy(deep=True)
     settings.monitoring.prometheus_port = free_port()
     settings.monitoring.scrape_interval_s = 1

@@ -243,6 +243,18 @@ class ModelRegistry:
     ) -> Record[RolloutState]:
         return self._update(self.read_rollout, self._put_rollout, fn, retries)
 
+    def read_record(self, key: str, model: type[M]) -> Record[M]:
+        """Any other small record kept beside the aliases (the promotion controller's state);
+        `model()` when absent."""
+        return self._read_record(key, model)
+
+    def update_record(self, key: str, model: type[M], fn: Callable[[M], M], retries: int = 0) -> Record[M]:
+        """Read-modify-write of such a record with compare-and-swap, like update_aliases."""
+        def put(new: M, token: str | None) -> tuple[M, str]:
+            return new, self.store.write_if(key, new.model_dump_json(indent=2).encode(), token)
+
+        return self._update(lambda: self._read_record(key, model), put, fn, retries)
+
     def _put_aliases(self, new: Aliases, token: str | None) -> tuple[Aliases, str]:
         for alias in ALIAS_NAMES:
             if (target := getattr(new, alias)) is not None and not self._exists(target):

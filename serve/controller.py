@@ -1,0 +1,302 @@
+"""The promotion controller: a long-running process (`asrops controller`, started by `asrops
+serve`) that takes any canary in the rollout through the analysis in `PromotionSettings`:
+it sets the first step's weight (or the shadow phase), runs the checks against Prometheus
+every interval, steps the weight up when all pass, counts failed checks, rolls back at the
+threshold and promotes after the last step. Phases and rules: asrops/analysis.py.
+
+It owns the canary's weight while a rollout is active; every change goes through
+asrops/rollout.py (compare-and-swap plus audit entry), and its own state is one record in the
+registry that operators pause, resume and abort through the admin API. A tick first claims its
+decision by writing that record (compare-and-swap), then acts: an operator's pause or abort
+that lands in between wins, and the controller re-reads on its next tick. Every decision is
+logged with the query results behind it, exported as metrics and sent to the webhooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from asrops import rollout
+from asrops.analysis import (
+    ANALYSIS_KEY,
+    LIVE_REQUESTS,
+    SHADOW_REQUESTS,
+    AnalysisSpec,
+    AnalysisState,
+    Decision,
+    Phase,
+    Query,
+    QueryFailed,
+    judge,
+    render,
+)
+from asrops.errors import ConflictError, RolloutRefusedError
+from asrops.registry import ModelRegistry
+from monitoring.prometheus import PrometheusClient, PrometheusError
+
+log = logging.getLogger("asrops.serve.controller")
+
+ACTOR = "promotion-controller"
+
+
+def prometheus_query(client: PrometheusClient) -> Query:
+    """The client's `query_value`, with its errors as the analysis's `QueryFailed`."""
+    def query(promql: str) -> float | None:
+        try:
+            return client.query_value(promql)
+        except PrometheusError as exc:
+            raise QueryFailed(str(exc)) from exc
+    return query
+
+
+class ControllerMetrics:
+    """The controller's metrics (prometheus-client; Prometheus scrapes them as `asrops-controller`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
+        self.phase = Gauge("asrops_rollout_phase", "1 for the rollout's current phase, 0 for the others.",
+                           ["phase"], registry=r)
+        self.weight = Gauge("asrops_rollout_weight", "Canary weight (percent) the controller set.", registry=r)
+        self.failed_checks = Gauge("asrops_rollout_failed_checks", "Failed checks of the current rollout.",
+                                   registry=r)
+        self.check_value = Gauge("asrops_rollout_check_value", "Last value of each check, for the canary and "
+                                 "the stable.", ["check", "role"], registry=r)
+        self.check_passed = Gauge("asrops_rollout_check_passed", "Last result of each check: 1 pass, 0 fail, "
+                                  "-1 skipped.", ["check"], registry=r)
+        self.decisions = Counter("asrops_rollout_decisions", "Controller decisions by action.", ["action"],
+                                 registry=r)
+        for phase in Phase:
+            self.phase.labels(phase.value).set(0)
+
+    def export(self, state: AnalysisState) -> None:
+        for phase in Phase:
+            self.phase.labels(phase.value).set(1 if state.phase == phase else 0)
+        self.weight.set(state.weight)
+        self.failed_checks.set(state.failed_checks)
+        for check in state.last.checks if state.last else []:
+            for role, value in (("canary", check.canary), ("stable", check.stable)):
+                self.check_value.labels(check.name, role).set(value if value is not None else math.nan)
+            self.check_passed.labels(check.name).set(-1 if check.passed is None else int(check.passed))
+
+
+def describe(decision: Decision) -> str:
+    checks = "; ".join(f"{c.name}: canary {c.canary} stable {c.stable} range {c.range} -> "
+                       f"{'skip' if c.passed is None else 'pass' if c.passed else 'FAIL'}" for c in decision.checks)
+    return f"{decision.action} at {decision.weight} % [{decision.phase}] ({decision.reason})" + (
+        f"; checks: {checks}" if checks else "")
+
+
+class PromotionController:
+    def __init__(self, registry: ModelRegistry, spec: AnalysisSpec, query: Query,
+                 metrics: ControllerMetrics | None = None, clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self.registry, self.spec, self.query = registry, spec, query
+        self.metrics = metrics or ControllerMetrics()
+        self.clock = clock
+        self.weights = spec.weights()
+
+    # --- the state record ----------------------------------------------------------------
+    def _save(self, state: AnalysisState, token: str | None) -> str | None:
+        """Write the state if nobody changed it since `token`; None (and no action) if they did."""
+        try:
+            return self.registry.store.write_if(ANALYSIS_KEY, state.model_dump_json(indent=2).encode(), token)
+        except ConflictError:
+            log.info("the rollout analysis changed under the controller (an operator?); re-reading next tick")
+            return None
+
+    def _decide(self, state: AnalysisState, action: str, reason: str, now: datetime) -> Decision:
+        decision = Decision(at=now, action=action, phase=state.phase, weight=state.weight, reason=reason,
+                            checks=state.last.checks if state.last and action != "start" else [])
+        state.record(decision)
+        log.info("rollout %s: %s", state.canary_version, describe(decision))
+        self.metrics.decisions.labels(action).inc()
+        return decision
+
+    # --- acting on the rollout -------------------------------------------------------------
+    def _apply_traffic(self, state: AnalysisState, reason: str) -> None:
+        rollout.set_traffic(self.registry, state.weight, state.shadow_share, ACTOR, reason, state.canary_version)
+
+    def _rollback(self, state: AnalysisState, reason: str) -> None:
+        try:
+            rollout.rollback(self.registry, ACTOR, reason, expected_canary=state.canary_version)
+        except RolloutRefusedError as exc:  # already gone (an operator was first)
+            log.info("rollback not needed: %s", exc)
+
+    # --- one tick ----------------------------------------------------------------------------
+    def tick(self) -> Decision | None:
+        """Look at the rollout once; act if something is due. Returns the decision taken, if any."""
+        now = self.clock()
+        view = rollout.current(self.registry)
+        record = self.registry.read_record(ANALYSIS_KEY, AnalysisState)
+        state, token = record.value, record.token
+        canary = view.rollout.canary_version
+        decision = None
+        try:
+            if canary is None:
+                decision = self._canary_gone(state, token, view.aliases.stable, now)
+            elif canary != state.canary_version or self._deployed_again(state, view):
+                decision = self._start(canary, view.aliases.stable, token, now)
+            elif state.phase == Phase.PROMOTING:
+                decision = self._promote(state, token, now)
+            elif state.phase == Phase.FAILED:
+                self._rollback(state, f"the analysis of {canary} had failed; retrying the rollback")
+            elif state.phase in (Phase.INITIALIZING, Phase.PROGRESSING):
+                decision = self._progress(state, token, view, now)
+        except RolloutRefusedError as exc:  # the rollout changed between our read and our write
+            log.info("rollout changed under the controller: %s; re-reading next tick", exc)
+        finally:
+            self.metrics.export(self.registry.read_record(ANALYSIS_KEY, AnalysisState).value)
+        if decision is not None:
+            self._notify(state, decision)
+        return decision
+
+    @staticmethod
+    def _deployed_again(state: AnalysisState, view: rollout.RolloutView) -> bool:
+        """The same version made canary again after its analysis ended: someone else wrote the
+        rollout since (a canary the controller failed to roll back was last written by it)."""
+        return state.phase in (Phase.SUCCEEDED, Phase.FAILED) and view.rollout.updated_by != ACTOR
+
+    def _canary_gone(self, state: AnalysisState, token: str | None, stable: str | None,
+                     now: datetime) -> Decision | None:
+        if state.phase == Phase.PROMOTING and stable == state.canary_version:
+            state.phase = Phase.SUCCEEDED
+            decision = self._decide(state, "promoted", f"{stable} is stable", now)
+        elif state.phase in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING):
+            state.phase = Phase.FAILED
+            decision = self._decide(state, "ended", "the canary was removed outside the controller", now)
+        else:
+            return None
+        return decision if self._save(state, token) else None
+
+    def _start(self, canary: str, stable: str | None, token: str | None, now: datetime) -> Decision | None:
+        state = AnalysisState(canary_version=canary, stable_version=stable, phase=Phase.INITIALIZING,
+                              steps=self.weights, threshold=self.spec.threshold, started_at=now, last_check_at=now)
+        if self.spec.shadow:
+            state.weight, state.shadow_share = 0, self.spec.shadow.share
+            where = f"shadow on {state.shadow_share:.0%} of stable traffic"
+        else:
+            state.step, state.weight = 0, self.weights[0]
+            where = f"{state.weight} % of traffic"
+        decision = self._decide(state, "start", f"new canary {canary} against stable {stable}: {where}; steps "
+                                f"{self.weights}, every {self.spec.interval_s:g} s, threshold {self.spec.threshold}",
+                                now)
+        if self._save(state, token) is None:
+            return None
+        self._apply_traffic(state, f"analysis starts: {where}")
+        return decision
+
+    def _due(self, state: AnalysisState, now: datetime) -> bool:
+        return state.last_check_at is None or (now - state.last_check_at).total_seconds() >= self.spec.interval_s
+
+    def _progress(self, state: AnalysisState, token: str | None, view: rollout.RolloutView,
+                  now: datetime) -> Decision | None:
+        if (view.rollout.canary_weight, view.rollout.shadow_share) != (state.weight, state.shadow_share):
+            log.info("rollout %s: traffic is %s %% / shadow %s, the analysis says %s %% / %s; restoring",
+                     state.canary_version, view.rollout.canary_weight, view.rollout.shadow_share,
+                     state.weight, state.shadow_share)
+            self._apply_traffic(state, "the controller owns the weight during a rollout")
+        if not self._due(state, now):
+            return None
+        state.last_check_at = now
+        shadow = state.step < 0
+        if state.phase == Phase.INITIALIZING:
+            return self._initialize(state, token, shadow, now)
+        state.last = judge(self.query, self.spec, state.canary_version, state.stable_version, shadow, now)
+        if not state.last.passed:
+            state.failed_checks += 1
+            if state.failed_checks >= self.spec.threshold:
+                state.phase = Phase.FAILED
+                decision = self._decide(state, "rollback", f"failed checks {state.failed_checks}/"
+                                        f"{self.spec.threshold}: {state.last.reason}", now)
+                if self._save(state, token) is None:
+                    return None
+                self._rollback(state, decision.reason)
+                return decision
+            decision = self._decide(state, "check-failed", f"failed checks {state.failed_checks}/"
+                                    f"{self.spec.threshold}: {state.last.reason}", now)
+            return decision if self._save(state, token) else None
+        if shadow and state.shadow_passed + 1 < self.spec.shadow.intervals:
+            state.shadow_passed += 1
+            decision = self._decide(state, "check-passed", f"shadow interval {state.shadow_passed}/"
+                                    f"{self.spec.shadow.intervals} passed", now)
+            return decision if self._save(state, token) else None
+        if state.step + 1 < len(self.weights):
+            state.step += 1
+            state.weight, state.shadow_share = self.weights[state.step], 0.0
+            decision = self._decide(state, "advance", f"all checks in range; step {state.step + 1}/"
+                                    f"{len(self.weights)}", now)
+            if self._save(state, token) is None:
+                return None
+            self._apply_traffic(state, decision.reason)
+            return decision
+        state.phase = Phase.PROMOTING
+        decision = self._decide(state, "promote", f"the last step ({state.weight} %) passed", now)
+        token = self._save(state, token)
+        if token is None:
+            return None
+        return self._promote(state, token, now) or decision
+
+    def _initialize(self, state: AnalysisState, token: str | None, shadow: bool, now: datetime) -> Decision | None:
+        """Wait for the canary's first requests: a version is routed to only once it is warm."""
+        try:
+            seen = self.query(render(SHADOW_REQUESTS if shadow else LIVE_REQUESTS, state.canary_version,
+                                     f"{round(max(self.spec.interval_s, (now - state.started_at).total_seconds()))}s"))
+        except QueryFailed as exc:
+            seen, why = None, f"Prometheus cannot answer: {exc}"
+        else:
+            why = f"{seen} requests so far"
+        if seen is not None and math.isfinite(seen) and seen > 0:
+            state.phase = Phase.PROGRESSING
+            decision = self._decide(state, "initialized", f"the canary is serving ({why})", now)
+            return decision if self._save(state, token) else None
+        if (now - state.started_at).total_seconds() > self.spec.init_timeout_s:
+            state.phase = Phase.FAILED
+            decision = self._decide(state, "rollback", f"no request reached the canary within "
+                                    f"{self.spec.init_timeout_s:g} s ({why})", now)
+            if self._save(state, token) is None:
+                return None
+            self._rollback(state, decision.reason)
+            return decision
+        log.info("rollout %s: initializing, waiting for the canary's first requests (%s)", state.canary_version, why)
+        self._save(state, token)
+        return None
+
+    def _promote(self, state: AnalysisState, token: str | None, now: datetime) -> Decision | None:
+        try:
+            rollout.promote(self.registry, ACTOR, f"analysis passed every step up to {state.weight} %",
+                            expected_canary=state.canary_version)
+        except RolloutRefusedError as exc:
+            log.warning("promotion of %s refused: %s", state.canary_version, exc)
+            return None
+        state.phase = Phase.SUCCEEDED
+        decision = self._decide(state, "promoted", f"{state.canary_version} is stable; {state.stable_version} "
+                                "is the fallback", now)
+        self._save(state, token)
+        return decision
+
+    # --- notifications -----------------------------------------------------------------------
+    def _notify(self, state: AnalysisState, decision: Decision) -> None:
+        event = {"canary": state.canary_version, "stable": state.stable_version,
+                 "decision": decision.model_dump(mode="json")}
+        for url in self.spec.webhooks:
+            try:
+                httpx.post(url, json=event, timeout=5).raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning("webhook %s failed: %s", url, exc)
+
+    def run_forever(self, poll_s: float = 1.0, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        log.info("promotion controller: steps %s, every %g s, threshold %d, %d checks",
+                 self.weights, self.spec.interval_s, self.spec.threshold, len(self.spec.checks))
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # one bad tick (a store hiccup) must not end the controller
+                log.exception("controller tick failed; retrying")
+            stop.wait(poll_s)

@@ -1,0 +1,221 @@
+"""The promotion controller against a real Prometheus scraping the real service (Ray Serve,
+ingress, stable model), under continuous concurrent client load.
+
+The canaries are the small stand-in versions of tests/fakes.py (one that answers, one that
+raises): a second real Whisper would only slow the test, and a broken one cannot be made on
+demand. Everything the controller reads comes from the ingress's real metrics through
+Prometheus's HTTP API, and everything it changes goes through the registry the ingress reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from ray import serve
+
+from asrops import rollout
+from asrops.analysis import AnalysisSpec, AnalysisState, Phase
+from asrops.errors import RolloutRefusedError
+from asrops.registry import ModelRegistry
+from asrops.settings import Settings
+from monitoring.prometheus import PrometheusClient, PrometheusServer
+from serve.controller import PromotionController, prometheus_query
+from tests.conftest import free_port
+from tests.fakes import FakeVersion, SteadyLoad, publish_dummy, wait_routable
+
+pytestmark = pytest.mark.slow
+
+INTERVAL_S = 6.0
+# Error ratio and p95 latency (the defaults' first two checks); the stand-ins report no
+# segments, so the quality-signal checks would have no data for them.
+SPEC = AnalysisSpec(
+    interval_s=INTERVAL_S, window_s=20, step_weights=[20, 50], threshold=2, min_requests=5,
+    init_timeout_s=90, checks=AnalysisSpec().checks[:2],
+)
+
+
+@pytest.fixture(scope="module")
+def registry(service, data_dir) -> ModelRegistry:
+    return ModelRegistry.from_settings(Settings(data_dir=data_dir))
+
+
+@pytest.fixture(scope="module")
+def prometheus(service, service_settings, tmp_path_factory) -> Iterator[PrometheusServer]:
+    settings = service_settings.model_copy(deep=True)
+    settings.monitoring.prometheus_port = free_port()
+    settings.monitoring.scrape_interval_s = 1
+    with PrometheusServer(settings, tmp_path_factory.mktemp("prometheus")) as server:
+        yield server
+
+
+class RunningController:
+    """The controller's loop in a thread for the length of a `with` block."""
+
+    def __init__(self, registry: ModelRegistry, spec: AnalysisSpec, prometheus_url: str):
+        self.controller = PromotionController(registry, spec, prometheus_query(PrometheusClient(prometheus_url)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.controller.run_forever, args=(0.5, self._stop))
+
+    def __enter__(self) -> RunningController:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def fake_canary(service, registry, tmp_path):
+    """Publish and deploy a stand-in version (warm and routable), not yet canary. Afterwards the
+    stable is what it was before the test, and the stand-in's application is deleted."""
+    stable = registry.resolve("stable")
+    made = []
+
+    def make(behaviour: str) -> str:
+        version = f"test-promo-{behaviour}-{len(made)}-{int(time.time())}"
+        publish_dummy(registry, version, tmp_path)
+        serve.run(FakeVersion.bind(version, behaviour), name=f"model-{version}", route_prefix=None)
+        made.append(version)
+        if behaviour == "echo":
+            wait_routable(service, version)
+        return version
+
+    yield make
+    with contextlib.suppress(RolloutRefusedError):
+        rollout.rollback(registry, "tests", "cleanup")
+    if registry.resolve("stable") != stable:  # a promotion: undo it
+        rollout.rollback(registry, "tests", "cleanup: undo the promotion")
+    assert registry.resolve("stable") == stable
+    time.sleep(2.5)  # the ingress re-reads the rollout every 2 s
+    for version in made:
+        serve.delete(f"model-{version}")
+
+
+def _analysis(registry: ModelRegistry) -> AnalysisState:
+    return rollout.read_analysis(registry)
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def _ended(registry):
+    state = _analysis(registry)
+    return state if state and state.phase in (Phase.SUCCEEDED, Phase.FAILED) else None
+
+
+def test_a_good_canary_is_promoted_through_every_step_with_no_failed_request(
+        service, registry, prometheus, fake_canary):
+    stable = registry.resolve("stable")
+    version = fake_canary("echo")
+    with SteadyLoad(service, clients=4) as load, RunningController(registry, SPEC, prometheus.url):
+        rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="good canary")
+        state = _wait(lambda: _ended(registry), 180, "the rollout to end")
+        time.sleep(3)  # traffic goes on across the promotion
+    assert state.phase == Phase.SUCCEEDED, [d.reason for d in state.history]
+    actions = [(d.action, d.weight) for d in state.history]
+    assert ("advance", 50) in actions and actions[-1] == ("promoted", 50), actions
+    starts = [d for d in state.history if d.action == "start"]
+    assert starts[0].weight == 20
+    assert all(c.passed for c in state.last.checks) and {c.name for c in state.last.checks} == {
+        "error-ratio", "latency-p95"}
+    aliases = registry.read_aliases().value
+    assert (aliases.stable, aliases.fallback, aliases.canary) == (version, stable, None)
+    assert load.failures() == [], load.failures()[:5]
+    # Both versions answered during the rollout, and the stand-in answers after it.
+    answered = {v for _, v, _ in load.results}
+    assert {stable, version} <= answered
+    assert load.results[-1][1] == version
+
+
+def test_a_canary_with_errors_out_of_range_is_rolled_back_within_threshold_intervals(
+        service, registry, prometheus, fake_canary):
+    stable = registry.resolve("stable")
+    version = fake_canary("raise")
+    time.sleep(2.5)
+    with SteadyLoad(service, clients=4) as load, RunningController(registry, SPEC, prometheus.url):
+        rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="bad canary")
+        state = _wait(lambda: _ended(registry), 180, "the rollout to end")
+    assert state.phase == Phase.FAILED, [d.reason for d in state.history]
+    after_init = [d for d in state.history if d.action in ("check-failed", "rollback", "advance")]
+    # Every check after the canary began serving failed, and the threshold-th rolled it back.
+    assert [d.action for d in after_init] == ["check-failed"] * (SPEC.threshold - 1) + ["rollback"], after_init
+    # Requests its open breaker skipped count against it too, so the error ratio judges it.
+    assert all("error-ratio" in d.reason for d in after_init), [d.reason for d in after_init]
+    initialized = next(d for d in state.history if d.action == "initialized")
+    assert (after_init[-1].at - initialized.at).total_seconds() <= (SPEC.threshold + 1) * INTERVAL_S + 2
+    view = rollout.current(registry)
+    assert view.aliases.stable == stable and view.aliases.canary is None and view.rollout.canary_weight == 0
+    assert load.failures() == [], load.failures()[:5]  # the ingress's fallback answered for the canary
+
+
+def test_with_prometheus_stopped_no_step_advances_and_nothing_is_promoted(
+        service, registry, prometheus, fake_canary):
+    stable = registry.resolve("stable")
+    version = fake_canary("echo")
+    patient = SPEC.model_copy(update={"threshold": 100, "step_weights": [20, 50]})
+    with SteadyLoad(service, clients=4) as load, RunningController(registry, patient, prometheus.url):
+        rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="prometheus outage")
+        _wait(lambda: (s := _analysis(registry)) and s.phase == Phase.PROGRESSING, 120, "the canary to serve")
+        prometheus.stop()
+        time.sleep(4 * INTERVAL_S)
+        during = _analysis(registry)
+        assert during.phase == Phase.PROGRESSING and during.weight == 20, during.history
+        assert rollout.current(registry).rollout.canary_weight == 20
+        assert registry.resolve("stable") == stable
+        outage = [d for d in during.history if "Prometheus cannot answer" in d.reason]
+        assert len(outage) >= 3 and all(d.action == "check-failed" for d in outage)
+        # Back up: the checks pass again and the rollout goes on to the end.
+        prometheus.start()
+        state = _wait(lambda: _ended(registry), 180, "the rollout to end")
+    assert state.phase == Phase.SUCCEEDED and registry.resolve("stable") == version
+    assert load.failures() == [], load.failures()[:5]
+
+
+def test_operators_pause_resume_and_abort_through_the_cli_and_status_shows_every_check(
+        service, registry, prometheus, fake_canary, monkeypatch):
+    from typer.testing import CliRunner
+
+    from asrops.cli import app
+    from tests.conftest import ADMIN_TOKEN
+
+    monkeypatch.setenv("ASROPS_ADMIN_TOKEN", ADMIN_TOKEN)
+
+    def cli(*args: str) -> str:
+        result = CliRunner().invoke(app, ["rollout", *args, "--url", service])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    stable = registry.resolve("stable")
+    version = fake_canary("echo")
+    slow = SPEC.model_copy(update={"step_weights": [20, 40, 60, 80]})
+    with SteadyLoad(service, clients=4) as load, RunningController(registry, slow, prometheus.url):
+        rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="operators")
+        _wait(lambda: (s := _analysis(registry)) and s.last and s.last.passed, 120, "a passed check")
+        status = cli("status")
+        assert "phase progressing" in status and "error-ratio" in status and "latency-p95" in status, status
+        assert "<= stable + 0.005" in status and "<= stable x 1.2" in status and "pass" in status, status
+        assert "paused" in cli("pause", "--reason", "looking at a dashboard")
+        held = _analysis(registry).weight
+        time.sleep(3 * INTERVAL_S)
+        assert _analysis(registry).phase == Phase.PAUSED and rollout.current(registry).rollout.canary_weight == held
+        cli("resume")
+        _wait(lambda: _analysis(registry).weight > held, 60, "a step after resuming")
+        assert "phase failed" in cli("abort", "--reason", "changed my mind")
+        time.sleep(2 * INTERVAL_S)
+    state = _analysis(registry)
+    assert state.phase == Phase.FAILED and [d.action for d in state.history][-1] == "abort"
+    assert {"pause", "resume", "abort"} <= {d.action for d in state.history}
+    view = rollout.current(registry)
+    assert view.aliases.stable == stable and view.aliases.canary is None and view.rollout.canary_version is None
+    assert load.failures() == [], load.failures()[:5]
