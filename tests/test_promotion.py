@@ -96,8 +96,11 @@ def fake_canary(service, registry, tmp_path):
         serve.delete(f"model-{version}")
 
 
-def _analysis(registry: ModelRegistry) -> AnalysisState:
-    return rollout.read_analysis(registry)
+def _analysis(registry: ModelRegistry, version: str) -> AnalysisState | None:
+    """The controller's state for `version`'s rollout (None until it starts: the record may
+    still describe an earlier test's rollout)."""
+    state = rollout.read_analysis(registry)
+    return state if state is not None and state.canary_version == version else None
 
 
 def _wait(predicate, timeout_s: float, what: str):
@@ -109,8 +112,8 @@ def _wait(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
-def _ended(registry):
-    state = _analysis(registry)
+def _ended(registry, version):
+    state = _analysis(registry, version)
     return state if state and state.phase in (Phase.SUCCEEDED, Phase.FAILED) else None
 
 
@@ -120,7 +123,7 @@ def test_a_good_canary_is_promoted_through_every_step_with_no_failed_request(
     version = fake_canary("echo")
     with SteadyLoad(service, clients=4) as load, RunningController(registry, SPEC, prometheus.url):
         rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="good canary")
-        state = _wait(lambda: _ended(registry), 180, "the rollout to end")
+        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end")
         time.sleep(3)  # traffic goes on across the promotion
     assert state.phase == Phase.SUCCEEDED, [d.reason for d in state.history]
     actions = [(d.action, d.weight) for d in state.history]
@@ -145,7 +148,7 @@ def test_a_canary_with_errors_out_of_range_is_rolled_back_within_threshold_inter
     time.sleep(2.5)
     with SteadyLoad(service, clients=4) as load, RunningController(registry, SPEC, prometheus.url):
         rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="bad canary")
-        state = _wait(lambda: _ended(registry), 180, "the rollout to end")
+        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end")
     assert state.phase == Phase.FAILED, [d.reason for d in state.history]
     after_init = [d for d in state.history if d.action in ("check-failed", "rollback", "advance")]
     # Every check after the canary began serving failed, and the threshold-th rolled it back.
@@ -166,10 +169,10 @@ def test_with_prometheus_stopped_no_step_advances_and_nothing_is_promoted(
     patient = SPEC.model_copy(update={"threshold": 100, "step_weights": [20, 50]})
     with SteadyLoad(service, clients=4) as load, RunningController(registry, patient, prometheus.url):
         rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="prometheus outage")
-        _wait(lambda: (s := _analysis(registry)) and s.phase == Phase.PROGRESSING, 120, "the canary to serve")
+        _wait(lambda: (s := _analysis(registry, version)) and s.phase == Phase.PROGRESSING, 120, "the canary to serve")
         prometheus.stop()
         time.sleep(4 * INTERVAL_S)
-        during = _analysis(registry)
+        during = _analysis(registry, version)
         assert during.phase == Phase.PROGRESSING and during.weight == 20, during.history
         assert rollout.current(registry).rollout.canary_weight == 20
         assert registry.resolve("stable") == stable
@@ -177,7 +180,7 @@ def test_with_prometheus_stopped_no_step_advances_and_nothing_is_promoted(
         assert len(outage) >= 3 and all(d.action == "check-failed" for d in outage)
         # Back up: the checks pass again and the rollout goes on to the end.
         prometheus.start()
-        state = _wait(lambda: _ended(registry), 180, "the rollout to end")
+        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end")
     assert state.phase == Phase.SUCCEEDED and registry.resolve("stable") == version
     assert load.failures() == [], load.failures()[:5]
 
@@ -201,19 +204,20 @@ def test_operators_pause_resume_and_abort_through_the_cli_and_status_shows_every
     slow = SPEC.model_copy(update={"step_weights": [20, 40, 60, 80]})
     with SteadyLoad(service, clients=4) as load, RunningController(registry, slow, prometheus.url):
         rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="operators")
-        _wait(lambda: (s := _analysis(registry)) and s.last and s.last.passed, 120, "a passed check")
+        _wait(lambda: (s := _analysis(registry, version)) and s.last and s.last.passed, 120, "a passed check")
         status = cli("status")
         assert "phase progressing" in status and "error-ratio" in status and "latency-p95" in status, status
         assert "<= stable + 0.005" in status and "<= stable x 1.2" in status and "pass" in status, status
         assert "paused" in cli("pause", "--reason", "looking at a dashboard")
-        held = _analysis(registry).weight
+        held = _analysis(registry, version).weight
         time.sleep(3 * INTERVAL_S)
-        assert _analysis(registry).phase == Phase.PAUSED and rollout.current(registry).rollout.canary_weight == held
+        assert _analysis(registry, version).phase == Phase.PAUSED
+        assert rollout.current(registry).rollout.canary_weight == held
         cli("resume")
-        _wait(lambda: _analysis(registry).weight > held, 60, "a step after resuming")
+        _wait(lambda: _analysis(registry, version).weight > held, 60, "a step after resuming")
         assert "phase failed" in cli("abort", "--reason", "changed my mind")
         time.sleep(2 * INTERVAL_S)
-    state = _analysis(registry)
+    state = _analysis(registry, version)
     assert state.phase == Phase.FAILED and [d.action for d in state.history][-1] == "abort"
     assert {"pause", "resume", "abort"} <= {d.action for d in state.history}
     view = rollout.current(registry)

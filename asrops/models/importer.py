@@ -56,18 +56,14 @@ def check_checkpoint(checkpoint: Path) -> None:
         )
 
 
-def build_version_dir(checkpoint: Path, out: Path, progress: Callable[[str], None] = log.info,
-                      extra_files: dict[str, Path] | None = None) -> Path:
-    """Copy the checkpoint into `out`, add its ONNX exports and any `extra_files` (relative
-    name -> source: a retrain's evaluation and data reports travel with the version)."""
+def build_version_dir(checkpoint: Path, out: Path, progress: Callable[[str], None] = log.info) -> Path:
+    """Copy the checkpoint into `out` and add its ONNX exports (fp32 and int8): what a
+    version holds. A retrain evaluates this directory, then publishes it with its reports."""
     check_checkpoint(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     for name in CHECKPOINT_FILES:
         if (checkpoint / name).exists():
             shutil.copy2(checkpoint / name, out / name)
-    for name, src in (extra_files or {}).items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, out / name)
     export_onnx(out, out / "onnx" / "fp32", progress)
     quantize_int8(out / "onnx" / "fp32", out / "onnx" / "int8", progress)
     return out
@@ -85,12 +81,11 @@ def publish_checkpoint(
     notes: str = "",
     eval_metrics: dict[str, float] | None = None,
     progress: Callable[[str], None] = log.info,
-    extra_files: dict[str, Path] | None = None,
     data_fingerprint: str | None = None,
 ) -> VersionManifest:
     """Export and publish `checkpoint` as a new version; optionally point `alias` at it."""
     with tempfile.TemporaryDirectory(prefix="asrops-version-") as tmp:
-        version_dir = build_version_dir(Path(checkpoint), Path(tmp) / "version", progress, extra_files)
+        version_dir = build_version_dir(Path(checkpoint), Path(tmp) / "version", progress)
         manifest = registry.publish(
             version_dir,
             id=version_id or new_version_id(family),
