@@ -32,6 +32,8 @@ class SimulationResult(BaseModel):
     """HTTP status (or `error` for a connection failure) → count."""
     p50_latency_s: float | None
     seconds: float
+    corrections: int = 0
+    """Answers the clients corrected through POST /v1/feedback (accepted ones)."""
 
 
 def parse_mix(spec: str) -> list[MixPart]:
@@ -45,42 +47,58 @@ def parse_mix(spec: str) -> list[MixPart]:
     return parts
 
 
-def _clips(manifest: Path) -> list[bytes]:
+SLICE_TAGS = ("voice", "accent", "snr_db", "domain")
+
+
+def _clips(manifest: Path) -> list[tuple[bytes, dict]]:
+    """Each clip's bytes and its manifest row (its text and slice fields)."""
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{manifest} lists no clips")
-    return [(manifest.parent / row["audio"]).read_bytes() for row in rows]
+    return [((manifest.parent / row["audio"]).read_bytes(), row) for row in rows]
 
 
 def simulate(url: str, mix: list[MixPart], rate_per_s: float, count: int, concurrency: int = 8,
              api_key: str | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
-             client_ids: int = 50) -> SimulationResult:
+             client_ids: int = 50, correct_share: float = 0.0) -> SimulationResult:
     """Send `count` requests at `rate_per_s` drawn from `mix`; returns what came back.
-    Each request carries one of `client_ids` client ids, as a fleet of client apps would."""
+    Each request carries one of `client_ids` client ids, as a fleet of client apps would.
+    A `correct_share` of the answers is corrected with the manifest's text (and its slice
+    fields as tags) through POST /v1/feedback, as users fixing transcripts would."""
     rng = random.Random(seed)
     pools = [_clips(part.manifest) for part in mix]
     weights = [part.weight for part in mix]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
+    corrections = 0
     lock = threading.Lock()
-    plan = [(rng.choices(range(len(pools)), weights)[0], rng.random(), rng.randrange(client_ids))
-            for _ in range(count)]
+    plan = [(rng.choices(range(len(pools)), weights)[0], rng.random(), rng.randrange(client_ids),
+             rng.random() < correct_share) for _ in range(count)]
 
     def send(http: httpx.Client, i: int) -> None:
-        pool_index, pick, client = plan[i]
+        nonlocal corrections
+        pool_index, pick, client, corrects = plan[i]
         pool = pools[pool_index]
-        clip = pool[int(pick * len(pool))]
+        clip, row = pool[int(pick * len(pool))]
         started = time.monotonic()
+        corrected = False
         try:
             r = http.post(f"{url}/v1/audio/transcriptions", files={"file": ("clip.wav", clip)},
                           headers={**headers, "X-Client-Id": f"sim-{client}"})
             status = str(r.status_code)
+            elapsed = time.monotonic() - started
+            if corrects and r.status_code == 200:
+                tags = {k: str(row[k]) for k in SLICE_TAGS if row.get(k) is not None}
+                f = http.post(f"{url}/v1/feedback", headers=headers,
+                              json={"request_id": r.headers["x-request-id"], "text": row["text"], "tags": tags})
+                corrected = f.status_code == 200
         except httpx.HTTPError:
-            status = "error"
+            status, elapsed = "error", time.monotonic() - started
         with lock:
             statuses[status] += 1
-            latencies.append(time.monotonic() - started)
+            corrections += corrected
+            latencies.append(elapsed)
             done = sum(statuses.values())
         if progress and (done % 25 == 0 or done == count):
             progress(f"simulate: {done}/{count} answered ({dict(statuses)})")
@@ -95,4 +113,4 @@ def simulate(url: str, mix: list[MixPart], rate_per_s: float, count: int, concur
     latencies.sort()
     return SimulationResult(sent=count, statuses=dict(statuses),
                             p50_latency_s=latencies[len(latencies) // 2] if latencies else None,
-                            seconds=time.monotonic() - start)
+                            seconds=time.monotonic() - start, corrections=corrections)
