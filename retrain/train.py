@@ -7,7 +7,8 @@ What the loop does, and why:
 - The encoder frozen by default (or its first N layers, or LoRA adapters through peft): the
   decoder is where a new accent's and vocabulary's words are learnt. With the whole encoder
   frozen its outputs are computed once per clip and cached, which is what makes a CPU retrain
-  take minutes (the encoder is ~37 GFLOP per clip, the decoder step a fraction of that).
+  take minutes (the encoder is ~37 GFLOP per clip, the decoder step a fraction of that); on a
+  CPU they come from the parent's int8 ONNX encoder, the one that serves it.
 - When the encoder is trained: SpecAugment (Whisper's config masks), speed perturbation and
   added noise on the fly.
 - Early stopping on validation WER (greedy decoding), never on loss.
@@ -152,6 +153,21 @@ def _features(extractor, audios: list[np.ndarray]):
     return torch.from_numpy(mel)
 
 
+def _int8_encoder(parent_dir: Path, s: TrainSettings):
+    """The parent's int8 ONNX encoder (what serves it on CPU), or None when it has none. With the
+    encoder frozen, training the decoder on its outputs matches serving exactly and encodes about
+    three times faster than the fp32 torch encoder on a CPU."""
+    path = parent_dir / "onnx" / "int8" / "encoder_model.onnx"
+    if not path.exists():
+        return None
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if s.threads:
+        opts.intra_op_num_threads = s.threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
 def _greedy_texts(model, tokenizer, encoder_out, device, max_tokens: int = 96) -> list[str]:
     """Greedy decoding from encoder outputs in timestamp mode, for the validation WER."""
     import torch
@@ -219,9 +235,16 @@ def train_loop_per_worker(config: dict) -> None:
     train_audio = [_load_audio(r["audio"]) for r in train_rows]
     base = _base(model)
 
+    int8_encoder = _int8_encoder(job.parent_dir, s) if s.freeze_encoder and not use_cuda else None
+    if int8_encoder is not None:
+        log.info("frozen encoder on CPU: caching the outputs of the int8 ONNX encoder the service runs")
+
     def encode(audios: list[np.ndarray]):
+        features = _features(processor.feature_extractor, audios)
+        if int8_encoder is not None:
+            return torch.from_numpy(int8_encoder.run(None, {"input_features": features.numpy()})[0])
         with torch.no_grad():
-            return base.model.encoder(_features(processor.feature_extractor, audios).to(device)).last_hidden_state
+            return base.model.encoder(features.to(device)).last_hidden_state
 
     def encode_all(audios: list[np.ndarray], what: str):
         outs = []
