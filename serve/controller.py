@@ -118,6 +118,17 @@ class PromotionController:
         self.metrics.decisions.labels(action).inc()
         return decision
 
+    def _commit(self, state: AnalysisState, token: str | None, action: str, reason: str, now: datetime,
+                then: Callable[[Decision], None] | None = None) -> Decision | None:
+        """Record a decision, claim it by saving the state, and only then act (`then`): a lost
+        compare-and-swap (an operator was first) means no decision and no action."""
+        decision = self._decide(state, action, reason, now)
+        if self._save(state, token) is None:
+            return None
+        if then is not None:
+            then(decision)
+        return decision
+
     # --- acting on the rollout -------------------------------------------------------------
     def _apply_traffic(self, state: AnalysisState, reason: str) -> None:
         rollout.set_traffic(self.registry, state.weight, state.shadow_share, ACTOR, reason, state.canary_version)
@@ -166,13 +177,11 @@ class PromotionController:
                      now: datetime) -> Decision | None:
         if state.phase == Phase.PROMOTING and stable == state.canary_version:
             state.phase = Phase.SUCCEEDED
-            decision = self._decide(state, "promoted", f"{stable} is stable", now)
-        elif state.phase in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING):
+            return self._commit(state, token, "promoted", f"{stable} is stable", now)
+        if state.phase in (Phase.INITIALIZING, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTING):
             state.phase = Phase.FAILED
-            decision = self._decide(state, "ended", "the canary was removed outside the controller", now)
-        else:
-            return None
-        return decision if self._save(state, token) else None
+            return self._commit(state, token, "ended", "the canary was removed outside the controller", now)
+        return None
 
     def _start(self, canary: str, stable: str | None, token: str | None, now: datetime) -> Decision | None:
         state = AnalysisState(canary_version=canary, stable_version=stable, phase=Phase.INITIALIZING,
@@ -183,13 +192,9 @@ class PromotionController:
         else:
             state.step, state.weight = 0, self.weights[0]
             where = f"{state.weight} % of traffic"
-        decision = self._decide(state, "start", f"new canary {canary} against stable {stable}: {where}; steps "
-                                f"{self.weights}, every {self.spec.interval_s:g} s, threshold {self.spec.threshold}",
-                                now)
-        if self._save(state, token) is None:
-            return None
-        self._apply_traffic(state, f"analysis starts: {where}")
-        return decision
+        return self._commit(state, token, "start", f"new canary {canary} against stable {stable}: {where}; steps "
+                            f"{self.weights}, every {self.spec.interval_s:g} s, threshold {self.spec.threshold}",
+                            now, lambda _: self._apply_traffic(state, f"analysis starts: {where}"))
 
     def _due(self, state: AnalysisState, now: datetime) -> bool:
         return state.last_check_at is None or (now - state.last_check_at).total_seconds() >= self.spec.interval_s
@@ -210,31 +215,20 @@ class PromotionController:
         state.last = judge(self.query, self.spec, state.canary_version, state.stable_version, shadow, now)
         if not state.last.passed:
             state.failed_checks += 1
+            why = f"failed checks {state.failed_checks}/{self.spec.threshold}: {state.last.reason}"
             if state.failed_checks >= self.spec.threshold:
                 state.phase = Phase.FAILED
-                decision = self._decide(state, "rollback", f"failed checks {state.failed_checks}/"
-                                        f"{self.spec.threshold}: {state.last.reason}", now)
-                if self._save(state, token) is None:
-                    return None
-                self._rollback(state, decision.reason)
-                return decision
-            decision = self._decide(state, "check-failed", f"failed checks {state.failed_checks}/"
-                                    f"{self.spec.threshold}: {state.last.reason}", now)
-            return decision if self._save(state, token) else None
+                return self._commit(state, token, "rollback", why, now, lambda d: self._rollback(state, d.reason))
+            return self._commit(state, token, "check-failed", why, now)
         if shadow and state.shadow_passed + 1 < self.spec.shadow.intervals:
             state.shadow_passed += 1
-            decision = self._decide(state, "check-passed", f"shadow interval {state.shadow_passed}/"
-                                    f"{self.spec.shadow.intervals} passed", now)
-            return decision if self._save(state, token) else None
+            return self._commit(state, token, "check-passed", f"shadow interval {state.shadow_passed}/"
+                                f"{self.spec.shadow.intervals} passed", now)
         if state.step + 1 < len(self.weights):
             state.step += 1
             state.weight, state.shadow_share = self.weights[state.step], 0.0
-            decision = self._decide(state, "advance", f"all checks in range; step {state.step + 1}/"
-                                    f"{len(self.weights)}", now)
-            if self._save(state, token) is None:
-                return None
-            self._apply_traffic(state, decision.reason)
-            return decision
+            return self._commit(state, token, "advance", f"all checks in range; step {state.step + 1}/"
+                                f"{len(self.weights)}", now, lambda d: self._apply_traffic(state, d.reason))
         state.phase = Phase.PROMOTING
         decision = self._decide(state, "promote", f"the last step ({state.weight} %) passed", now)
         token = self._save(state, token)
@@ -253,16 +247,12 @@ class PromotionController:
             why = f"{seen} requests so far"
         if seen is not None and math.isfinite(seen) and seen > 0:
             state.phase = Phase.PROGRESSING
-            decision = self._decide(state, "initialized", f"the canary is serving ({why})", now)
-            return decision if self._save(state, token) else None
+            return self._commit(state, token, "initialized", f"the canary is serving ({why})", now)
         if (now - state.started_at).total_seconds() > self.spec.init_timeout_s:
             state.phase = Phase.FAILED
-            decision = self._decide(state, "rollback", f"no request reached the canary within "
-                                    f"{self.spec.init_timeout_s:g} s ({why})", now)
-            if self._save(state, token) is None:
-                return None
-            self._rollback(state, decision.reason)
-            return decision
+            return self._commit(state, token, "rollback", f"no request reached the canary within "
+                                f"{self.spec.init_timeout_s:g} s ({why})", now,
+                                lambda d: self._rollback(state, d.reason))
         log.info("rollout %s: initializing, waiting for the canary's first requests (%s)", state.canary_version, why)
         self._save(state, token)
         return None

@@ -54,24 +54,28 @@ def drifted_clips(tmp_path_factory):
                               domains=DOMAINS, seed=12), out)
 
 
+@contextlib.contextmanager
+def _served(metrics, port: int):
+    """`metrics` (a prometheus-client registry holder) served on `port` for the `with` block."""
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    try:
+        yield metrics
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def monitor_metrics(service_settings):
     """The drift monitor's metrics, served where the monitor serves them (scraped by Prometheus)."""
-    metrics = MonitorMetrics()
-    server, _ = start_http_server(service_settings.monitoring.monitor_port, addr="127.0.0.1",
-                                  registry=metrics.registry)
-    yield metrics
-    server.shutdown()
+    with _served(MonitorMetrics(), service_settings.monitoring.monitor_port) as metrics:
+        yield metrics
 
 
 @pytest.fixture(scope="module")
 def controller_metrics(service_settings):
     """The promotion controller's metrics, where the controller serves them (no rollout runs here)."""
-    metrics = ControllerMetrics()
-    server, _ = start_http_server(service_settings.promotion.metrics_port, addr="127.0.0.1",
-                                  registry=metrics.registry)
-    yield metrics
-    server.shutdown()
+    with _served(ControllerMetrics(), service_settings.promotion.metrics_port) as metrics:
+        yield metrics
 
 
 @pytest.fixture(scope="module")
