@@ -308,7 +308,7 @@ def measure_bare_engine(n_clips: int, threads: int, say: Callable[[str], None]) 
 def _bare_engine_worker(job: dict) -> None:
     """Prints the per-clip latencies (JSON list) of the stable version's onnx-int8 engine."""
     from asrops.audio import decode_audio
-    from asrops.engines import DecodeOptions, load_engine
+    from asrops.engines import load_engine
     from asrops.registry import ModelRegistry
     from asrops.settings import load_settings
 
@@ -316,7 +316,7 @@ def _bare_engine_worker(job: dict) -> None:
     version_dir = ModelRegistry.from_settings(settings).fetch("stable")
     engine = load_engine(version_dir, "onnx-int8", "cpu", job["threads"])
     # What the API passes for a plain request (see serve/api.py `_options`).
-    options = DecodeOptions(beam_size=settings.engine.beam_size, max_new_tokens=settings.engine.max_new_tokens)
+    options = settings.engine.decode_options()
     audios = [decode_audio(clip.wav).samples for clip in load_clips(job["clips"])]
     engine.transcribe([audios[0]], options)  # warm-up
     latencies = []

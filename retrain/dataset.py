@@ -37,7 +37,7 @@ from asrops.textnorm import normalize_english
 
 log = logging.getLogger(__name__)
 
-Source = Literal["feedback", "curated", "replay", "golden"]
+Source = Literal["feedback", "curated", "replay", "self_labelled", "retention", "golden"]
 SplitName = Literal["train", "validation", "test"]
 DropReason = Literal[
     "empty_transcript", "undecodable", "duration_out_of_bounds", "silent", "clipping", "low_snr",
@@ -81,6 +81,8 @@ class Example(BaseModel):
     group: str | None = None
     """What must not be split across train and held-out: the synthetic `template`, else the
     normalised text."""
+    origin: str | None = None
+    """The manifest it came from (its folder's name for a `manifest.jsonl`), for reports by part."""
 
     def stratum(self, fields: Iterable[str]) -> tuple[str, ...]:
         return tuple(self.slices.get(f, MISSING) for f in fields)
@@ -140,6 +142,9 @@ class ReplaySummary(BaseModel):
     drawn: int
     pool: int
     """Usable replay examples (validated, not contaminated)."""
+    retention: int = 0
+    """Examples set aside (never trained on) for the forgetting guard, which checks that the
+    parent's knowledge survives: `retention_clips` of the pool plus the retention-only manifests."""
     note: str | None = None
 
 
@@ -160,6 +165,8 @@ class BuiltDataset(BaseModel):
     train: Path
     validation: Path
     test: Path
+    retention: Path
+    """What the parent already transcribes well (the forgetting guard keeps weights that keep it)."""
     report_json: Path
     report_md: Path
     report: DataReport
@@ -183,8 +190,10 @@ def examples_from_manifest(
     the group is the row's `group` or `template` (with `hold_out_by="template"`), else its
     normalised text."""
     fields = DatasetSettings().slice_fields if slice_fields is None else slice_fields
+    path = Path(path)
+    origin = path.parent.name if path.name == "manifest.jsonl" else path.stem
     examples = []
-    for item in load_manifest(Path(path)):
+    for item in load_manifest(path):
         extra = item.model_extra or {}
         group = (extra.get("group") or extra.get("template")) if hold_out_by == "template" else None
         duration = extra.get("duration_s")
@@ -197,6 +206,7 @@ def examples_from_manifest(
                 slices=_slices(extra, fields),
                 duration_s=float(duration) if isinstance(duration, (int, float)) else None,
                 group=str(group) if group else normalised(item.text),
+                origin=origin,
             )
         )
     return examples
@@ -451,6 +461,7 @@ def _manifest_row(example: Example) -> dict:
         "audio": str(Path(example.audio).resolve()),
         "text": example.text,
         "source": example.source,
+        "origin": example.origin,
         **example.slices,
         "group": _group_of(example),
         "duration_s": example.duration_s,
@@ -469,15 +480,18 @@ def build_dataset(
     replay: list[Example],
     settings: DatasetSettings,
     out_dir: Path,
+    retention: list[Example] = (),
 ) -> BuiltDataset:
     """Validate the new data, drop what the golden set already holds, split it, then add replayed
     examples (`replay_share` x the new training examples, drawn stratified from `replay` only:
-    golden clips are evaluated on, never trained on). Writes `train.jsonl`, `validation.jsonl`,
-    `test.jsonl`, `report.json` and `report.md` under `out_dir`."""
+    golden clips are evaluated on, never trained on). A retention set is kept apart first:
+    `retention_clips` of the replay pool (at most half of it) plus the validated `retention`
+    examples. Writes `train.jsonl`, `validation.jsonl`, `test.jsonl`, `retention.jsonl`,
+    `report.json` and `report.md` under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = settings.slice_fields
-    counts_in = dict(Counter(e.source for e in [*new, *replay, *golden]))
+    counts_in = dict(Counter(e.source for e in [*new, *replay, *retention, *golden]))
     notes: list[str] = []
 
     kept, drops = validate(new, settings)
@@ -491,9 +505,18 @@ def build_dataset(
     replay_kept, replay_drops = validate(replay, settings)
     drops.merge(replay_drops)
     pool = remove_contamination(replay_kept, held_out, drops)
+    # Self-labelled clips carry the parent's own output: judging the parent on them means nothing.
+    labelled = [e for e in pool if e.source == "replay"]
+    kept_apart = draw_stratified(labelled, min(settings.retention_clips, len(labelled) // 2), fields, settings.seed)
+    apart_ids = {e.id for e in kept_apart}
+    retention_kept, retention_drops = validate(list(retention), settings)
+    drops.merge(retention_drops)
+    retention_set = kept_apart + remove_contamination(retention_kept, [*held_out, *train], drops)
+    pool_left = [e for e in pool if e.id not in apart_ids]
     requested = round(settings.replay_share * len(train))
-    drawn = draw_stratified(pool, requested, fields, settings.seed)
-    replay_summary = ReplaySummary(requested=requested, drawn=len(drawn), pool=len(pool))
+    drawn = draw_stratified(pool_left, requested, fields, settings.seed)
+    replay_summary = ReplaySummary(requested=requested, drawn=len(drawn), pool=len(pool),
+                                   retention=len(retention_set))
     if not replay:
         replay_summary.note = "no replay examples given: training has new data only (risk of forgetting)"
     elif len(drawn) < requested:
@@ -506,8 +529,8 @@ def build_dataset(
         notes.append("a held-out split is empty: too few groups to hold out")
 
     final = Splits(train=train, validation=splits.validation, test=splits.test)
-    paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "validation", "test")}
-    for name, examples in final.items():
+    paths = {name: out_dir / f"{name}.jsonl" for name in ("train", "validation", "test", "retention")}
+    for name, examples in [*final.items(), ("retention", retention_set)]:
         _write_manifest(paths[name], examples)
     report = DataReport(
         created_at=datetime.now().astimezone(),
@@ -527,7 +550,7 @@ def build_dataset(
         out_dir, len(train), len(drawn), len(final.validation), len(final.test), drops.total,
     )
     return BuiltDataset(
-        train=paths["train"], validation=paths["validation"], test=paths["test"],
+        train=paths["train"], validation=paths["validation"], test=paths["test"], retention=paths["retention"],
         report_json=report_json, report_md=report_md, report=report,
     )
 
@@ -587,7 +610,8 @@ def format_report(report: DataReport) -> str:
         "", "## Replay", "",
         (
             f"{r.drawn} replayed examples in train (wanted {r.requested} = {s.replay_share:g} x "
-            f"new training examples; usable pool {r.pool})."
+            f"new training examples; usable pool {r.pool}). {r.retention} examples kept apart, "
+            "never trained on, for the forgetting guard (what the parent knew must survive)."
         ),
     ]
     if r.note:

@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from asrops import rollout
+from asrops.audio import decode_audio
 from asrops.engines import load_engine
 from asrops.evaluation import core_english_filter, load_manifest
 from asrops.models.importer import build_version_dir
@@ -86,9 +87,11 @@ def prepare_golden(settings: Settings, out_dir: Path) -> list[Path]:
     return paths
 
 
-def gather_examples(settings: Settings, work: Path, since: datetime) -> tuple[list[Example], list[Example]]:
-    """New labelled data (feedback with audio since `since`, curated manifests) and replay data
-    (the parent's recorded training manifest, if any)."""
+def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir: Path,
+                    say: Callable[[str], None] = log.info) -> tuple[list[Example], list[Example], list[Example]]:
+    """New labelled data (feedback with audio since `since`, curated manifests), replay data
+    (the parent's recorded training manifest, if any, and audio it labels itself) and
+    retention-only data."""
     fields, by = settings.retrain.dataset.slice_fields, settings.retrain.dataset.hold_out_by
     new = examples_from_feedback(store_for(settings), since, datetime.now(UTC), work / "feedback", fields)
     for manifest in settings.retrain.curated_manifests:
@@ -96,7 +99,35 @@ def gather_examples(settings: Settings, work: Path, since: datetime) -> tuple[li
     replay = []
     for manifest in settings.retrain.replay_manifests:
         replay += examples_from_manifest(Path(manifest), "replay", fields, by)
-    return new, replay
+    for i, manifest in enumerate(settings.retrain.self_label_manifests):
+        out = work / "self-labelled" / f"{i}-{Path(manifest).stem}.jsonl"
+        labelled = self_label(settings, parent_dir, Path(manifest), out, say)
+        replay += examples_from_manifest(labelled, "self_labelled", fields, by)
+    retention = []
+    for manifest in settings.retrain.retention_manifests:
+        retention += examples_from_manifest(Path(manifest), "retention", fields, by)
+    return new, replay, retention
+
+
+def self_label(settings: Settings, parent_dir: Path, manifest: Path, out: Path, say: Callable[[str], None]) -> Path:
+    """`manifest`'s clips with the parent's own transcripts as labels (only those it decodes as
+    one segment: training labels are one segment per clip), decoded as the service decodes."""
+    engine = load_engine(parent_dir, settings.engine.kind, settings.engine.device,
+                         settings.retrain.train.threads or settings.engine.threads)
+    items = load_manifest(manifest)
+    options = settings.engine.decode_options()
+    rows = []
+    for start in range(0, len(items), 8):
+        batch = items[start : start + 8]
+        results = engine.transcribe([decode_audio(Path(item.audio).read_bytes()).samples for item in batch], options)
+        for item, result in zip(batch, results, strict=True):
+            if len(result.segments) == 1 and result.text.strip():
+                rows.append({**(item.model_extra or {}), "audio": item.audio, "text": result.text.strip()})
+        say(f"self-labelling {manifest.name}: {min(start + 8, len(items))}/{len(items)} clips")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    say(f"self-labelled {len(rows)} of {len(items)} clips of {manifest} (the rest were not one segment)")
+    return out
 
 
 def _evaluate(settings: Settings, candidate_dir: Path, stable_dir: Path, data: BuiltDataset,
@@ -127,21 +158,25 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
     work = (settings.retrain.work_dir or settings.data_dir / "retrain") / job
     say(f"{job}: {cause} ({reason}); parent {parent}; work dir {work}")
 
-    new, replay = gather_examples(settings, work, datetime.now(UTC) - FEEDBACK_LOOKBACK)
+    stable_dir = registry.fetch(parent)
+    new, replay, retention = gather_examples(settings, work, datetime.now(UTC) - FEEDBACK_LOOKBACK, stable_dir, say)
     golden_paths = prepare_golden(settings, work / "golden")
     golden = [e for p in golden_paths for e in examples_from_manifest(p, "golden", settings.retrain.dataset.slice_fields,
                                                                       settings.retrain.dataset.hold_out_by)]
-    say(f"data: {len(new)} new labelled examples, {len(replay)} replayable, {len(golden)} golden")
-    data = build_dataset(new, golden, replay, settings.retrain.dataset, work / "data")
+    say(f"data: {len(new)} new labelled examples, {len(replay)} replayable, {len(retention)} retention-only, "
+        f"{len(golden)} golden")
+    data = build_dataset(new, golden, replay, settings.retrain.dataset, work / "data", retention)
     say(f"data report: {data.report_md}")
 
-    stable_dir = registry.fetch(parent)
     train = run_training(TrainJob(
         parent_dir=stable_dir, train_manifest=data.train, validation_manifest=data.validation,
+        retention_manifest=data.retention,
+        decode=settings.engine.decode_options(),
         storage_path=str(checkpoint_root(settings)), name=job, output_dir=work / "model",
         settings=settings.retrain.train), gpus_available)
     say(f"trained {train.steps} steps in {train.seconds:.0f} s ({train.samples_per_s:.1f} samples/s); "
-        f"best validation WER {train.best_validation_wer}")
+        f"best validation WER {train.best_validation_wer}; forgetting guard: "
+        f"{'none (no retention set)' if train.guard is None else f'weight {train.guard.kept_weight:g} kept'}")
 
     say("exporting the candidate to ONNX (what it will be served as)")
     candidate_dir = build_version_dir(train.output_dir, work / "version", say)

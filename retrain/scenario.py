@@ -32,9 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("out/retrain-scenario"))
     parser.add_argument("--labelled", type=int, default=300, help="labelled clips of the drifted slice")
-    parser.add_argument("--replay", type=int, default=60, help="clean synthetic clips replayed in training")
-    parser.add_argument("--golden-clean", type=int, default=120, help="clean synthetic clips in the golden set")
-    parser.add_argument("--golden-real", type=int, default=100, help="real speech clips in the golden set")
+    parser.add_argument("--replay", type=int, default=200,
+                        help="clean synthetic clips replayed in training")
+    parser.add_argument("--golden-clean", type=int, default=60, help="clean synthetic clips in the golden set")
+    parser.add_argument("--golden-real", type=int, default=60, help="real speech clips in the golden set")
+    parser.add_argument("--retention-clean", type=int, default=40,
+                        help="clean synthetic clips (templates neither replayed nor golden) in the retention set")
+    parser.add_argument("--retention-real", type=int, default=40,
+                        help="real speech clips (after the golden ones) in the retention set, never trained on")
+    parser.add_argument("--replay-real", type=int, default=100,
+                        help="real speech clips (after the golden and retention ones) the parent labels itself "
+                             "for replay (RetrainSettings.self_label_manifests)")
+    parser.add_argument("--seed", type=int, default=21, help="seed of the drifted slice's clips")
     parser.add_argument("--hold-out-by", choices=["template", "sentence"], default="template",
                         help="what held-out clips never share with training (DatasetSettings.hold_out_by)")
     args = parser.parse_args(argv)
@@ -43,13 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
 
     work = args.work.resolve()
-    drifted = generate(DRIFT.model_copy(update={"n": args.labelled, "seed": 21}), work / "drifted", say)
+    drifted = generate(DRIFT.model_copy(update={"n": args.labelled, "seed": args.seed}), work / "drifted", say)
     # Replayed clean speech and the golden clean slice share no template: replaying the golden
     # set's sentences would be training on the regression set (the dataset builder drops them).
+    # The retention set's clean speech (what the forgetting guard checks) has templates of its own
+    # too: replayed templates would flatter it, golden ones would tune the guard to the golden set.
     replay_templates, golden_templates = split_templates(test_fraction=0.5, seed=5)
+    retention_templates = replay_templates[::3]
+    replay_templates = [t for i, t in enumerate(replay_templates) if i % 3]
     clean = PRESETS["clean"]
     replay = generate(clean.model_copy(update={"n": args.replay, "seed": 22, "template_ids": replay_templates}),
                       work / "replay", say)
+    retention = generate(clean.model_copy(update={"n": args.retention_clean, "seed": 24,
+                                                  "template_ids": retention_templates}), work / "retention", say)
     golden = generate(clean.model_copy(update={"n": args.golden_clean, "seed": 23, "template_ids": golden_templates}),
                       work / "golden", say)
 
@@ -59,8 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     settings.retrain.curated_manifests = [drifted]
     settings.retrain.replay_manifests = [replay]
     speech = settings.speech_data_dir / "manifest.jsonl"
+    if args.golden_clean != args.golden_real:
+        parser.error("golden_clips is one cap for every golden manifest: give --golden-clean and --golden-real equal")
     settings.retrain.golden_manifests = [golden, *([speech] if speech.exists() else [])]
-    settings.retrain.golden_clips = max(args.golden_clean, args.golden_real)
+    settings.retrain.golden_clips = args.golden_real
+    settings.retrain.retention_manifests = [retention]
+    if speech.exists() and args.retention_real:
+        settings.retrain.retention_manifests.append(_real_clips(speech, args.golden_real, args.retention_real,
+                                                                work / "retention-real.jsonl"))
+    if speech.exists() and args.replay_real:
+        settings.retrain.self_label_manifests = [_real_clips(speech, args.golden_real + args.retention_real,
+                                                             args.replay_real, work / "replay-real.jsonl")]
+    settings.retrain.dataset.retention_clips = 0  # replayed templates would flatter the guard
     settings.retrain.trigger.min_new_labels = 0
     settings.retrain.dataset.hold_out_by = args.hold_out_by
 
@@ -91,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         f"training: {outcome.train.steps} steps, {outcome.train.seconds:.0f} s, "
         f"{outcome.train.samples_per_s:.1f} samples/s; whole retrain {outcome.seconds:.0f} s; "
         f"scenario {time.monotonic() - started:.0f} s",
+        f"forgetting guard: {_guard_line(outcome.train.guard)}",
         f"gate: {'passed' if outcome.passed else 'failed'}; published {outcome.published}",
         f"reports: {outcome.dataset_report}, {outcome.evaluation_md}",
     ]
@@ -98,6 +124,25 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     (work / "summary.txt").write_text("\n".join(lines) + "\n")
     return 0 if ok_slice and ok_golden and outcome.passed else 1
+
+
+def _guard_line(guard) -> str:
+    if guard is None:
+        return "not run (no retention set)"
+    tried = "; ".join(f"{t.weight:g}: validation {t.validation_wer:.2f} %, retention {t.retention_wer:.2f} % "
+                      f"({', '.join(f'{k} {v:.2f} %' for k, v in t.retention_wer_by_part.items())})"
+                      for t in guard.trials)
+    parent = ", ".join(f"{k} {v:.2f} %" for k, v in guard.parent_retention_wer_by_part.items())
+    return f"parent's retention WER {parent}; kept weight {guard.kept_weight:g} ({tried})"
+
+
+def _real_clips(speech: Path, skip: int, n: int, out: Path) -> Path:
+    """`n` core English real clips after the first `skip` (the golden set takes the first ones)."""
+    from asrops.evaluation import core_english_filter, load_manifest
+
+    items = load_manifest(speech, filter=core_english_filter)[skip : skip + n]
+    out.write_text("".join(json.dumps({"audio": item.audio, "text": item.text}) + "\n" for item in items))
+    return out
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ needs_tts = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("flite") is None,
     reason="espeak-ng and flite needed (scripts/setup.sh installs them)",
 )
-SETTINGS = DatasetSettings(seed=0)
+SETTINGS = DatasetSettings(seed=0, replay_share=0.2)  # the 12-clip replay pool covers it
 PARAGRAPH = (
     "The committee reviewed the quarterly figures at length and concluded that the regional "
     "offices had exceeded their targets, although several members warned that the growth in "
@@ -211,10 +211,27 @@ def test_replay_is_drawn_from_replay_only_at_its_share(data, built):
     assert not any(r["source"] == "golden" for r in train)
     held_out = _read(built.validation) + _read(built.test)
     assert not any(r["source"] == "replay" for r in held_out)
+    # Half the replay pool (12 clips, none dropped) is kept apart as the retention set: never trained on.
+    retention = _read(built.retention)
+    assert len(retention) == 6 == built.report.replay.retention
+    assert {r["source"] for r in retention} == {"replay"}
+    assert not {r["id"] for r in retention} & {r["id"] for r in train}
 
     alone = build(data["new"], data["golden"], [], SETTINGS, data["root"] / "no-replay")
     assert alone.report.replay.drawn == 0 and "no replay" in alone.report.replay.note
     assert "no replay" in alone.report_md.read_text()
+
+
+@needs_tts
+def test_retention_only_examples_are_validated_and_never_in_the_golden_set(data):
+    """Retention-only manifests (known-good data, evaluation only) join the retention set, minus
+    what the golden set holds: a clip that judges the result must not also pick the checkpoint."""
+    as_retention = [e.model_copy(update={"source": "retention"}) for e in [*data["replay"], data["golden"][0]]]
+    built = build(data["new"], data["golden"], [], SETTINGS, data["root"] / "retention-only", as_retention)
+    retention = _read(built.retention)
+    assert {r["id"] for r in retention} == {e.id for e in data["replay"]}
+    assert built.report.drops.by_source["retention"]["contamination"] == 1
+    assert not any(r["source"] == "retention" for r in _read(built.train))
 
 
 @needs_tts

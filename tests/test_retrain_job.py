@@ -9,6 +9,7 @@ its recovery. Whether a retrain really improves is `python -m retrain.scenario`'
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -45,8 +46,12 @@ def test_a_retrain_survives_a_killed_worker_and_publishes_a_canary_with_its_repo
                                  seed=31), tmp_path / "drifted")
     replay = generate(PRESETS["clean"].model_copy(update={"n": 10, "seed": 32}), tmp_path / "replay")
     golden = generate(PRESETS["clean"].model_copy(update={"n": 10, "seed": 33}), tmp_path / "golden")
+    unlabelled = generate(PRESETS["clean"].model_copy(update={"n": 6, "seed": 34}), tmp_path / "unlabelled")
+    rows = [json.loads(line) for line in unlabelled.read_text().splitlines()]
+    unlabelled.write_text("".join(json.dumps({**row, "text": ""}) + "\n" for row in rows))  # the parent labels it
     r = settings.retrain
     r.curated_manifests, r.replay_manifests, r.golden_manifests = [drifted], [replay], [golden]
+    r.self_label_manifests = [unlabelled]
     r.work_dir = tmp_path / "work"
     r.train.max_steps, r.train.eval_every_steps, r.train.batch_size, r.train.threads = 6, 2, 8, 2
     r.train.early_stopping_patience = 10
@@ -65,6 +70,15 @@ def test_a_retrain_survives_a_killed_worker_and_publishes_a_canary_with_its_repo
         assert killed, "the training worker was never killed"
         assert outcome.train.resumed_from_step is not None and outcome.train.resumed_from_step >= 2
         assert outcome.train.steps == 6  # it went on to the end after resuming
+        # The parent labelled the unlabelled clips itself, and they were replayable.
+        labelled = [json.loads(line) for f in r.work_dir.glob("retrain-*/self-labelled/*.jsonl")
+                    for line in f.read_text().splitlines()]
+        assert labelled and all(row["text"].strip() for row in labelled)
+        # The forgetting guard judged the tuned weights on the retention set (half the replay pool).
+        guard = outcome.train.guard
+        assert guard is not None and guard.trials[0].weight == max(r.train.interpolation_weights)
+        assert guard.kept_weight in {0.0, *r.train.interpolation_weights}
+        assert set(guard.parent_retention_wer_by_part) == {"replay"}
         assert outcome.passed and outcome.published
         manifest = registry.get_manifest(outcome.published)
         assert manifest.parent == outcome.parent and manifest.data_fingerprint
