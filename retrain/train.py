@@ -16,9 +16,10 @@ What the loop does, and why:
   judged differently from serving (on one run: validation 64 %, served 94 %).
 - A forgetting guard after training (WiSE-FT: Wortsman et al., "Robust fine-tuning of zero-shot
   models", 2022): the best checkpoint's weights are interpolated with the parent's,
-  parent + a x (best - parent), trying a = 1 first and then smaller weights, and the first `a`
-  whose WER on a retention set (known-good clips never trained on) stays within
-  `max_retention_worsening` of the parent's is kept. The new slice's WER keeps falling long after
+  parent + a x (best - parent), trying the largest `interpolation_weights` first (0.8 by default:
+  the tuned weights are never taken whole), and the first `a` whose WER on every part of a
+  retention set (known-good clips never trained on) stays within `max_retention_worsening` of the
+  parent's is kept. The new slice's WER keeps falling long after
   general English has started to be forgotten, and interpolating keeps more of the gain for a
   given loss than stopping earlier does.
 - A checkpoint (weights, optimiser, scheduler, step, best WER) at every evaluation, in the
@@ -217,49 +218,39 @@ def _int8_encoder(parent_dir: Path, s: TrainSettings):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-class _TrainingBackend:
-    """The serving engine's backend interface over the model being trained, so validation decodes
+def _training_backend(model, device, encoder_cache: dict, int8_encoder=None, frozen: bool = True):
+    """The serving engine's torch backend over the model being trained, so validation decodes
     exactly as the service will (timestamp rules, suppressed tokens, no-speech skipping, long-form
     windows). With the encoder frozen, each clip is encoded once (by the int8 ONNX encoder on a
     CPU, as served) and reused for every model judged."""
+    import torch
 
-    def __init__(self, model, device, encoder_cache: dict, int8_encoder=None, frozen: bool = True):
-        from asrops.engines.torch_backend import TorchWhisperBackend
+    from asrops.engines.torch_backend import TorchWhisperBackend
 
-        self.model, self.device, self.dtype = _base(model), device, _base(model).dtype
-        self._torch = TorchWhisperBackend.__new__(TorchWhisperBackend)
-        self._torch.model, self._torch.device, self._torch.dtype = self.model, device, self.dtype
-        self.cache, self.int8_encoder, self.frozen = encoder_cache, int8_encoder, frozen
+    class TrainingBackend(TorchWhisperBackend):
+        def __init__(self):  # the model is already loaded: no TorchWhisperBackend.__init__
+            self.model, self.device, self.dtype = _base(model), device, _base(model).dtype
 
-    def encode(self, mel: np.ndarray):
-        import torch
+        def encode(self, mel: np.ndarray):
+            key = hashlib.sha1(mel.tobytes()).hexdigest() if frozen else None
+            if key in encoder_cache:
+                return encoder_cache[key]
+            if int8_encoder is not None:
+                encoded = torch.from_numpy(int8_encoder.run(None, {"input_features": mel.astype(np.float32)})[0])
+            else:
+                encoded = super().encode(mel)
+            if key is not None and len(encoder_cache) < ENCODER_CACHE_ENTRIES:
+                encoder_cache[key] = encoded
+            return encoded
 
-        key = hashlib.sha1(mel.tobytes()).hexdigest() if self.frozen else None
-        if key in self.cache:
-            return self.cache[key]
-        if self.int8_encoder is not None:
-            encoded = torch.from_numpy(self.int8_encoder.run(None, {"input_features": mel.astype(np.float32)})[0])
-        else:
-            encoded = self._torch.encode(mel)
-        if key is not None and len(self.cache) < ENCODER_CACHE_ENTRIES:
-            self.cache[key] = encoded
-        return encoded
-
-    def start(self, encoded, tokens):
-        return self._torch.start(encoded, tokens)
-
-    def step(self, tokens, cache):
-        return self._torch.step(tokens, cache)
-
-    def reorder(self, cache, index):
-        return self._torch.reorder(cache, index)
+    return TrainingBackend()
 
 
 def _engine_over(model, parent_dir: Path, device, encoder_cache: dict, int8_encoder, frozen: bool):
     from asrops.engines.engine import WhisperEngine
 
     gen = json.loads((Path(parent_dir) / "generation_config.json").read_text())
-    return WhisperEngine(name="training", backend=_TrainingBackend(model, device, encoder_cache, int8_encoder, frozen),
+    return WhisperEngine(name="training", backend=_training_backend(model, device, encoder_cache, int8_encoder, frozen),
                          model_dir=Path(parent_dir), suppress_tokens=gen["suppress_tokens"],
                          begin_suppress_tokens=gen["begin_suppress_tokens"])
 
@@ -540,5 +531,6 @@ def run_training(job: TrainJob, gpus_available: bool) -> TrainResult:
     guard_file = Path(job.output_dir) / GUARD_FILE
     guard = ForgettingGuard.model_validate_json(guard_file.read_text()) if guard_file.exists() else None
     return TrainResult(output_dir=job.output_dir / BEST_DIR, steps=int(m.get("step", 0)),
-                       best_validation_wer=m.get("best_validation_wer"), guard=guard, resumed_from_step=m.get("resumed_from_step"),
+                       best_validation_wer=m.get("best_validation_wer"), guard=guard,
+                       resumed_from_step=m.get("resumed_from_step"),
                        seconds=seconds, samples_per_s=float(m.get("samples_per_second", 0.0)), history=history)

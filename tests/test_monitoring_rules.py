@@ -275,8 +275,10 @@ def test_prometheus_server_scrapes_a_target_and_answers_queries(tmp_path: Path) 
             assert value == 7.0, f"target not scraped; log:\n{server.log_tail()}"
             assert client.query_value('asrops_fixture_events_total{job="nothing"}') is None
             assert client.query_value('up{job="fixture"}') == 1.0
-            # Nothing listens on the drift monitor's port.
-            samples = client.query('up{job="asrops-monitor"}')
+            # Nothing listens on the drift monitor's port (its first scrape may come after the fixture's).
+            deadline = time.monotonic() + 15
+            while not (samples := client.query('up{job="asrops-monitor"}')) and time.monotonic() < deadline:
+                time.sleep(0.2)
             assert [s.value for s in samples] == [0.0]
             # The rules file is loaded and evaluated: a zero-filled recording exists.
             deadline = time.monotonic() + 15
