@@ -112,8 +112,7 @@ def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir:
 def self_label(settings: Settings, parent_dir: Path, manifest: Path, out: Path, say: Callable[[str], None]) -> Path:
     """`manifest`'s clips with the parent's own transcripts as labels (only those it decodes as
     one segment: training labels are one segment per clip), decoded as the service decodes."""
-    engine = load_engine(parent_dir, settings.engine.kind, settings.engine.device,
-                         settings.retrain.train.threads or settings.engine.threads)
+    engine = _serving_engine(settings, parent_dir)
     items = load_manifest(manifest)
     options = settings.engine.decode_options()
     rows = []
@@ -130,13 +129,17 @@ def self_label(settings: Settings, parent_dir: Path, manifest: Path, out: Path, 
     return out
 
 
+def _serving_engine(settings: Settings, model_dir: Path):
+    """A version on the engine that serves it (`engine.kind`), with the retrain's threads."""
+    return load_engine(model_dir, settings.engine.kind, settings.engine.device,
+                       settings.retrain.train.threads or settings.engine.threads)
+
+
 def _evaluate(settings: Settings, candidate_dir: Path, stable_dir: Path, data: BuiltDataset,
               golden_paths: list[Path], say: Callable[[str], None]):
     """Both versions on the engine that serves them (`engine.kind`), so the gate judges what
     clients would get (and onnx-int8 evaluates about twice as fast as torch on a CPU)."""
-    threads = settings.retrain.train.threads or settings.engine.threads
-    engines = {name: load_engine(d, settings.engine.kind, settings.engine.device, threads)
-               for name, d in (("stable", stable_dir), ("candidate", candidate_dir))}
+    engines = {name: _serving_engine(settings, d) for name, d in (("stable", stable_dir), ("candidate", candidate_dir))}
 
     def run(name: str, manifest: Path):
         say(f"evaluating {name} on {manifest.name}")

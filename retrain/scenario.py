@@ -129,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
 def _guard_line(guard) -> str:
     if guard is None:
         return "not run (no retention set)"
+    from retrain.train import format_wers
+
     tried = "; ".join(f"{t.weight:g}: validation {t.validation_wer:.2f} %, retention {t.retention_wer:.2f} % "
-                      f"({', '.join(f'{k} {v:.2f} %' for k, v in t.retention_wer_by_part.items())})"
-                      for t in guard.trials)
-    parent = ", ".join(f"{k} {v:.2f} %" for k, v in guard.parent_retention_wer_by_part.items())
-    return f"parent's retention WER {parent}; kept weight {guard.kept_weight:g} ({tried})"
+                      f"({format_wers(t.retention_wer_by_part)})" for t in guard.trials)
+    return (f"parent's retention WER {format_wers(guard.parent_retention_wer_by_part)}; "
+            f"kept weight {guard.kept_weight:g} ({tried})")
 
 
 def _real_clips(speech: Path, skip: int, n: int, out: Path) -> Path:

@@ -458,7 +458,7 @@ def _forgetting_guard(job: TrainJob, s: TrainSettings, device, validation_wer,
     limits = {} if s.max_retention_worsening is None else \
         {part: wer * (1 + s.max_retention_worsening) for part, wer in parent_parts.items()}
     log.info("forgetting guard: the parent's retention WER %.2f %% (%s); a weight is kept when every part "
-             "stays at or below %s", parent_retention, _pcts(parent_parts), _pcts(limits) or "any")
+             "stays at or below %s", parent_retention, format_wers(parent_parts), format_wers(limits) or "any")
     trials, kept = [], 0.0
     for a in sorted(s.interpolation_weights, reverse=True):
         set_weight(a)
@@ -468,7 +468,7 @@ def _forgetting_guard(job: TrainJob, s: TrainSettings, device, validation_wer,
         trials.append(trial)
         forgotten = [part for part, wer in parts.items() if wer > limits.get(part, math.inf) + 1e-9]
         log.info("forgetting guard: weight %.2f: validation WER %.2f %%, retention WER %.2f %% (%s) -> %s", a,
-                 trial.validation_wer, retention, _pcts(parts),
+                 trial.validation_wer, retention, format_wers(parts),
                  f"forgets {', '.join(forgotten)}" if forgotten else "kept")
         if not forgotten:
             kept = a
@@ -480,7 +480,8 @@ def _forgetting_guard(job: TrainJob, s: TrainSettings, device, validation_wer,
                                   retention_limits=limits, trials=trials, kept_weight=kept)
 
 
-def _pcts(values: dict[str, float]) -> str:
+def format_wers(values: dict[str, float]) -> str:
+    """`{part: WER}` as `part 1.23 %, ...` (logs and the scenario's summary)."""
     return ", ".join(f"{name} {value:.2f} %" for name, value in values.items())
 
 
