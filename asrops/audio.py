@@ -16,6 +16,7 @@ import av.error
 import numpy as np
 import soundfile as sf
 
+from asrops.audio_format import SAMPLE_RATE
 from asrops.errors import (
     AudioTooLargeError,
     AudioTooLongError,
@@ -25,7 +26,6 @@ from asrops.errors import (
 )
 from asrops.settings import AudioSettings
 
-SAMPLE_RATE = 16_000
 ACCEPTED = "Send wav, flac, mp3, ogg/opus, webm or m4a."
 
 # FFmpeg's default float down-mix is unnormalised (stereo -> 0.707 * (L + R), which clips);

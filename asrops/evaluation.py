@@ -7,7 +7,6 @@ rates, and both sides are normalised with Whisper's English normaliser first.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from asrops.audio import SAMPLE_RATE, decode_audio
+from asrops.clip_manifest import numbered_rows
 from asrops.errors import AudioError
 from asrops.textnorm import normalize_english
 
@@ -102,17 +102,14 @@ class EvalReport(BaseModel):
 def load_manifest(
     path: Path, *, filter: Callable[[EvalItem], bool] | None = None
 ) -> list[EvalItem]:
-    """Read a JSONL manifest; relative `audio` paths are resolved against the manifest's folder."""
-    path = Path(path)
+    """Read a clip manifest (asrops/clip_manifest.py); relative `audio` paths are resolved against
+    the manifest's folder."""
     items = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for line_no, row in numbered_rows(path, resolve_audio=True):
         try:
-            item = EvalItem.model_validate(json.loads(line))
+            item = EvalItem.model_validate(row)
         except ValueError as exc:
             raise ValueError(f"{path}:{line_no}: not a valid manifest row: {exc}") from exc
-        item.audio = str((path.parent / item.audio).resolve())
         if filter is None or filter(item):
             items.append(item)
     return items

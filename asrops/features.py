@@ -12,10 +12,10 @@ import re
 import numpy as np
 from pydantic import BaseModel
 
+from asrops.audio_format import SAMPLE_RATE
 from asrops.engines.types import Transcription
 from asrops.textnorm import normalize_english
 
-SAMPLE_RATE = 16_000
 FRAME = 400  # 25 ms frames at 16 kHz
 CLIP_LEVEL = 0.999  # |sample| at or above this counts as clipped
 SILENCE_DBFS = -45.0  # a frame quieter than this is silence

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from asrops.evaluation import score
 from asrops.registry.store import ObjectStore
 
-log = logging.getLogger("asrops.feedback")
+log = logging.getLogger(__name__)
 
 FEEDBACK = "feedback"
 

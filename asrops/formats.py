@@ -6,8 +6,6 @@ from collections.abc import Callable
 
 from asrops.engines.types import Transcription
 
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
-
 
 def _clock(seconds: float, decimal: str) -> str:
     ms = round(seconds * 1000)

@@ -35,7 +35,7 @@ from asrops.features import SAMPLE_RATE, audio_features, transcript_features
 from asrops.registry.store import ObjectStore, open_store
 from asrops.settings import ProductionLogSettings, Settings
 
-log = logging.getLogger("asrops.prodlog")
+log = logging.getLogger(__name__)
 
 RECORDS = "records"
 AUDIO = "audio"

@@ -3,15 +3,16 @@ nested fields use a double underscore (`ASROPS_ENGINE__KIND=torch`)."""
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cached_property
 from pathlib import Path
+from string import Template
 from typing import Literal
 
-from pydantic import BaseModel, Field
+import yaml
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from asrops.analysis import AnalysisSpec
 
 
 def _default_data_dir() -> Path:
@@ -44,6 +45,9 @@ class EngineSettings(BaseModel):
     """Default beam width; 1 is greedy decoding."""
     max_new_tokens: int = Field(default=224, ge=1, le=448)
     """Most tokens decoded per 30-s window (Whisper's context is 448; half is for the prompt)."""
+    offline_batch_size: int = Field(default=8, ge=1)
+    """Clips one engine call transcribes in work off the request path: a retrain's evaluation,
+    self-labelling and validation, and the drift reference (8 x 30-s windows: ~1 GB peak on CPU)."""
 
     def decode_options(self):
         """What a plain request decodes with: evaluations that must judge what serves use these."""
@@ -110,10 +114,22 @@ class ServeSettings(BaseModel):
     """Requests in flight per ingress replica; above the model's own limit so batches can form."""
     retry_after_s: int = 2
     """Value of Retry-After on 503 responses, in seconds."""
+    refresh_s: float = Field(default=2.0, gt=0)
+    """How often the ingress re-reads aliases, the rollout and the running model applications
+    (how fast a weight change or rollback reaches traffic), in seconds."""
+    drain_s: float = Field(default=30.0, ge=0)
+    """How long a model application no version references any more keeps running before it is
+    deleted (its in-flight requests finish first), in seconds."""
     canary_timeout_s: float = Field(default=30.0, gt=0)
     """A canary (or any version with somewhere to fall back to) not answering within this many
     seconds is given up on and the next version in line answers."""
     breaker: BreakerSettings = BreakerSettings()
+
+    @property
+    def local_url(self) -> str:
+        """The service's base URL as a client on this machine reaches it."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
 
 
 class ProductionLogSettings(BaseModel):
@@ -272,6 +288,8 @@ class TrainSettings(BaseModel):
     """Worker failures Ray Train recovers from (resuming from the last checkpoint)."""
     threads: int = Field(default=0, ge=0)
     """Torch threads per CPU worker; 0 = all cores."""
+    encode_batch_size: int = Field(default=16, ge=1)
+    """Training clips encoded at once while the frozen encoder's outputs are cached."""
 
 
 class GateSettings(BaseModel):
@@ -301,6 +319,9 @@ class TriggerSettings(BaseModel):
     """No automatic retrain within this many seconds of the last one."""
     min_new_labels: int = Field(default=50, ge=0)
     """Corrections received since the last retrain needed before an automatic one."""
+    jobs_address: str = "http://127.0.0.1:8265"
+    """The Ray Jobs API retrains are submitted to (the local Ray's dashboard); RAY_ADDRESS, when
+    set, wins, as it does for Ray's own CLI."""
 
 
 class RetrainSettings(BaseModel):
@@ -311,7 +332,7 @@ class RetrainSettings(BaseModel):
     curated_manifests: list[Path] = []
     """Extra labelled data (manifests in `asrops synth`'s format) every retrain uses."""
     golden_manifests: list[Path] = []
-    """The pinned regression set; empty means ../shared/data/speech's core English subset when present."""
+    """The pinned regression set; empty means the core English subset of `speech_data_dir`, when set."""
     golden_clips: int = Field(default=100, ge=0)
     """At most this many clips of each golden manifest (0 = all): both versions transcribe them."""
     replay_manifests: list[Path] = []
@@ -324,13 +345,142 @@ class RetrainSettings(BaseModel):
     """Known-good data never trained on, only transcribed while training to pick a checkpoint
     that has not forgotten it (beside `dataset.retention_clips` of the replay data). Keep it
     apart from the golden set, which judges the result."""
+    feedback_lookback_days: float = Field(default=30.0, gt=0)
+    """Corrections (with their kept audio) from this many days back are a retrain's new data."""
     work_dir: Path | None = None
     """Datasets, checkpoints and reports of each job; None means `<data_dir>/retrain`."""
 
 
+# --- the canary analysis: how the promotion controller judges and steps up a canary -----------
+# (Flagger's analysis as data; the controller and the checks' PromQL live in asrops/promotion/.)
+def render_query(template: str, version: str, window: str) -> str:
+    """A check's PromQL for one version and window (`$version`, `$window` filled in)."""
+    return Template(template).substitute(version=version, window=window)
+
+
+class Bound(BaseModel):
+    """One end of a check's range: `value` itself, or the stable's value plus or times it."""
+
+    value: float
+    relative_to_stable: Literal["absolute", "plus", "times"] = "absolute"
+
+    def limit(self, stable: float | None) -> float | None:
+        """The limit for this interval; None when it is relative and the stable has no value."""
+        if self.relative_to_stable == "absolute":
+            return self.value
+        if stable is None or not math.isfinite(stable):
+            return None
+        return stable + self.value if self.relative_to_stable == "plus" else stable * self.value
+
+    def describe(self) -> str:
+        if self.relative_to_stable == "absolute":
+            return f"{self.value:g}"
+        return f"stable {'+' if self.relative_to_stable == 'plus' else 'x'} {self.value:g}"
+
+
+class Gate(BaseModel):
+    """A check runs only once `query` (a template) reaches `min` for both versions, e.g. enough
+    corrected words for a feedback WER; until then it is skipped, neither passed nor failed."""
+
+    query: str
+    min: float
+
+
+class MetricCheck(BaseModel):
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,40}$")
+    query: str
+    """PromQL returning one number; `$version` is the version judged, `$window` the window."""
+    min: Bound | None = None
+    max: Bound | None = None
+    during: Literal["live", "shadow", "both"] = "live"
+    """Live steps (canary weight > 0), the shadow phase, or both."""
+    only_when: Gate | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> MetricCheck:
+        if self.min is None and self.max is None:
+            raise ValueError(f"check {self.name!r} needs a min or a max")
+        for template in (self.query, *([self.only_when.query] if self.only_when else [])):
+            if "$version" not in template:
+                raise ValueError(f"check {self.name!r}: its query must use $version")
+            render_query(template, "v", "1m")  # raises on a bad placeholder
+        return self
+
+    @property
+    def relative(self) -> bool:
+        return any(b is not None and b.relative_to_stable != "absolute" for b in (self.min, self.max))
+
+    def applies(self, shadow: bool) -> bool:
+        return self.during == "both" or self.during == ("shadow" if shadow else "live")
+
+
+class ShadowPhase(BaseModel):
+    share: float = Field(default=0.5, gt=0, le=1)
+    """Share of stable requests copied to the canary, whose answers go nowhere."""
+    intervals: int = Field(default=2, ge=1)
+    """Passing intervals in shadow before live traffic starts."""
+
+
+class AnalysisSpec(BaseModel):
+    """How a canary is judged and stepped up. Give `step_weights`, or `step_weight` and
+    `max_weight` (5 and 50 mean 5, 10, ..., 50)."""
+
+    interval_s: float = Field(default=60.0, ge=1)
+    """How often the checks run (and the least time spent at each step)."""
+    window_s: float | None = Field(default=None, ge=1)
+    """The `$window` of the queries; None means interval_s."""
+    step_weights: list[int] | None = [5, 10, 25, 50]
+    step_weight: int | None = Field(default=None, ge=1, le=100)
+    max_weight: int | None = Field(default=None, ge=1, le=100)
+    threshold: int = Field(default=3, ge=1)
+    """Failed checks (intervals with a failing check) that roll the canary back."""
+    min_requests: float = Field(default=20, ge=0)
+    """Requests the canary must have had in the window (shadow copies, in the shadow phase);
+    fewer is a failed check: a canary is never promoted on no evidence."""
+    shadow: ShadowPhase | None = None
+    init_timeout_s: float = Field(default=600.0, gt=0)
+    """A canary that has had no request this long after its rollout began is rolled back."""
+    checks: list[MetricCheck] | None = None
+    """None: the built-in checks (error ratio, p95 latency, avg logprob, shadow disagreement,
+    feedback WER; asrops/promotion/checks.py)."""
+    webhooks: list[str] = []
+    """URLs POSTed a JSON event on every rollout decision (failures are logged, never fatal)."""
+
+    @model_validator(mode="after")
+    def _one_step_form(self) -> AnalysisSpec:
+        if self.step_weight is not None or self.max_weight is not None:
+            if self.step_weight is None or self.max_weight is None:
+                raise ValueError("give both step_weight and max_weight, or step_weights")
+            if self.max_weight < self.step_weight:
+                raise ValueError("max_weight must be at least step_weight")
+            self.step_weights = None
+        elif not self.step_weights:
+            raise ValueError("give step_weights (e.g. [5, 10, 25, 50]), or step_weight and max_weight")
+        weights = self.weights()
+        if any(not 0 < w <= 100 for w in weights) or weights != sorted(set(weights)):
+            raise ValueError(f"step weights must rise strictly within 1..100, got {weights}")
+        names = [c.name for c in self.checks or []]
+        if len(names) != len(set(names)):
+            raise ValueError(f"check names must be unique, got {names}")
+        return self
+
+    def weights(self) -> list[int]:
+        if self.step_weights:
+            return list(self.step_weights)
+        return list(range(self.step_weight, self.max_weight + 1, self.step_weight))  # type: ignore[arg-type]
+
+    @property
+    def window(self) -> str:
+        return f"{round(self.window_s or self.interval_s)}s"
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> AnalysisSpec:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+
 class PromotionSettings(BaseModel):
-    """The promotion controller (serve/controller.py): steps a canary up on live Prometheus
-    metrics, promotes it or rolls it back."""
+    """The promotion controller (asrops/promotion/controller.py): steps a canary up on live
+    Prometheus metrics, promotes it or rolls it back."""
 
     enabled: bool = True
     """`asrops serve` starts the controller; off leaves canaries where operators put them."""
@@ -356,9 +506,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     """Root of everything the embedded deployment writes (registry, logs, reports)."""
     log_level: str = "INFO"
-    speech_data_dir: Path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech"
-    """Real recorded speech with transcripts (`manifest.jsonl`), beside the checkout by default;
-    used by the engine benchmark and the tests that need real speech."""
+    speech_data_dir: Path | None = None
+    """Real recorded speech with transcripts (a folder with `manifest.jsonl`): the engine
+    benchmark's clips and the retrain gate's default golden set. None: there is none. The
+    scripts (scripts/env.sh) set it to ../shared/data/speech beside the checkout when present."""
     registry: RegistrySettings = RegistrySettings()
     engine: EngineSettings = EngineSettings()
     audio: AudioSettings = AudioSettings()
@@ -378,6 +529,12 @@ class Settings(BaseSettings):
     @cached_property
     def prometheus_url(self) -> str:
         return self.promotion.prometheus_url or f"http://127.0.0.1:{self.monitoring.prometheus_port}"
+
+    @property
+    def speech_manifest(self) -> Path | None:
+        """`speech_data_dir`'s manifest, when there is one."""
+        manifest = self.speech_data_dir / "manifest.jsonl" if self.speech_data_dir else None
+        return manifest if manifest and manifest.exists() else None
 
     @cached_property
     def cache_dir(self) -> Path:

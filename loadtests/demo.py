@@ -36,12 +36,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from asrops.synth import PRESETS, SynthSpec, generate, split_templates
+from asrops.synth import PRESETS, generate, split_templates
+from loadtests import CHECKOUT_SPEECH
 
 log = logging.getLogger("asrops.demo")
 
-DRIFT = SynthSpec(voices=["en-gb-scotland", "en-029"], rate=(185, 205), snr_db=10, noise="white",
-                  domains=["medical", "numbers"])
+DRIFT = PRESETS["drift-accent-noise"]
 ADMIN_TOKEN = "demo-admin-token"
 
 
@@ -75,7 +75,7 @@ def demo_env(data_dir: Path, replay: Path, golden: Path) -> dict[str, str]:
 def _speech_manifest() -> list[str]:
     from asrops.settings import Settings
 
-    speech = Settings().speech_data_dir / "manifest.jsonl"
+    speech = Settings().speech_manifest or CHECKOUT_SPEECH / "manifest.jsonl"
     return [str(speech)] if speech.exists() else []
 
 
@@ -120,7 +120,7 @@ class Traffic:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from monitoring.simulate import simulate
+        from asrops.monitoring.simulate import simulate
 
         seed = 0
         while not self._stop.is_set():
@@ -188,20 +188,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from asrops import rollout
-    from asrops.analysis import Phase
+    from asrops.cli.stack import start_monitoring
+    from asrops.monitoring.dashboards import DASHBOARD_FILE
+    from asrops.monitoring.prometheus import PrometheusClient, PrometheusError
+    from asrops.monitoring.reference import pin_window
+    from asrops.monitoring.simulate import MixPart, simulate
     from asrops.prodlog import store_for
+    from asrops.promotion import rollout
+    from asrops.promotion.state import Phase
     from asrops.registry import ModelRegistry
+    from asrops.retrain.trigger import jobs_address, jobs_client, retrain_jobs
+    from asrops.serve.launcher import VersionReconciler, run_local
     from asrops.settings import Settings
-    from monitoring.dashboards import DASHBOARD_FILE
-    from monitoring.prometheus import PrometheusClient, PrometheusError
-    from monitoring.reference import pin_window
-    from monitoring.simulate import MixPart, simulate
-    from monitoring.stack import start_monitoring
-    from retrain.trigger import retrain_jobs
-    from serve.launcher import VersionReconciler, run_local
 
     settings = Settings()
+    jobs_api = jobs_address(settings.retrain.trigger)
     say(f"2/7 starting the service in {settings.data_dir} (first run imports the embedded model)")
     url = run_local(settings, say)
     clean_mix = [MixPart(manifest=traffic_clean, weight=1)]
@@ -247,14 +248,13 @@ def main(argv: list[str] | None = None) -> int:
             wait_for("a drift verdict", lambda: verdict() == "drift", 600, say, report=verdict)
             story.mark(f"drift verdict; {t.corrections} corrections so far")
             job = wait_for("the trigger to submit a retrain (250 corrections needed)",
-                           lambda: next(iter(retrain_jobs()), None), 600, say,
+                           lambda: next(iter(retrain_jobs(jobs_api)), None), 600, say,
                            report=lambda: f"{t.corrections} corrections, verdict {verdict()}")
             story.mark(f"retrain job {job.job_id} submitted by the monitor's trigger after "
                        f"{t.corrections} corrections ({t.statuses})")
 
         say("5/7 retraining (Ray job: dataset, fine-tuning, evaluation gate); traffic paused")
-        from retrain.trigger import _client
-        client, printed = _client(), 0
+        client, printed = jobs_client(jobs_api), 0
 
         def job_done():
             nonlocal printed
@@ -325,7 +325,8 @@ def _summary(story: Story, registry, settings, stable0: str, good, bad, dashboar
     for key, name in (("heldout", "drifted slice (held-out corrections)"), ("golden", "golden set")):
         if f"{key}_wer" in m:
             print(f"  {name}: WER {m[f'{key}_stable_wer']:.2f} % -> {m[f'{key}_wer']:.2f} %, difference 95 % CI "
-                  f"[{m.get(f'{key}_wer_diff_low', float('nan')):+.2f}, {m.get(f'{key}_wer_diff_high', float('nan')):+.2f}]")
+                  f"[{m.get(f'{key}_wer_diff_low', float('nan')):+.2f}, "
+                  f"{m.get(f'{key}_wer_diff_high', float('nan')):+.2f}]")
     print(f"evaluation report: {report}")
     print(f"drift reports: {settings.production_log_uri}/drift-reports/ (open the .html)")
     print(f"dashboard to import into Grafana: {dashboard}; alert rules: monitoring/prometheus/alerts.yml")

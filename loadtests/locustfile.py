@@ -17,7 +17,7 @@ from pathlib import Path
 from locust import HttpUser, constant, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # locust imports this file by path
-from loadtests.service_bench import ENDPOINT, Clip, load_clips  # noqa: E402
+from loadtests.service_bench import ENDPOINT, Clip, load_clips
 
 _next_index = itertools.count()
 

@@ -36,6 +36,8 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from loadtests import CHECKOUT_SPEECH
+
 ENDPOINT = "/v1/audio/transcriptions"
 OVERHEAD_TARGET = 1.15
 """Ours p50 at concurrency 1 over the bare engine's p50: what serving may add."""
@@ -56,7 +58,7 @@ def load_clips(n: int, speech_dir: Path | None = None) -> list[Clip]:
     from asrops.evaluation import core_english_filter, load_manifest
     from asrops.settings import load_settings
 
-    manifest = Path(speech_dir or load_settings().speech_data_dir) / "manifest.jsonl"
+    manifest = Path(speech_dir or load_settings().speech_data_dir or CHECKOUT_SPEECH) / "manifest.jsonl"
     if not manifest.exists():
         raise FileNotFoundError(
             f"No speech data: {manifest} is missing. Put the shared speech data beside the checkout "
@@ -296,7 +298,7 @@ def measure_bare_engine(n_clips: int, threads: int, say: Callable[[str], None]) 
     say(f"bare engine: onnx-int8, {threads} threads, {n_clips} clips, one at a time")
     job = json.dumps({"clips": n_clips, "threads": threads})
     proc = subprocess.run([sys.executable, "-m", "loadtests.service_bench", "--bare-engine-worker", job],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         say(f"bare engine failed (exit {proc.returncode}); reporting without it:\n{proc.stderr[-2000:]}")
         return None

@@ -286,7 +286,7 @@ def _run_isolating(
         return [], {}
     try:
         return [_run(plans, current, reference)], {}
-    except Exception as exc:  # noqa: BLE001 -- any Evidently failure becomes a column error
+    except Exception as exc:
         if len(plans) == 1:
             return [], {plans[0].column: f"{type(exc).__name__}: {exc}"}
     fragile = [p for p in plans if p.kind == "text"]

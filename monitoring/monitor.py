@@ -19,14 +19,14 @@ import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from pydantic import BaseModel
 
+from asrops.monitoring.drift import DriftResult, compute_drift, save_reports
+from asrops.monitoring.reference import load_reference, successful
+from asrops.monitoring.verdict import Verdict, VerdictPolicy, WindowJudgement
 from asrops.prodlog import ProductionLogReader
 from asrops.registry.store import ObjectStore
 from asrops.settings import MonitoringSettings
-from monitoring.drift import DriftResult, compute_drift, save_reports
-from monitoring.reference import load_reference, successful
-from monitoring.verdict import Verdict, VerdictPolicy, WindowJudgement
 
-log = logging.getLogger("asrops.monitoring.monitor")
+log = logging.getLogger(__name__)
 
 REPORTS = "drift-reports"
 RETRAIN_STATES = ("pending", "running", "succeeded", "failed")
@@ -41,7 +41,8 @@ class MonitorMetrics:
         r = self.registry
         self.share = Gauge("asrops_drift_share", "Share of drifted columns in the last window.", registry=r)
         self.score = Gauge("asrops_drift_feature_score", "Drift score of each feature in the last window "
-                           "(p-value for tests, distance for distances: see method).", ["feature", "method"], registry=r)
+                           "(p-value for tests, distance for distances: see method).", ["feature", "method"],
+                           registry=r)
         self.drifted = Gauge("asrops_drift_feature_drifted", "1 when the feature drifted in the last window.",
                              ["feature"], registry=r)
         self.samples = Gauge("asrops_drift_window_samples", "Answered requests in the last window.", registry=r)

@@ -1,5 +1,6 @@
-"""Every PromQL expression asrops ships (dashboard panels, recording and alerting rules), each
-with the query to evaluate to see it has data. Tests check them with promtool and against the
+"""Every PromQL expression asrops ships (dashboard panels, recording and alerting rules, the
+promotion controller's queries), each with the query to evaluate to see it has data. Tests
+check them with promtool and against the
 metric names the service exports; a live check can run each `query` against a real service."""
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from monitoring.dashboards import ROWS
-from monitoring.prometheus import ALERT_RULES_FILE
+from asrops.monitoring.dashboards import ROWS
+from asrops.monitoring.prometheus import ALERT_RULES_FILE
+from asrops.promotion.checks import every_query
 
 _GRAFANA_VARIABLES = ("$__rate_interval", "$__interval", "$__range")
 _ALERT_FORM = re.compile(
@@ -35,12 +37,14 @@ _KEYWORDS = {
 
 class CheckedExpression(BaseModel):
     source: str
-    """Where it comes from: "dashboard: <panel title>", "alert: <name>" or "record: <name>"."""
+    """Where it comes from: "dashboard: <panel title>", "alert: <name>", "record: <name>" or
+    "promotion: <check>"."""
     expr: str
     """The expression as written."""
     query: str
     """What to evaluate to expect data: Grafana's variables replaced by 1m; for an alert, the
-    left side of its comparison (or the argument of `absent`)."""
+    left side of its comparison (or the argument of `absent`); for a promotion check, the
+    query over any version in a 1m window."""
 
 
 def alert_query(expr: str) -> str:
@@ -75,12 +79,18 @@ def dashboard_query(expr: str) -> str:
     return expr
 
 
+def promotion_query(template: str) -> str:
+    """A promotion query as it can be checked without knowing a version: any version, 1m."""
+    return template.replace('model_version="$version"', 'model_version=~".+"').replace("$window", "1m")
+
+
 def rule_groups(path: Path = ALERT_RULES_FILE) -> list[dict]:
     return yaml.safe_load(path.read_text())["groups"]
 
 
 def expressions_to_check() -> list[CheckedExpression]:
-    """Dashboard targets, then recording rules, then alerts, in file order."""
+    """Dashboard targets, then recording rules and alerts in file order, then the promotion
+    controller's queries."""
     checked = [
         CheckedExpression(source=f"dashboard: {panel.title}", expr=q.expr, query=dashboard_query(q.expr))
         for row in ROWS
@@ -96,6 +106,8 @@ def expressions_to_check() -> list[CheckedExpression]:
                 checked.append(
                     CheckedExpression(source=f"alert: {rule['alert']}", expr=expr, query=alert_query(expr))
                 )
+    checked += [CheckedExpression(source=f"promotion: {name}", expr=template, query=promotion_query(template))
+                for name, template in every_query().items()]
     return checked
 
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import pandas as pd
 
 from asrops.audio import decode_audio
+from asrops.clip_manifest import read_rows
 from asrops.features import vocabulary_of, words_of
 from asrops.prodlog import FinishedRequest, ProductionLogReader, to_record
 from asrops.registry.store import ObjectStore
 
-log = logging.getLogger("asrops.monitoring.reference")
+log = logging.getLogger(__name__)
 
 REFERENCE_KEY = "reference/features.parquet"
-BATCH = 8
 
 
 def successful(frame: pd.DataFrame) -> pd.DataFrame:
@@ -71,15 +71,13 @@ def pin_window(store: ObjectStore, start: datetime, end: datetime) -> pd.DataFra
     return load_reference(store)
 
 
-def from_manifest(store: ObjectStore, manifest: Path, engine, version: str,
+def from_manifest(store: ObjectStore, manifest: Path, engine, version: str, batch_size: int,
                   progress: Callable[[str], None] = log.info, limit: int | None = None) -> pd.DataFrame:
     """Transcribe every clip of `manifest` (jsonl with `audio`) with `engine`, keep its features."""
-    import json
-
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()][:limit]
+    rows = read_rows(manifest)[:limit]
     records = []
-    for start in range(0, len(rows), BATCH):
-        chunk = rows[start : start + BATCH]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
         decoded = [decode_audio((manifest.parent / r["audio"]).read_bytes()) for r in chunk]
         for i, (audio, t) in enumerate(zip(decoded, engine.transcribe([a.samples for a in decoded]))):
             records.append(to_record(FinishedRequest(
@@ -108,4 +106,4 @@ def synthetic_reference(store: ObjectStore, registry, settings, progress: Callab
         manifest = generate(PRESETS["clean"].model_copy(update={"n": n, "seed": 1}), Path(tmp), progress=progress)
         engine = load_engine(registry.fetch(version), settings.engine.kind, settings.engine.device,
                              settings.engine.threads)
-        return from_manifest(store, manifest, engine, version, progress)
+        return from_manifest(store, manifest, engine, version, settings.engine.offline_batch_size, progress)

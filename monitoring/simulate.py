@@ -8,7 +8,6 @@ schedule (open loop: a slow service does not slow the sender) up to a concurrenc
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import httpx
 from pydantic import BaseModel
+
+from asrops.clip_manifest import read_rows
 
 
 class MixPart(BaseModel):
@@ -52,7 +53,7 @@ SLICE_TAGS = ("voice", "accent", "snr_db", "domain")
 
 def _clips(manifest: Path) -> list[tuple[bytes, dict]]:
     """Each clip's bytes and its manifest row (its text and slice fields)."""
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = read_rows(manifest)
     if not rows:
         raise ValueError(f"{manifest} lists no clips")
     return [((manifest.parent / row["audio"]).read_bytes(), row) for row in rows]

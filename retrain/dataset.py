@@ -7,13 +7,13 @@ Every clip that is left out is counted under one reason (`DropReason`), with a f
 so a report says what was thrown away and why. Splits are stratified by slice (the combination of
 `DatasetSettings.slice_fields`) and grouped: a group (a synthetic template, else the sentence) is
 never in two splits, since held-out sentences that share a template with training overstate a
-retrain (FACTS.md, "Retraining tiny.en on this CPU").
+retrain (on the drift scenario, a sentence-held-out split showed 0.53 x the parent's WER where a
+template-held-out one showed 0.97 x).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from asrops.audio import decode_audio
+from asrops.clip_manifest import write_rows
 from asrops.errors import AudioError
 from asrops.evaluation import MISSING, load_manifest
 from asrops.features import audio_features
@@ -469,9 +470,7 @@ def _manifest_row(example: Example) -> dict:
 
 
 def _write_manifest(path: Path, examples: list[Example]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(_manifest_row(e)) + "\n" for e in examples), encoding="utf-8")
-    tmp.replace(path)
+    write_rows(path, (_manifest_row(e) for e in examples))
 
 
 def build_dataset(

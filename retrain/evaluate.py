@@ -37,8 +37,6 @@ from asrops.textnorm import normalize_english
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 8
-"""Clips per engine call while transcribing a manifest."""
 MIN_SLICE_ITEMS_FOR_INTERVAL = 20
 """Slices with fewer scored items get no bootstrap interval: it would say little."""
 _MAX_RESAMPLED_CELLS = 2_000_000
@@ -51,7 +49,7 @@ def transcribe_manifest(
     manifest_path: Path,
     progress: Callable[[int, int], None] | None = None,
     *,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int,
     slice_fields: list[str] | None = None,
     filter: Callable[[EvalItem], bool] | None = None,
     options: DecodeOptions | None = None,

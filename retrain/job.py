@@ -10,7 +10,6 @@ carries both reports among its files.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -20,34 +19,33 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from asrops import rollout
 from asrops.audio import decode_audio
+from asrops.clip_manifest import write_rows
 from asrops.engines import load_engine
 from asrops.evaluation import core_english_filter, load_manifest
 from asrops.models.importer import build_version_dir
 from asrops.prodlog import store_for
+from asrops.promotion import rollout
 from asrops.registry import ModelRegistry
 from asrops.registry.manifest import new_version_id
-from asrops.settings import Settings
-from retrain.dataset import (
+from asrops.retrain.dataset import (
     BuiltDataset,
     Example,
     build_dataset,
     examples_from_feedback,
     examples_from_manifest,
 )
-from retrain.evaluate import (
+from asrops.retrain.evaluate import (
     EvaluationReport,
     compare,
     gate,
     transcribe_manifest,
     write_report,
 )
-from retrain.train import TrainJob, TrainResult, run_training
+from asrops.retrain.train import TrainJob, TrainResult, run_training
+from asrops.settings import Settings
 
-log = logging.getLogger("asrops.retrain.job")
-
-FEEDBACK_LOOKBACK = timedelta(days=30)
+log = logging.getLogger(__name__)
 
 
 class RetrainOutcome(BaseModel):
@@ -70,20 +68,18 @@ def prepare_golden(settings: Settings, out_dir: Path) -> list[Path]:
     """The pinned regression set as manifests of absolute paths, at most `golden_clips` rows
     each: the configured manifests, else the core English subset of the real speech beside the
     checkout (when present)."""
-    speech = settings.speech_data_dir / "manifest.jsonl"
+    speech = settings.speech_manifest
     configured = [Path(p) for p in settings.retrain.golden_manifests]
-    if not configured and speech.exists():
+    if not configured and speech:
         configured = [speech]
     # The real speech's manifest also lists other languages and styles: its core English subset.
-    sources = [(p, core_english_filter if p.resolve() == speech.resolve() else None) for p in configured]
+    sources = [(p, core_english_filter if speech and p.resolve() == speech.resolve() else None) for p in configured]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (manifest, keep) in enumerate(sources):
         items = load_manifest(manifest, filter=keep)[: settings.retrain.golden_clips or None]
-        path = out_dir / f"golden-{i}-{manifest.parent.name}.jsonl"
-        path.write_text("".join(json.dumps({**(item.model_extra or {}), "audio": item.audio, "text": item.text})
-                                + "\n" for item in items))
-        paths.append(path)
+        rows = ({**(item.model_extra or {}), "audio": item.audio, "text": item.text} for item in items)
+        paths.append(write_rows(out_dir / f"golden-{i}-{manifest.parent.name}.jsonl", rows))
     return paths
 
 
@@ -116,15 +112,15 @@ def self_label(settings: Settings, parent_dir: Path, manifest: Path, out: Path, 
     items = load_manifest(manifest)
     options = settings.engine.decode_options()
     rows = []
-    for start in range(0, len(items), 8):
-        batch = items[start : start + 8]
+    n = settings.engine.offline_batch_size
+    for start in range(0, len(items), n):
+        batch = items[start : start + n]
         results = engine.transcribe([decode_audio(Path(item.audio).read_bytes()).samples for item in batch], options)
         for item, result in zip(batch, results, strict=True):
             if len(result.segments) == 1 and result.text.strip():
                 rows.append({**(item.model_extra or {}), "audio": item.audio, "text": result.text.strip()})
-        say(f"self-labelling {manifest.name}: {min(start + 8, len(items))}/{len(items)} clips")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        say(f"self-labelling {manifest.name}: {min(start + n, len(items))}/{len(items)} clips")
+    write_rows(out, rows)
     say(f"self-labelled {len(rows)} of {len(items)} clips of {manifest} (the rest were not one segment)")
     return out
 
@@ -143,7 +139,8 @@ def _evaluate(settings: Settings, candidate_dir: Path, stable_dir: Path, data: B
 
     def run(name: str, manifest: Path):
         say(f"evaluating {name} on {manifest.name}")
-        return transcribe_manifest(engines[name], manifest)  # logs its own progress
+        # logs its own progress
+        return transcribe_manifest(engines[name], manifest, batch_size=settings.engine.offline_batch_size)
 
     heldout = {n: run(n, data.test) for n in engines}
     golden = {n: [r for manifest in golden_paths for r in run(n, manifest)] for n in engines}
@@ -162,10 +159,11 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
     say(f"{job}: {cause} ({reason}); parent {parent}; work dir {work}")
 
     stable_dir = registry.fetch(parent)
-    new, replay, retention = gather_examples(settings, work, datetime.now(UTC) - FEEDBACK_LOOKBACK, stable_dir, say)
+    since = datetime.now(UTC) - timedelta(days=settings.retrain.feedback_lookback_days)
+    new, replay, retention = gather_examples(settings, work, since, stable_dir, say)
     golden_paths = prepare_golden(settings, work / "golden")
-    golden = [e for p in golden_paths for e in examples_from_manifest(p, "golden", settings.retrain.dataset.slice_fields,
-                                                                      settings.retrain.dataset.hold_out_by)]
+    fields, by = settings.retrain.dataset.slice_fields, settings.retrain.dataset.hold_out_by
+    golden = [e for p in golden_paths for e in examples_from_manifest(p, "golden", fields, by)]
     say(f"data: {len(new)} new labelled examples, {len(replay)} replayable, {len(retention)} retention-only, "
         f"{len(golden)} golden")
     data = build_dataset(new, golden, replay, settings.retrain.dataset, work / "data", retention)
@@ -174,7 +172,7 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
     train = run_training(TrainJob(
         parent_dir=stable_dir, train_manifest=data.train, validation_manifest=data.validation,
         retention_manifest=data.retention,
-        decode=settings.engine.decode_options(),
+        decode=settings.engine.decode_options(), decode_batch_size=settings.engine.offline_batch_size,
         storage_path=str(checkpoint_root(settings)), name=job, output_dir=work / "model",
         settings=settings.retrain.train), gpus_available)
     say(f"trained {train.steps} steps in {train.seconds:.0f} s ({train.samples_per_s:.1f} samples/s); "
@@ -187,15 +185,15 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
     heldout, golden_cmp = _evaluate(settings, candidate_dir, stable_dir, data, golden_paths, say)
     decision = gate(heldout, golden_cmp, settings.retrain.gate)
     report = EvaluationReport(candidate_version=f"{job} (unpublished)", stable_version=parent, heldout=heldout,
-                              golden=golden_cmp, decision=decision, gate=settings.retrain.gate, engine=settings.engine.kind,
-                              started_at=eval_started, finished_at=datetime.now(UTC))
+                              golden=golden_cmp, decision=decision, gate=settings.retrain.gate,
+                              engine=settings.engine.kind, started_at=eval_started, finished_at=datetime.now(UTC))
     json_path, md_path = write_report(report, work / "evaluation")
     for line in decision.reasons:
         say(f"gate: {line}")
     published = None
     if decision.passed:
-        published = _publish_and_deploy(settings, registry, candidate_dir, data, json_path, md_path, parent, cause,
-                                        reason, say)
+        published = _publish_and_deploy(settings, registry, candidate_dir, data, report, json_path, md_path,
+                                        parent, cause, reason, say)
     else:
         say(f"gate failed: nothing published (report {md_path})")
     return RetrainOutcome(job=job, cause=cause, reason=reason, parent=parent, dataset_report=data.report_md,
@@ -209,8 +207,9 @@ def checkpoint_root(settings: Settings) -> Path | str:
     return f"{uri.rstrip('/')}-checkpoints" if uri.startswith("s3://") else Path(uri).parent / "checkpoints"
 
 
-def _publish_and_deploy(settings, registry, candidate_dir: Path, data: BuiltDataset, json_path: Path,
-                        md_path: Path, parent: str, cause: str, reason: str, say) -> str:
+def _publish_and_deploy(settings: Settings, registry: ModelRegistry, candidate_dir: Path, data: BuiltDataset,
+                        report: EvaluationReport, json_path: Path, md_path: Path, parent: str, cause: str,
+                        reason: str, say: Callable[[str], None]) -> str:
     """Publish the evaluated directory itself (its ONNX files are the ones the gate judged),
     with the reports beside the weights."""
     reports = {"evaluation.json": json_path, "evaluation.md": md_path, "data.json": data.report_json,
@@ -221,7 +220,7 @@ def _publish_and_deploy(settings, registry, candidate_dir: Path, data: BuiltData
     manifest = registry.publish(
         candidate_dir, id=new_version_id("whisper"), family="whisper", parent=parent,
         source=f"retrain ({cause}): {reason}", notes=f"fine-tuned from {parent}; evaluation in reports/evaluation.md",
-        eval_metrics=_manifest_metrics(json_path), data_fingerprint=hashlib.sha256(data.train.read_bytes()).hexdigest(),
+        eval_metrics=_manifest_metrics(report), data_fingerprint=hashlib.sha256(data.train.read_bytes()).hexdigest(),
         progress=say,
     )
     g = settings.retrain.gate
@@ -231,15 +230,15 @@ def _publish_and_deploy(settings, registry, candidate_dir: Path, data: BuiltData
     return manifest.id
 
 
-def _manifest_metrics(json_path: Path) -> dict[str, float]:
-    report = json.loads(json_path.read_text())
+def _manifest_metrics(report: EvaluationReport) -> dict[str, float]:
+    """The gate's headline figures, kept in the version's manifest."""
     out = {}
-    for key, name in (("heldout", "heldout"), ("golden", "golden")):
-        overall = report[key]["overall"]
-        out[f"{name}_wer"] = overall["candidate"]["wer"]
-        out[f"{name}_cer"] = overall["candidate"]["cer"]
-        out[f"{name}_stable_wer"] = overall["stable"]["wer"]
-        if overall.get("interval"):
-            out[f"{name}_wer_diff_low"] = overall["interval"]["low"]
-            out[f"{name}_wer_diff_high"] = overall["interval"]["high"]
+    for name, compared in (("heldout", report.heldout), ("golden", report.golden)):
+        overall = compared.overall
+        out[f"{name}_wer"] = overall.candidate.wer
+        out[f"{name}_cer"] = overall.candidate.cer
+        out[f"{name}_stable_wer"] = overall.stable.wer
+        if overall.interval:
+            out[f"{name}_wer_diff_low"] = overall.interval.low
+            out[f"{name}_wer_diff_high"] = overall.interval.high
     return out

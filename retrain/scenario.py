@@ -1,10 +1,11 @@
 """The drift scenario, end to end on one machine: traffic moves to accented, noisy speech; the
 stable's WER there is W0; a retrain on at most 300 labelled clips of that slice must give a
 candidate at most 0.7 x W0 on the slice's held-out part (by default sentences of templates
-it never trained on; `--hold-out-by sentence`: only the sentences are new) and no worse than 2 % relative on the golden set (the real speech beside the
+it never trained on; `--hold-out-by sentence`: only the sentences are new) and no worse than
+2 % relative on the golden set (the real speech beside the
 checkout plus the original clean synthetic slice).
 
-    python -m retrain.scenario [--work DIR] [--labelled 300]
+    python -m asrops.retrain.scenario [--work DIR] [--labelled 300]
 
 Prints the figures and where the reports are; exits 1 when a criterion fails.
 """
@@ -19,13 +20,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from asrops.clip_manifest import write_rows
 from asrops.settings import Settings
-from asrops.synth import PRESETS, SynthSpec, generate, split_templates
+from asrops.synth import PRESETS, generate, split_templates
 
-log = logging.getLogger("asrops.retrain.scenario")
+log = logging.getLogger(__name__)
 
-DRIFT = SynthSpec(voices=["en-gb-scotland", "en-029"], rate=(185, 205), snr_db=10, noise="white",
-                  domains=["medical", "numbers"])
+DRIFT = PRESETS["drift-accent-noise"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,21 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     golden = generate(clean.model_copy(update={"n": args.golden_clean, "seed": 23, "template_ids": golden_templates}),
                       work / "golden", say)
 
-    from serve.launcher import init_ray
+    from asrops.raycluster import init_ray
 
     settings = Settings(data_dir=work / "data")
     settings.retrain.curated_manifests = [drifted]
     settings.retrain.replay_manifests = [replay]
-    speech = settings.speech_data_dir / "manifest.jsonl"
+    speech = settings.speech_manifest
+    if speech is None:
+        log.warning("no real speech (ASROPS_SPEECH_DATA_DIR): the golden set is clean synthetic speech only")
     if args.golden_clean != args.golden_real:
         parser.error("golden_clips is one cap for every golden manifest: give --golden-clean and --golden-real equal")
-    settings.retrain.golden_manifests = [golden, *([speech] if speech.exists() else [])]
+    settings.retrain.golden_manifests = [golden, *([speech] if speech else [])]
     settings.retrain.golden_clips = args.golden_real
     settings.retrain.retention_manifests = [retention]
-    if speech.exists() and args.retention_real:
+    if speech and args.retention_real:
         settings.retrain.retention_manifests.append(_real_clips(speech, args.golden_real, args.retention_real,
                                                                 work / "retention-real.jsonl"))
-    if speech.exists() and args.replay_real:
+    if speech and args.replay_real:
         settings.retrain.self_label_manifests = [_real_clips(speech, args.golden_real + args.retention_real,
                                                              args.replay_real, work / "replay-real.jsonl")]
     settings.retrain.dataset.retention_clips = 0  # replayed templates would flatter the guard
@@ -91,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from asrops.models.importer import import_embedded_default
     from asrops.registry import ModelRegistry
-    from retrain.job import run_retrain
-    from retrain.trigger import TriggerInputs, decide
+    from asrops.retrain.job import run_retrain
+    from asrops.retrain.trigger import TriggerInputs, decide
 
     import_embedded_default(ModelRegistry.from_settings(settings), progress=say)
     decision = decide(TriggerInputs(now=datetime.now(UTC), drift_verdict="drift", new_labels=args.labelled),
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     g0, g1 = gold["stable"]["wer"], gold["candidate"]["wer"]
     ok_slice, ok_golden = w1 <= 0.7 * w0, g1 <= g0 * 1.02
     lines = [
-        f"drifted slice held out (by {args.hold_out_by}): stable W0 {w0:.2f} %, candidate {w1:.2f} % = {w1 / w0:.2f} x W0 "
+        f"drifted slice held out (by {args.hold_out_by}): stable W0 {w0:.2f} %, candidate {w1:.2f} % "
+        f"= {w1 / w0:.2f} x W0 "
         f"(goal <= 0.70); difference {held['wer_diff']:+.2f} points, 95 % CI "
         f"[{held['interval']['low']:+.2f}, {held['interval']['high']:+.2f}] ({held['n']} clips)",
         f"golden: stable {g0:.2f} %, candidate {g1:.2f} % ({(g1 / g0 - 1) * 100:+.1f} % relative, goal <= +2 %); "
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 def _guard_line(guard) -> str:
     if guard is None:
         return "not run (no retention set)"
-    from retrain.train import format_wers
+    from asrops.retrain.train import format_wers
 
     tried = "; ".join(f"{t.weight:g}: validation {t.validation_wer:.2f} %, retention {t.retention_wer:.2f} % "
                       f"({format_wers(t.retention_wer_by_part)})" for t in guard.trials)
@@ -142,8 +146,7 @@ def _real_clips(speech: Path, skip: int, n: int, out: Path) -> Path:
     from asrops.evaluation import core_english_filter, load_manifest
 
     items = load_manifest(speech, filter=core_english_filter)[skip : skip + n]
-    out.write_text("".join(json.dumps({"audio": item.audio, "text": item.text}) + "\n" for item in items))
-    return out
+    return write_rows(out, ({"audio": item.audio, "text": item.text} for item in items))
 
 
 if __name__ == "__main__":

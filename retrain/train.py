@@ -39,19 +39,21 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel
 
+from asrops.audio_format import SAMPLE_RATE
+from asrops.clip_manifest import read_rows
+from asrops.engines.decoding import CHUNK_S, TIME_PRECISION, SpecialTokens
+from asrops.engines.torch_backend import TorchWhisperBackend
 from asrops.engines.types import DecodeOptions
-from asrops.settings import TrainSettings
+from asrops.settings import EngineSettings, TrainSettings
 
-log = logging.getLogger("asrops.retrain.train")
+log = logging.getLogger(__name__)
 
-SOT, EOT = 50257, 50256  # tiny.en: <|startoftranscript|>, <|endoftext|>
-TIMESTAMP_BEGIN = 50363  # <|0.00|>; one token per 20 ms up to <|30.00|>
-SECONDS_PER_TIMESTAMP = 0.02
 MAX_LABEL_TOKENS = 128
 STATE_FILE = "train_state.pt"
 BEST_DIR = "best"
@@ -79,6 +81,8 @@ class TrainJob(BaseModel):
     settings: TrainSettings
     decode: DecodeOptions = DecodeOptions()
     """How the service decodes a plain request: validation decodes the same way."""
+    decode_batch_size: int = EngineSettings().offline_batch_size
+    """Held-out clips the engine decodes at once (`engine.offline_batch_size`)."""
 
 
 class GuardTrial(BaseModel):
@@ -116,13 +120,6 @@ class TrainResult(BaseModel):
 
 
 # --- data ---------------------------------------------------------------------------------
-def _rows(manifest: Path) -> list[dict]:
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    for row in rows:
-        row["audio"] = str((manifest.parent / row["audio"]).resolve())
-    return rows
-
-
 def _load_audio(path: str) -> np.ndarray:
     from asrops.audio import decode_audio
 
@@ -142,19 +139,20 @@ def _augment(samples: np.ndarray, s: TrainSettings, rng: random.Random) -> np.nd
     return samples
 
 
-def _timestamp(seconds: float) -> int:
-    return TIMESTAMP_BEGIN + round(min(max(seconds, 0.0), 30.0) / SECONDS_PER_TIMESTAMP)
+def _timestamp(special: SpecialTokens, seconds: float) -> int:
+    return special.timestamp_begin + round(min(max(seconds, 0.0), CHUNK_S) / TIME_PRECISION)
 
 
-def _labels(tokenizer, texts: list[str], durations: list[float]):
+def _labels(tokenizer, special: SpecialTokens, texts: list[str], durations: list[float]):
     """Decoder targets in the timestamp mode the service decodes in (one segment per clip):
     <|startoftranscript|><|0.00|> text <|end|><|endoftext|>. Training without timestamps while
     serving with them teaches one mode and judges the other. The model's inputs are these
     shifted right, which transformers does from `labels`."""
     import torch
 
-    ids = [[SOT, _timestamp(0.0), *tokenizer.encode(" " + t.strip(), add_special_tokens=False)[:MAX_LABEL_TOKENS],
-            _timestamp(d), EOT] for t, d in zip(texts, durations, strict=True)]
+    ids = [[special.sot, _timestamp(special, 0.0),
+            *tokenizer.encode(" " + t.strip(), add_special_tokens=False)[:MAX_LABEL_TOKENS],
+            _timestamp(special, d), special.eot] for t, d in zip(texts, durations, strict=True)]
     width = max(len(i) for i in ids)
     labels = torch.full((len(ids), width), -100, dtype=torch.long)
     for row, tokens in enumerate(ids):
@@ -196,13 +194,6 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _features(extractor, audios: list[np.ndarray]):
-    import torch
-
-    mel = extractor(audios, sampling_rate=16_000, return_tensors="np").input_features
-    return torch.from_numpy(mel)
-
-
 def _int8_encoder(parent_dir: Path, s: TrainSettings):
     """The parent's int8 ONNX encoder (what serves it on CPU), or None when it has none. With the
     encoder frozen, training the decoder on its outputs matches serving exactly and encodes about
@@ -218,52 +209,300 @@ def _int8_encoder(parent_dir: Path, s: TrainSettings):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _training_backend(model, device, encoder_cache: dict, int8_encoder=None, frozen: bool = True):
-    """The serving engine's torch backend over the model being trained, so validation decodes
-    exactly as the service will (timestamp rules, suppressed tokens, no-speech skipping, long-form
-    windows). With the encoder frozen, each clip is encoded once (by the int8 ONNX encoder on a
-    CPU, as served) and reused for every model judged."""
+class Encoder:
+    """The one place clips are encoded while training: training's cached encoder outputs and
+    validation's decoding both come from here. With the encoder frozen on a CPU that is the
+    parent's int8 ONNX encoder (as served); otherwise the model's own encoder. With the encoder
+    frozen every model judged has the parent's encoder, so validation windows are cached."""
+
+    def __init__(self, device, int8_session=None, frozen: bool = True, batch_size: int = 16):
+        self.device, self.int8, self.frozen, self.batch_size = device, int8_session, frozen, batch_size
+        self.cache: dict[str, object] = {}
+
+    def __call__(self, model, mel: np.ndarray, cache: bool = False):
+        import torch
+
+        key = hashlib.sha1(mel.tobytes()).hexdigest() if cache and self.frozen else None
+        if key in self.cache:
+            return self.cache[key]
+        if self.int8 is not None:
+            encoded = torch.from_numpy(self.int8.run(None, {"input_features": mel.astype(np.float32)})[0])
+        else:
+            base = _base(model)
+            with torch.no_grad():  # not inference_mode: cached outputs feed the training graph
+                encoded = base.model.encoder(torch.from_numpy(mel).to(self.device, base.dtype)).last_hidden_state
+        if key is not None and len(self.cache) < ENCODER_CACHE_ENTRIES:
+            self.cache[key] = encoded
+        return encoded
+
+    def clips(self, model, extractor, audios: list[np.ndarray], what: str):
+        """Every clip's encoder output, in batches, with progress (training's cache)."""
+        import torch
+
+        outs = []
+        n = self.batch_size
+        for i in range(0, len(audios), n):
+            outs.append(self(model, _features(extractor, audios[i : i + n])))
+            log.info("encoding %s clips: %d/%d", what, min(i + n, len(audios)), len(audios))
+        return torch.cat(outs)
+
+
+def _features(extractor, audios: list[np.ndarray]) -> np.ndarray:
+    return extractor(audios, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
+
+
+class _TrainingBackend(TorchWhisperBackend):
+    """The serving engine's torch backend over a model being trained (already loaded), with its
+    encoding done by the `Encoder`."""
+
+    def __init__(self, model, device, encoder: Encoder):  # no TorchWhisperBackend.__init__: nothing to load
+        self.model, self.device, self.dtype = _base(model), device, _base(model).dtype
+        self._encoder, self._trained = encoder, model
+
+    def encode(self, mel: np.ndarray):
+        return self._encoder(self._trained, mel, cache=True)
+
+
+class HeldOut:
+    """Clips transcribed to judge a model (validation, retention) by the serving engine's own
+    decoding over that model: timestamp rules, suppressed tokens, no-speech skipping, long-form
+    windows, exactly as the service will decode them."""
+
+    def __init__(self, rows: list[dict], job: TrainJob, device, encoder: Encoder):
+        self.rows, self.audio = rows, [_load_audio(r["audio"]) for r in rows]
+        self.parent_dir, self.device, self.encoder = Path(job.parent_dir), device, encoder
+        self.decode, self.batch_size = job.decode, job.decode_batch_size
+        self._gen = json.loads((self.parent_dir / "generation_config.json").read_text())
+
+    def transcripts(self, model) -> list[str]:
+        from asrops.engines.engine import WhisperEngine
+
+        model.eval()
+        engine = WhisperEngine(name="training", backend=_TrainingBackend(model, self.device, self.encoder),
+                               model_dir=self.parent_dir, suppress_tokens=self._gen["suppress_tokens"],
+                               begin_suppress_tokens=self._gen["begin_suppress_tokens"])
+        texts = []
+        for i in range(0, len(self.audio), self.batch_size):
+            texts += [t.text for t in engine.transcribe(self.audio[i : i + self.batch_size], self.decode)]
+        model.train()
+        return texts
+
+    def wer(self, model) -> float:
+        from asrops.evaluation import score
+
+        return score([r["text"] for r in self.rows], self.transcripts(model)).wer
+
+    def wer_by_part(self, model) -> tuple[float, dict[str, float]]:
+        """The WER over all rows, and per part (the manifest each row came from)."""
+        from asrops.evaluation import score
+
+        hyps = self.transcripts(model)
+        by_part = defaultdict(lambda: ([], []))
+        for row, hyp in zip(self.rows, hyps, strict=True):
+            part = row.get("origin") or row.get("source", "retention")
+            by_part[part][0].append(row["text"])
+            by_part[part][1].append(hyp)
+        return score([r["text"] for r in self.rows], hyps).wer, \
+            {part: score(refs, h).wer for part, (refs, h) in sorted(by_part.items())}
+
+
+# --- the stages of a worker's training run (each runs without Ray) --------------------------
+@dataclass
+class Progress:
+    """Where a run is; saved with every checkpoint and restored on resume."""
+
+    step: int = 0
+    best: float | None = None
+    """Best validation WER so far (the parent's before the first step)."""
+    bad_evals: int = 0
+    """Evaluations since the best one (early stopping)."""
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+    seen: int = 0
+    """Examples trained on since this process started (for samples/s)."""
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TrainingRun:
+    """Everything one worker trains with: the job, the model and its optimiser, the data."""
+
+    job: TrainJob
+    device: object
+    rank: int
+    world: int
+    processor: object
+    special: SpecialTokens
+    model: object
+    params: list
+    optimizer: object
+    scheduler: object
+    autocast_dtype: object
+    encoder: Encoder
+    train_rows: list[dict]
+    train_audio: list[np.ndarray]
+    cached: object
+    """Encoder outputs of every training clip when the encoder is frozen, else None."""
+    validation: HeldOut
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def settings(self) -> TrainSettings:
+        return self.job.settings
+
+
+def setup(job: TrainJob, device, rank: int = 0, world: int = 1, wrap=lambda model: model) -> TrainingRun:
+    """Load the parent, freeze what the settings freeze, build the optimiser and schedule, read
+    this worker's share of the data, and encode it once when the encoder is frozen. `wrap` is
+    what a distributed run puts around the model (Ray Train's `prepare_model`)."""
+    import torch
+    from transformers import WhisperProcessor, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    s = job.settings
+    use_cuda = device.type == "cuda"
+    autocast_dtype = None
+    if use_cuda and s.mixed_precision != "no":
+        bf16 = torch.cuda.is_bf16_supported()
+        autocast_dtype = torch.bfloat16 if s.mixed_precision == "bf16" or (s.mixed_precision == "auto" and bf16) \
+            else torch.float16
+    processor = WhisperProcessor.from_pretrained(job.parent_dir)
+    model = wrap(_prepare_model(job.parent_dir, s, device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
+    make_schedule = get_cosine_schedule_with_warmup if s.schedule == "cosine" else get_linear_schedule_with_warmup
+    scheduler = make_schedule(optimizer, s.warmup_steps, s.max_steps)
+
+    train_rows = read_rows(job.train_manifest, resolve_audio=True)[rank::world]
+    valid_rows = read_rows(job.validation_manifest, resolve_audio=True)
+    log.info("worker %d/%d: %d training and %d validation clips on %s", rank + 1, world, len(train_rows),
+             len(valid_rows), device)
+    train_audio = [_load_audio(r["audio"]) for r in train_rows]
+    int8 = _int8_encoder(job.parent_dir, s) if s.freeze_encoder and not use_cuda else None
+    if int8 is not None:
+        log.info("frozen encoder on CPU: caching the outputs of the int8 ONNX encoder the service runs")
+    encoder = Encoder(device, int8, frozen=s.freeze_encoder, batch_size=s.encode_batch_size)
+    cached = encoder.clips(model, processor.feature_extractor, train_audio, "training") if s.freeze_encoder else None
+    return TrainingRun(job=job, device=device, rank=rank, world=world, processor=processor,
+                       special=SpecialTokens.from_tokenizer_file(Path(job.parent_dir) / "tokenizer.json"),
+                       model=model, params=params, optimizer=optimizer, scheduler=scheduler,
+                       autocast_dtype=autocast_dtype, encoder=encoder, train_rows=train_rows, train_audio=train_audio,
+                       cached=cached, validation=HeldOut(valid_rows, job, device, encoder))
+
+
+def resume(run: TrainingRun, checkpoint_dir: Path | None) -> None:
+    """Go on from a checkpoint (a worker that died was replaced), or start: the parent's
+    validation WER is the first best, and the parent the first best model."""
     import torch
 
-    from asrops.engines.torch_backend import TorchWhisperBackend
-
-    class TrainingBackend(TorchWhisperBackend):
-        def __init__(self):  # the model is already loaded: no TorchWhisperBackend.__init__
-            self.model, self.device, self.dtype = _base(model), device, _base(model).dtype
-
-        def encode(self, mel: np.ndarray):
-            key = hashlib.sha1(mel.tobytes()).hexdigest() if frozen else None
-            if key in encoder_cache:
-                return encoder_cache[key]
-            if int8_encoder is not None:
-                encoded = torch.from_numpy(int8_encoder.run(None, {"input_features": mel.astype(np.float32)})[0])
-            else:
-                encoded = super().encode(mel)
-            if key is not None and len(encoder_cache) < ENCODER_CACHE_ENTRIES:
-                encoder_cache[key] = encoded
-            return encoded
-
-    return TrainingBackend()
+    p = run.progress
+    if checkpoint_dir is not None:
+        state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location=run.device, weights_only=False)
+        (run.model if run.settings.lora else _base(run.model)).load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        p.step, p.best, p.bad_evals, p.history = state["step"], state["best"], state["bad_evals"], state["history"]
+        p.resumed_from = p.step
+        log.info("resumed from the checkpoint at step %d (best validation WER %s)", p.step, p.best)
+    if p.best is None:
+        p.best = run.validation.wer(run.model)
+        log.info("parent's validation WER: %.2f %%", p.best)
+        p.history.append({"step": 0, "validation_wer": p.best})
+        _save_best(run.model, run.processor, run.job.output_dir, run.settings)
+    run.model.train()
 
 
-def _engine_over(model, parent_dir: Path, device, encoder_cache: dict, int8_encoder, frozen: bool):
-    from asrops.engines.engine import WhisperEngine
+def train_step(run: TrainingRun, rng: random.Random) -> dict:
+    """One optimiser step on a random batch; returns its metrics (loss, lr, samples/s, ETA)."""
+    import torch
 
-    gen = json.loads((Path(parent_dir) / "generation_config.json").read_text())
-    return WhisperEngine(name="training", backend=_training_backend(model, device, encoder_cache, int8_encoder, frozen),
-                         model_dir=Path(parent_dir), suppress_tokens=gen["suppress_tokens"],
-                         begin_suppress_tokens=gen["begin_suppress_tokens"])
+    s, p = run.settings, run.progress
+    batch = rng.sample(range(len(run.train_rows)), min(s.batch_size, len(run.train_rows)))
+    audios = [run.train_audio[i] for i in batch] if run.cached is not None else \
+        [_augment(run.train_audio[i], s, rng) for i in batch]
+    labels = _labels(run.processor.tokenizer, run.special, [run.train_rows[i]["text"] for i in batch],
+                     [len(a) / SAMPLE_RATE for a in audios]).to(run.device)
+    with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+        if run.cached is not None:
+            out = run.model(encoder_outputs=(run.cached[batch],), labels=labels)
+        else:
+            features = torch.from_numpy(_features(run.processor.feature_extractor, audios)).to(run.device)
+            out = run.model(input_features=features, labels=labels)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.params, s.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    p.step += 1
+    p.seen += len(batch)
+    elapsed = time.monotonic() - p.started
+    rate = p.seen / elapsed if elapsed else 0.0
+    eta = (s.max_steps - p.step) * len(batch) / rate if rate else float("nan")
+    lr = run.scheduler.get_last_lr()[0]
+    metrics = {"step": p.step, "loss": float(out.loss.detach()), "learning_rate": lr, "samples_per_second": rate,
+               "eta_seconds": eta}
+    log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s ETA %.0f s", p.step, s.max_steps, metrics["loss"], lr,
+             rate, eta)
+    return metrics
+
+
+def due_for_evaluation(run: TrainingRun) -> bool:
+    s, step = run.settings, run.progress.step
+    return step % s.eval_every_steps == 0 or step == s.max_steps
+
+
+def evaluate(run: TrainingRun) -> float:
+    """Validation WER now; a new best is saved (by rank 0) and resets the early-stopping count."""
+    p = run.progress
+    wer = run.validation.wer(run.model)
+    improved = wer < p.best
+    p.best, p.bad_evals = (wer, 0) if improved else (p.best, p.bad_evals + 1)
+    if improved and run.rank == 0:
+        _save_best(run.model, run.processor, run.job.output_dir, run.settings)
+    log.info("step %d: validation WER %.2f %% (best %.2f %%)%s", p.step, wer, p.best,
+             "; stopping early" if should_stop(run) else "")
+    return wer
+
+
+def should_stop(run: TrainingRun) -> bool:
+    return run.progress.bad_evals >= run.settings.early_stopping_patience
+
+
+def checkpoint(run: TrainingRun, directory: Path) -> Path:
+    """Everything `resume` needs, written into `directory`."""
+    import torch
+
+    p = run.progress
+    state = {"model": (run.model.state_dict() if run.settings.lora else _base(run.model).state_dict()),
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": p.step,
+             "best": p.best, "bad_evals": p.bad_evals, "history": p.history}
+    torch.save(state, Path(directory) / STATE_FILE)
+    return Path(directory)
+
+
+def guard(run: TrainingRun) -> ForgettingGuard | None:
+    """After training (rank 0, once): the forgetting guard over the retention set, and the model it
+    keeps written as the best; None without a retention set."""
+    job = run.job
+    out = Path(job.output_dir) / GUARD_FILE
+    rows = read_rows(job.retention_manifest, resolve_audio=True) if job.retention_manifest else []
+    if not rows or out.exists():
+        return ForgettingGuard.model_validate_json(out.read_text()) if out.exists() else None
+    log.info("forgetting guard over %d retention clips", len(rows))
+    retention = HeldOut(rows, job, run.device, run.encoder)
+    guarded, result = _forgetting_guard(job, run.settings, run.device, run.validation.wer, retention.wer_by_part)
+    _save_best(guarded, run.processor, job.output_dir, run.settings.model_copy(update={"lora": False}))
+    out.write_text(result.model_dump_json(indent=2))
+    return result
 
 
 # --- the loop each Ray Train worker runs -----------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's side of the stages: the device, the checkpoint to resume from, reporting
+    metrics and checkpoints, and Ray metrics for the dashboard."""
     import ray.train
     import ray.train.torch
     import torch
     from ray.util.metrics import Gauge
-    from transformers import WhisperProcessor, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
-
-    from asrops.evaluation import score
 
     job = TrainJob.model_validate(config)
     s = job.settings
@@ -273,167 +512,45 @@ def train_loop_per_worker(config: dict) -> None:
     pid_file = Path(job.output_dir) / "worker.pid"  # lets an operator (or a test) find the worker
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(str(os.getpid()))
-    device = ray.train.torch.get_device()
-    use_cuda = device.type == "cuda"
-    autocast_dtype = None
-    if use_cuda and s.mixed_precision != "no":
-        bf16 = torch.cuda.is_bf16_supported()
-        autocast_dtype = torch.bfloat16 if s.mixed_precision == "bf16" or (s.mixed_precision == "auto" and bf16) \
-            else torch.float16
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     gauges = {name: Gauge(f"asrops_retrain_{name}", f"Retrain {name}.", tag_keys=("job",))
               for name in ("step", "loss", "learning_rate", "samples_per_second", "eta_seconds",
                            "validation_wer")}
 
-    processor = WhisperProcessor.from_pretrained(job.parent_dir)
-    model = _prepare_model(job.parent_dir, s, device)
-    model = ray.train.torch.prepare_model(model) if ray.train.get_context().get_world_size() > 1 else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
-    make_schedule = get_cosine_schedule_with_warmup if s.schedule == "cosine" else get_linear_schedule_with_warmup
-    scheduler = make_schedule(optimizer, s.warmup_steps, s.max_steps)
+    run = setup(job, ray.train.torch.get_device(), rank, world,
+                wrap=ray.train.torch.prepare_model if world > 1 else lambda model: model)
+    found = ray.train.get_checkpoint()
+    if found:
+        with found.as_directory() as ckpt:
+            resume(run, Path(ckpt))
+    else:
+        resume(run, None)
 
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    train_rows = _rows(job.train_manifest)[rank::world]
-    valid_rows = _rows(job.validation_manifest)
-    retention_rows = _rows(job.retention_manifest) if job.retention_manifest else []
-    log.info("worker %d/%d: %d training, %d validation and %d retention clips on %s", rank + 1, world,
-             len(train_rows), len(valid_rows), len(retention_rows), device)
-    train_audio = [_load_audio(r["audio"]) for r in train_rows]
-
-    int8_encoder = _int8_encoder(job.parent_dir, s) if s.freeze_encoder and not use_cuda else None
-    if int8_encoder is not None:
-        log.info("frozen encoder on CPU: caching the outputs of the int8 ONNX encoder the service runs")
-
-    def encode(audios: list[np.ndarray]):
-        features = _features(processor.feature_extractor, audios)
-        if int8_encoder is not None:
-            return torch.from_numpy(int8_encoder.run(None, {"input_features": features.numpy()})[0])
-        with torch.no_grad():
-            return _base(model).model.encoder(features.to(device)).last_hidden_state
-
-    def encode_all(audios: list[np.ndarray], what: str):
-        outs = []
-        for i in range(0, len(audios), 16):
-            outs.append(encode(audios[i : i + 16]))
-            log.info("encoding %s clips: %d/%d", what, min(i + 16, len(audios)), len(audios))
-        return torch.cat(outs)
-
-    encoder_cache: dict = {}
-
-    class HeldOut:
-        """Clips transcribed to judge a model (validation, retention), by the serving engine's
-        decoding over that model."""
-
-        def __init__(self, rows: list[dict]):
-            self.rows, self.audio = rows, [_load_audio(r["audio"]) for r in rows]
-
-        def transcripts(self, of=None) -> list[str]:
-            of = of or model
-            of.eval()
-            engine = _engine_over(of, job.parent_dir, device, encoder_cache, int8_encoder, s.freeze_encoder)
-            texts = []
-            for i in range(0, len(self.audio), 8):
-                texts += [t.text for t in engine.transcribe(self.audio[i : i + 8], job.decode)]
-            of.train()
-            return texts
-
-    cached = encode_all(train_audio, "training") if s.freeze_encoder else None
-    validation = HeldOut(valid_rows)
-
-    def validation_wer(of=None) -> float:
-        return score([r["text"] for r in valid_rows], validation.transcripts(of)).wer
-
-    step, best, bad_evals, resumed_from, history = 0, None, 0, None, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt:
-            state = torch.load(Path(ckpt) / STATE_FILE, map_location=device, weights_only=False)
-        _base(model).load_state_dict(state["model"]) if not s.lora else model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best, bad_evals, history = state["step"], state["best"], state["bad_evals"], state["history"]
-        resumed_from = step
-        log.info("resumed from the checkpoint at step %d (best validation WER %s)", step, best)
-    if best is None:
-        best = validation_wer()
-        log.info("parent's validation WER: %.2f %%", best)
-        history.append({"step": 0, "validation_wer": best})
-        _save_best(model, processor, job.output_dir, s)
-
-    rng = random.Random(s.max_steps * 1000 + step)
-    model.train()
-    started, seen = time.monotonic(), 0
-    while step < s.max_steps:
-        batch = rng.sample(range(len(train_rows)), min(s.batch_size, len(train_rows)))
-        audios = [train_audio[i] for i in batch] if cached is not None else \
-            [_augment(train_audio[i], s, rng) for i in batch]
-        labels = _labels(processor.tokenizer, [train_rows[i]["text"] for i in batch],
-                         [len(a) / 16_000 for a in audios]).to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            if cached is not None:
-                out = model(encoder_outputs=(cached[batch],), labels=labels)
-            else:
-                out = model(input_features=_features(processor.feature_extractor, audios).to(device), labels=labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += len(batch)
-        elapsed = time.monotonic() - started
-        rate = seen / elapsed if elapsed else 0.0
-        eta = (s.max_steps - step) * len(batch) / rate if rate else float("nan")
-        lr = scheduler.get_last_lr()[0]
-        metrics = {"step": step, "loss": float(out.loss), "learning_rate": lr, "samples_per_second": rate,
-                   "eta_seconds": eta}
-        log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s ETA %.0f s", step, s.max_steps, metrics["loss"], lr,
-                 rate, eta)
-        evaluate = step % s.eval_every_steps == 0 or step == s.max_steps
-        if evaluate:
-            wer = validation_wer()
-            metrics["validation_wer"] = wer
-            improved = wer < best
-            best, bad_evals = (wer, 0) if improved else (best, bad_evals + 1)
-            if improved and rank == 0:
-                _save_best(model, processor, job.output_dir, s)
-            log.info("step %d: validation WER %.2f %% (best %.2f %%)%s", step, wer, best,
-                     "" if bad_evals < s.early_stopping_patience else "; stopping early")
+    p = run.progress
+    rng = random.Random(s.max_steps * 1000 + p.step)
+    while p.step < s.max_steps:
+        metrics = train_step(run, rng)
+        evaluating = due_for_evaluation(run)
+        if evaluating:
+            metrics["validation_wer"] = evaluate(run)
         for name, gauge in gauges.items():
             if name in metrics and math.isfinite(metrics[name]):
                 gauge.set(metrics[name], tags={"job": job.name})
-        history.append(metrics)
-        stop = evaluate and bad_evals >= s.early_stopping_patience
-        final = step >= s.max_steps or stop
-        report = {**metrics, "best_validation_wer": best, "resumed_from_step": resumed_from, "final": final}
-        if evaluate:
+        p.history.append(metrics)
+        stop = evaluating and should_stop(run)
+        report = {**metrics, "best_validation_wer": p.best, "resumed_from_step": p.resumed_from,
+                  "final": p.step >= s.max_steps or stop}
+        if evaluating:
             with tempfile.TemporaryDirectory() as tmp:
-                state = {"model": (model.state_dict() if s.lora else _base(model).state_dict()),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                         "best": best, "bad_evals": bad_evals, "history": history}
-                torch.save(state, Path(tmp) / STATE_FILE)
+                checkpoint(run, Path(tmp))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
         else:
             ray.train.report(report)
         if stop:
             break
-
-    if retention_rows and rank == 0 and not (Path(job.output_dir) / GUARD_FILE).exists():
-        retention = HeldOut(retention_rows)
-
-        def retention_wers(of) -> tuple[float, dict[str, float]]:
-            hyps = retention.transcripts(of)
-            by_part = defaultdict(lambda: ([], []))
-            for row, hyp in zip(retention_rows, hyps, strict=True):
-                part = row.get("origin") or row.get("source", "retention")
-                by_part[part][0].append(row["text"])
-                by_part[part][1].append(hyp)
-            return score([r["text"] for r in retention_rows], hyps).wer, \
-                {source: score(refs, h).wer for source, (refs, h) in sorted(by_part.items())}
-
-        guarded, guard = _forgetting_guard(job, s, device, validation_wer, retention_wers)
-        _save_best(guarded, processor, job.output_dir, s.model_copy(update={"lora": False}))
-        (Path(job.output_dir) / GUARD_FILE).write_text(guard.model_dump_json(indent=2))
+    if rank == 0:
+        guard(run)
 
 
 def _forgetting_guard(job: TrainJob, s: TrainSettings, device, validation_wer,

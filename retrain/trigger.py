@@ -20,10 +20,9 @@ from pydantic import BaseModel
 
 from asrops.settings import TriggerSettings
 
-log = logging.getLogger("asrops.retrain.trigger")
+log = logging.getLogger(__name__)
 
 JOB_METADATA = {"asrops": "retrain"}
-DASHBOARD_URL = "http://127.0.0.1:8265"
 
 
 class Cause(StrEnum):
@@ -95,29 +94,33 @@ class JobInfo(BaseModel):
     start_time: float | None = None
 
 
-def _client(address: str | None = None):
+def jobs_address(settings: TriggerSettings, given: str | None = None) -> str:
+    """Where the Ray Jobs API is: the address given, else RAY_ADDRESS (as for Ray's own CLI),
+    else the settings' (the local cluster's dashboard); `auto` and `local` mean the latter."""
+    address = given or os.environ.get("RAY_ADDRESS") or settings.jobs_address
+    return settings.jobs_address if address in ("auto", "local") else address
+
+
+def jobs_client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_ADDRESS") or DASHBOARD_URL
-    if address.startswith("ray://") or not address.startswith("http"):
-        address = DASHBOARD_URL if address in ("auto", "local") else address
     return JobSubmissionClient(address)
 
 
-def submit_retrain(cause: Cause, reason: str, address: str | None = None, extra_env: dict | None = None) -> str:
+def submit_retrain(cause: Cause, reason: str, address: str, extra_env: dict | None = None) -> str:
     """Submit `asrops retrain run` as a Ray job; returns its id."""
     entrypoint = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "asrops.cli", "retrain", "run",
                                                    "--cause", cause.value, "--reason", reason])
     env = {k: v for k, v in os.environ.items() if k.startswith("ASROPS_")} | (extra_env or {})
-    job_id = _client(address).submit_job(entrypoint=entrypoint, metadata={**JOB_METADATA, "cause": cause.value},
+    job_id = jobs_client(address).submit_job(entrypoint=entrypoint, metadata={**JOB_METADATA, "cause": cause.value},
                                          runtime_env={"env_vars": env})
     log.info("retrain job %s submitted (%s: %s)", job_id, cause.value, reason)
     return job_id
 
 
-def retrain_jobs(address: str | None = None) -> list[JobInfo]:
+def retrain_jobs(address: str) -> list[JobInfo]:
     """Every retrain job the cluster knows, newest last."""
-    jobs = [j for j in _client(address).list_jobs() if (j.metadata or {}).get("asrops") == "retrain"]
+    jobs = [j for j in jobs_client(address).list_jobs() if (j.metadata or {}).get("asrops") == "retrain"]
     jobs.sort(key=lambda j: j.start_time or 0)
     return [JobInfo(job_id=j.submission_id or j.job_id, status=str(j.status.value if hasattr(j.status, "value")
                                                                     else j.status),
@@ -132,7 +135,7 @@ class RetrainTrigger:
 
     def __init__(self, settings, store, registry, job_states_gauge=None, address: str | None = None):
         self.settings, self.store, self.registry = settings, store, registry
-        self.gauge, self.address = job_states_gauge, address
+        self.gauge, self.address = job_states_gauge, jobs_address(settings.retrain.trigger, address)
 
     def inputs(self, verdict: str | None, now: datetime) -> TriggerInputs:
         from datetime import UTC, timedelta

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+source scripts/env.sh
 set +e
 .venv/bin/python -m pytest -ra "$@"
 rc=$?

@@ -1,6 +1,6 @@
 """The admin API: rollout status and changes, behind admin tokens (separate from client keys).
 
-Every change is a function of `asrops.rollout` (compare-and-swap plus an audit entry); this
+Every change is a function of `asrops.promotion.rollout` (compare-and-swap plus an audit entry); this
 module only checks the token and maps the request. A concurrent change loses with 409.
 (No `from __future__ import annotations` here: FastAPI must see the `Actor` dependency.)
 """
@@ -12,11 +12,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from asrops import rollout
-from asrops.analysis import AnalysisState
+from asrops.promotion import rollout
+from asrops.promotion.state import AnalysisState
 from asrops.registry import ModelRegistry
-from serve.auth import ClientKeys
-from serve.errors import ADMIN_DISABLED, UNAUTHORIZED, ApiError
+from asrops.serve.auth import ClientKeys
+from asrops.serve.errors import ADMIN_DISABLED, UNAUTHORIZED, ApiError
 
 
 class CanaryRequest(BaseModel):

@@ -21,9 +21,8 @@ from asrops.audio import decode_audio
 from asrops.engines.types import DecodeOptions, Transcription
 from asrops.feedback import FeedbackIn, FeedbackRecord
 from asrops.formats import WRITERS
-from asrops.settings import Settings
-from serve.auth import ClientKeys
-from serve.errors import (
+from asrops.serve.auth import ClientKeys
+from asrops.serve.errors import (
     FILE_TOO_LARGE,
     INVALID_VALUE,
     TIMEOUT,
@@ -32,8 +31,9 @@ from serve.errors import (
     error_response,
     install_error_handlers,
 )
-from serve.feedback import FeedbackRecorder
-from serve.telemetry import RequestTelemetry
+from asrops.serve.feedback import FeedbackRecorder
+from asrops.serve.telemetry import RequestTelemetry
+from asrops.settings import Settings
 
 OPENAI_MODEL_ALIAS = "whisper-1"  # what OpenAI clients send by default; means `stable`
 TEXT_MEDIA_TYPES = {"text": "text/plain", "srt": "text/plain", "vtt": "text/vtt"}

@@ -62,7 +62,8 @@ def error_body(message: str, kind: ErrorKind, param: str | None) -> dict:
     return {"error": {"message": message, "type": kind.type, "param": param, "code": kind.code}}
 
 
-def error_response(message: str, kind: ErrorKind, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_response(message: str, kind: ErrorKind, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param if param is not None else kind.param),
                         status_code=kind.status, headers=headers)
 

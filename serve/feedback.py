@@ -23,10 +23,10 @@ from asrops.feedback import (
 )
 from asrops.prodlog import ProductionLogReader, audio_key, flac_bytes
 from asrops.registry.store import ObjectStore
-from serve.errors import UNAVAILABLE, ApiError, ErrorKind
-from serve.metrics import IngressMetrics
+from asrops.serve.errors import UNAVAILABLE, ApiError, ErrorKind
+from asrops.serve.metrics import IngressMetrics
 
-log = logging.getLogger("asrops.serve.feedback")
+log = logging.getLogger(__name__)
 
 REQUEST_NOT_FOUND = ErrorKind(404, "invalid_request_error", "request_not_found", "request_id")
 LOG_LOOKBACK = timedelta(days=1)

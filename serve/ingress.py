@@ -22,20 +22,19 @@ from asrops.evaluation import score
 from asrops.feedback import RecentRequests
 from asrops.prodlog import ProductionLogWriter, store_for
 from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState
+from asrops.serve.admin import build_admin
+from asrops.serve.api import TranscribeResult, build_api
+from asrops.serve.breaker import CircuitBreaker
+from asrops.serve.errors import INTERNAL, OVERLOADED, UNAVAILABLE, ApiError
+from asrops.serve.feedback import FeedbackRecorder
+from asrops.serve.metrics import BREAKER_VALUE, IngressMetrics
+from asrops.serve.model_server import ModelReply, ModelRequest
+from asrops.serve.routing import Route, RoutePlan, plan_route
+from asrops.serve.telemetry import RequestTelemetry
 from asrops.settings import Settings, load_settings
-from serve.admin import build_admin
-from serve.api import TranscribeResult, build_api
-from serve.breaker import CircuitBreaker
-from serve.errors import INTERNAL, OVERLOADED, UNAVAILABLE, ApiError
-from serve.feedback import FeedbackRecorder
-from serve.metrics import BREAKER_VALUE, IngressMetrics
-from serve.model_server import ModelReply, ModelRequest
-from serve.routing import Route, RoutePlan, plan_route
-from serve.telemetry import RequestTelemetry
 
-log = logging.getLogger("asrops.serve.ingress")
+log = logging.getLogger(__name__)
 
-REFRESH_S = 2.0  # how often aliases and running model applications are re-read
 REPLICA_DEATH_RETRIES = 2
 REPLICA_DIED = (RayActorError, ActorUnavailableError)
 
@@ -116,7 +115,8 @@ class ServeTranscriber:
         except VersionNotFoundError as exc:
             if model in ALIAS_NAMES and getattr(self.aliases, model):  # named, just not up (yet)
                 raise ApiError(UNAVAILABLE, f"The {model} version ({getattr(self.aliases, model)}) is not running "
-                               "yet; retry shortly.", headers={"Retry-After": str(self.settings.serve.retry_after_s)})
+                               "yet; retry shortly.",
+                               headers={"Retry-After": str(self.settings.serve.retry_after_s)}) from None
             raise VersionNotFoundError(f"{exc} Use 'whisper-1' or one of: {', '.join(self.model_names())}.") from None
 
     def model_names(self) -> list[str]:
@@ -299,7 +299,7 @@ class Ingress:
             except Exception:
                 log.warning("refresh failed", exc_info=True)
             log.debug("refresh took %.3f s", time.monotonic() - started)
-            await asyncio.sleep(REFRESH_S)
+            await asyncio.sleep(self.settings.serve.refresh_s)
 
     def __serve_build_asgi_app__(self):
         from ray.serve.context import _get_serve_request_context
@@ -322,5 +322,5 @@ def ingress_deployment(settings: Settings):
 
 
 def build_ingress_app(args: dict) -> serve.Application:
-    """Serve config entry point: `import_path: serve.ingress:build_ingress_app`."""
+    """Serve config entry point: `import_path: asrops.serve.ingress:build_ingress_app`."""
     return ingress_deployment(load_settings())

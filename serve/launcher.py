@@ -4,46 +4,23 @@ application, and the ingress. `asrops serve` and the README's run command use th
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import ray
 import yaml
 from ray import serve
 
 from asrops.models.importer import import_embedded_default
+from asrops.raycluster import init_ray
 from asrops.registry import ModelRegistry
+from asrops.serve.ingress import ingress_deployment
+from asrops.serve.model_server import model_app_name, model_deployment
 from asrops.settings import Settings
-from serve.ingress import ingress_deployment
-from serve.model_server import model_app_name, model_deployment
 
 log = logging.getLogger(__name__)
 
 INGRESS_APP = "asrops"
-
-
-def init_ray(settings: Settings) -> None:
-    """Start (or join, with RAY_ADDRESS) Ray."""
-    # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own
-    # GCS and raylet, a load generator, a log shipper) takes the CPU from our replicas, which
-    # are the node's whole purpose. An operator's explicit setting still wins.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # a cluster (or, inside a Ray job, the job's own cluster)
-        ray.init(logging_level=logging.WARNING, configure_logging=True)
-        return
-    # The dashboard process is what writes the service-discovery file listing each node's
-    # metrics endpoint for Prometheus; it also serves the Ray Jobs API that retrains go through.
-    ray.init(
-        include_dashboard=True,
-        _metrics_export_port=settings.monitoring.ray_metrics_port,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-        runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}},
-    )
 
 
 def start_ray(settings: Settings) -> None:
@@ -63,11 +40,11 @@ class VersionReconciler:
     """Keeps one model application running per version the rollout references (stable,
     canary, fallback): a new one is deployed and warm (Serve waits for its health check)
     before the ingress sees it RUNNING and routes to it; one no longer referenced is deleted
-    after `drain_s`, by which time the ingress has long stopped sending it requests, and Serve's
+    after `serve.drain_s`, by which time the ingress has long stopped sending it requests, and Serve's
     graceful shutdown lets its in-flight requests finish."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, drain_s: float = 30.0):
-        self.settings, self.registry, self.drain_s = settings, registry, drain_s
+    def __init__(self, settings: Settings, registry: ModelRegistry):
+        self.settings, self.registry, self.drain_s = settings, registry, settings.serve.drain_s
         self._unreferenced_since: dict[str, float] = {}
 
     def wanted(self) -> set[str]:
@@ -152,6 +129,6 @@ def run_config(settings: Settings, config_path: Path, say: Callable[[str], None]
 
 
 def curl_example(url: str, settings: Settings) -> str:
-    sample = settings.speech_data_dir / "faster_whisper" / "jfk.flac"
-    path = str(sample) if sample.exists() else "speech.wav"
+    sample = settings.speech_data_dir / "faster_whisper" / "jfk.flac" if settings.speech_data_dir else None
+    path = str(sample) if sample and sample.exists() else "speech.wav"
     return f"curl {url}/v1/audio/transcriptions -F file=@{path} -F model=whisper-1"

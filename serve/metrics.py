@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from serve.breaker import BreakerState
+from asrops.serve.breaker import BreakerState
 
 LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 AUDIO_BUCKETS = [1, 2, 5, 10, 20, 30, 60, 120, 300, 600]

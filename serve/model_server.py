@@ -17,11 +17,11 @@ from ray import serve
 from asrops.engines import load_engine, resolve_device
 from asrops.engines.types import DecodeOptions, Transcription
 from asrops.registry import ModelRegistry
+from asrops.serve.lanes import EngineLanes
+from asrops.serve.metrics import ModelMetrics
 from asrops.settings import Settings, load_settings
-from serve.lanes import EngineLanes
-from serve.metrics import ModelMetrics
 
-log = logging.getLogger("asrops.serve.model")
+log = logging.getLogger(__name__)
 
 WARMUP_SAMPLES = 16_000  # one second of silence
 
@@ -132,6 +132,6 @@ def _gpus_present() -> bool:
 
 
 def build_model_app(args: dict) -> serve.Application:
-    """Serve config entry point: `import_path: serve.model_server:build_model_app`, args `{version: ...}`."""
+    """Serve config entry point: `import_path: asrops.serve.model_server:build_model_app`, args `{version: ...}`."""
     settings = load_settings()
     return model_deployment(ModelRegistry.from_settings(settings).resolve(args.get("version", "stable")), settings)

@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from asrops.audio import DecodedAudio
 from asrops.feedback import AnsweredRequest, RecentRequests
 from asrops.prodlog import FinishedRequest, ProductionLogWriter
-from serve.metrics import IngressMetrics
+from asrops.serve.metrics import IngressMetrics
 
-log = logging.getLogger("asrops.serve.telemetry")
+log = logging.getLogger(__name__)
 
 DECODE_ERROR_CODES = frozenset({"unsupported_media", "empty_file", "invalid_audio", "audio_too_long",
                                 "file_too_large"})

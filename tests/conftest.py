@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from asrops.settings import Settings
+from loadtests import CHECKOUT_SPEECH
+
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
@@ -62,7 +65,8 @@ def moto_endpoint() -> Iterator[str]:
             proc.wait()
 
 
-SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
+SPEECH_DIR = Settings().speech_data_dir or CHECKOUT_SPEECH
+"""ASROPS_SPEECH_DATA_DIR, else the shared speech data beside the checkout."""
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +141,7 @@ def service(service_settings) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from serve.launcher import run_local
+    from asrops.serve.launcher import run_local
 
     url = run_local(service_settings)
     try:

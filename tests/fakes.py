@@ -14,7 +14,7 @@ from ray import serve
 from asrops.audio import audio_to_wav_bytes
 from asrops.engines.types import Transcription
 from asrops.registry import ModelRegistry
-from serve.model_server import ModelReply
+from asrops.serve.model_server import ModelReply
 
 # Near silence: valid audio that the engine skips without decoding, so 1,000 requests are quick.
 QUIET = audio_to_wav_bytes((np.random.default_rng(0).standard_normal(8_000) * 1e-4).astype(np.float32))

@@ -1,4 +1,4 @@
-"""The analysis spec and one interval's judgement (asrops/analysis.py): ranges absolute and
+"""The analysis spec and one interval's judgement (asrops/settings.py, promotion/analysis.py): ranges absolute and
 relative to the stable, and no data, NaN or an unreachable Prometheus failing a check. The
 query function here answers from a table; tests/test_promotion.py runs the same code against
 a real Prometheus."""
@@ -11,19 +11,14 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from asrops.analysis import (
-    LIVE_REQUESTS,
-    AnalysisSpec,
-    Bound,
-    MetricCheck,
-    QueryFailed,
-    judge,
-    render,
-)
+from asrops.promotion.analysis import QueryFailed, judge
+from asrops.promotion.checks import LIVE_REQUESTS
+from asrops.settings import AnalysisSpec, Bound, MetricCheck, render_query
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
 WINDOW = "60s"
-ERRORS = MetricCheck(name="errors", query='err{v="$version"}[$window]', max=Bound(value=0.005, relative_to_stable="plus"))
+ERRORS = MetricCheck(name="errors", query='err{v="$version"}[$window]',
+                     max=Bound(value=0.005, relative_to_stable="plus"))
 LATENCY = MetricCheck(name="p95", query='p95{v="$version"}', max=Bound(value=1.2, relative_to_stable="times"))
 LOGPROB = MetricCheck(name="logprob", query='lp{v="$version"}', min=Bound(value=-0.1, relative_to_stable="plus"))
 SPEC = AnalysisSpec(interval_s=60, min_requests=10, checks=[ERRORS, LATENCY, LOGPROB])
@@ -32,7 +27,7 @@ SPEC = AnalysisSpec(interval_s=60, min_requests=10, checks=[ERRORS, LATENCY, LOG
 def table(values: dict[str, float | None], requests: float | None = 50.0):
     """A query function: each check's value per version, and the canary's request count."""
     def query(promql: str) -> float | None:
-        if promql == render(LIVE_REQUESTS, "canary", WINDOW):
+        if promql == render_query(LIVE_REQUESTS, "canary", WINDOW):
             return requests
         for key, value in values.items():
             if promql.startswith(key.split(":")[0]) and f'v="{key.split(":")[1]}"' in promql:
@@ -153,7 +148,7 @@ def rollout_registry(tmp_path):
 
 
 def _controller(registry, values: dict):
-    from serve.controller import PromotionController
+    from asrops.promotion.controller import PromotionController
 
     spec = AnalysisSpec(interval_s=10, window_s=60, step_weights=[10, 50], threshold=2, min_requests=10,
                         checks=[ERRORS])
@@ -177,7 +172,7 @@ def _run(controller, clock, ticks: int) -> list[str]:
 
 
 def test_the_controller_steps_through_every_weight_then_promotes(rollout_registry):
-    from asrops import rollout
+    from asrops.promotion import rollout
 
     controller, clock = _controller(rollout_registry, {"requests": 50.0, "err:canary": 0.0, "err:stable": 0.0})
     rollout.deploy_canary(rollout_registry, "v-canary", 0, 0.0, "tests", "test")
@@ -188,7 +183,7 @@ def test_the_controller_steps_through_every_weight_then_promotes(rollout_registr
 
 
 def test_the_controller_rolls_back_at_the_threshold_and_a_pause_holds_it(rollout_registry):
-    from asrops import rollout
+    from asrops.promotion import rollout
 
     values = {"requests": 50.0, "err:canary": 0.2, "err:stable": 0.0}
     controller, clock = _controller(rollout_registry, values)
@@ -204,7 +199,7 @@ def test_the_controller_rolls_back_at_the_threshold_and_a_pause_holds_it(rollout
 
 
 def test_a_canary_removed_by_hand_ends_the_analysis_and_the_same_version_can_be_tried_again(rollout_registry):
-    from asrops import rollout
+    from asrops.promotion import rollout
 
     controller, clock = _controller(rollout_registry, {"requests": 50.0, "err:canary": 0.0, "err:stable": 0.0})
     rollout.deploy_canary(rollout_registry, "v-canary", 0, 0.0, "tests", "test")

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from asrops.audio import audio_to_wav_bytes
 from asrops.engines.types import Segment, Transcription
 from asrops.errors import VersionNotFoundError
+from asrops.serve.api import TranscribeResult, build_api
+from asrops.serve.auth import ClientKeys
 from asrops.settings import Settings
-from serve.api import TranscribeResult, build_api
-from serve.auth import ClientKeys
 
 WAV = audio_to_wav_bytes((np.sin(np.linspace(0, 800 * np.pi, 16_000)) * 0.3).astype(np.float32))
 
@@ -155,8 +155,8 @@ def test_every_transcription_request_is_observed_once_with_its_outcome():
 def _feedback_client(tmp_path, **serve):
     from asrops.feedback import RecentRequests
     from asrops.registry.store import LocalStore
-    from serve.feedback import FeedbackRecorder
-    from serve.telemetry import RequestTelemetry
+    from asrops.serve.feedback import FeedbackRecorder
+    from asrops.serve.telemetry import RequestTelemetry
 
     settings = Settings(data_dir=tmp_path)
     for key, value in serve.items():

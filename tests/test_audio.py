@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-from pathlib import Path
 
 import av
 import numpy as np
@@ -24,8 +23,8 @@ from asrops.errors import (
     UndecodableAudioError,
 )
 from asrops.settings import AudioSettings
+from tests.conftest import SPEECH_DIR
 
-SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
 TONE_HZ = 1000.0
 TONE_RMS = 0.5 / np.sqrt(2)  # a 0.5-amplitude sine
 

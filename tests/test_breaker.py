@@ -1,7 +1,7 @@
 """Circuit breaker: opens on consecutive failures or an error ratio, probes when half-open."""
 
+from asrops.serve.breaker import BreakerState, CircuitBreaker
 from asrops.settings import BreakerSettings
-from serve.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:

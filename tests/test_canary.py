@@ -20,8 +20,8 @@ import httpx
 import pytest
 from ray import serve
 
-from asrops import rollout
 from asrops.errors import RolloutRefusedError
+from asrops.promotion import rollout
 from asrops.registry import ModelRegistry
 from asrops.settings import Settings
 from tests.conftest import ADMIN_TOKEN
@@ -149,7 +149,7 @@ def test_rollout_cli_shows_the_rollout_and_needs_the_admin_token(service, monkey
 
     from typer.testing import CliRunner
 
-    from asrops.cli import app
+    from asrops.cli.main import app
 
     monkeypatch.setenv("ASROPS_ADMIN_TOKEN", ADMIN_TOKEN)
     result = CliRunner().invoke(app, ["rollout", "status", "--json", "--url", service])
@@ -166,7 +166,7 @@ def test_shadow_copies_are_answered_by_stable_and_their_disagreement_recorded(se
     assert r.status_code == 200
     time.sleep(2.5)
     jfk = (speech_dir / "faster_whisper/jfk.flac").read_bytes()
-    for i in range(3):
+    for _ in range(3):
         r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("jfk.flac", jfk)}, timeout=60)
         assert r.status_code == 200 and r.headers["x-route"] == "shadow"
         assert r.headers["x-model-version"] != version and "country" in r.json()["text"]
@@ -182,13 +182,15 @@ def test_shadow_copies_are_answered_by_stable_and_their_disagreement_recorded(se
 
 def test_the_reconciler_deploys_a_referenced_version_warm_and_removes_it_once_unreferenced(service, registry,
                                                                                           data_dir):
-    from serve.launcher import VersionReconciler
+    from asrops.serve.launcher import VersionReconciler
 
     stable = registry.resolve("stable")
     copy = "whisper-copy-for-test"
     if copy not in {m.id for m in registry.list_versions()}:
         registry.publish(registry.fetch(stable), id=copy, family="whisper", parent=stable, source="test copy")
-    reconciler = VersionReconciler(Settings(data_dir=data_dir), registry, drain_s=1.0)
+    settings = Settings(data_dir=data_dir)
+    settings.serve.drain_s = 1.0
+    reconciler = VersionReconciler(settings, registry)
     rollout.deploy_canary(registry, copy, weight=0, shadow_share=0.0, actor="tests", reason="reconciler test")
     try:
         reconciler.step()  # returns once the new version is deployed and warm

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from asrops.monitoring.drift import DriftRun, compute_drift, load_result, save_reports
+from asrops.monitoring.verdict import VerdictPolicy, VerdictState, WindowJudgement
 from asrops.settings import DriftSettings
-from monitoring.drift import DriftRun, compute_drift, load_result, save_reports
-from monitoring.verdict import VerdictPolicy, VerdictState, WindowJudgement
 
 CHROMIUM = Path("/usr/bin/chromium")
 SETTINGS = DriftSettings()  # K=2 of N=3, min_samples 30, drift_share 0.5

@@ -21,8 +21,7 @@ from asrops.evaluation import (
     score,
 )
 from asrops.textnorm import load_spelling_mapping, normalize_english
-
-SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech"
+from tests.conftest import SPEECH_DIR
 
 
 # --- normalisation -----------------------------------------------------------------------

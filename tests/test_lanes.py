@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from serve.lanes import EngineLanes
+from asrops.serve.lanes import EngineLanes
 
 
 class SlowDecoder:

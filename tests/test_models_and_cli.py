@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from asrops.cli import app
+from asrops.cli.main import app
 from asrops.errors import ModelImportError
 from asrops.models.ct2_import import embedded_ct2_dir
 from asrops.models.ct2_reader import read_ct2_model
@@ -98,7 +98,8 @@ def test_transcribe_and_eval_commands(data_dir, speech_dir, tmp_path):
     manifest = tmp_path / "m.jsonl"
     rows = [
         {"audio": str(speech_dir / "faster_whisper/jfk.flac"), "accent": "us",
-         "text": "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."},
+         "text": "And so my fellow Americans, ask not what your country can do for you, "
+                 "ask what you can do for your country."},
         {"audio": str(speech_dir / "voiceagent_minilibrispeech/dev-clean-2-0002.wav"), "accent": "uk",
          "text": "THERE WAS NOT A SINGLE NOTE OF GLOOM"},
     ]

@@ -16,16 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from asrops.settings import MonitoringSettings, Settings
-from monitoring.dashboards import DASHBOARD_FILE, build_dashboard
-from monitoring.prometheus import (
+from asrops.monitoring.dashboards import DASHBOARD_FILE, build_dashboard
+from asrops.monitoring.prometheus import (
     ALERT_RULES_FILE,
     PrometheusClient,
     PrometheusError,
     PrometheusServer,
     write_config,
 )
-from monitoring.promql import alert_query, expressions_to_check, metric_names, rule_groups
+from asrops.monitoring.promql import alert_query, expressions_to_check, metric_names, rule_groups
+from asrops.settings import MonitoringSettings, Settings
 
 _COUNTERS_AND_GAUGES = {
     "ray_asrops_requests_total",
@@ -191,8 +191,8 @@ def test_metric_names_sees_names_not_labels_functions_or_numbers() -> None:
 def test_dashboard_shows_every_exported_metric() -> None:
     shown = set().union(*(metric_names(c.expr) for c in expressions_to_check() if c.source.startswith("dashboard:")))
     histograms_shown = {name.rsplit("_", 1)[0] for name in shown if name.endswith(("_bucket", "_sum", "_count"))}
-    assert _COUNTERS_AND_GAUGES <= shown | {"up"}, _COUNTERS_AND_GAUGES - shown
-    assert _HISTOGRAMS <= histograms_shown, _HISTOGRAMS - histograms_shown
+    assert shown | {"up"} >= _COUNTERS_AND_GAUGES, _COUNTERS_AND_GAUGES - shown
+    assert histograms_shown >= _HISTOGRAMS, _HISTOGRAMS - histograms_shown
 
 
 # --- dashboard -----------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_dashboard_panels_do_not_overlap() -> None:
     cells: dict[tuple[int, int], str] = {}
     for panel in build_dashboard()["panels"]:
         g = panel["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24
         for x in range(g["x"], g["x"] + g["w"]):
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"

@@ -19,17 +19,17 @@ import pytest
 from prometheus_client import start_http_server
 from ray import serve
 
-from asrops import rollout
 from asrops.errors import RolloutRefusedError
+from asrops.monitoring.monitor import DriftMonitor, MonitorMetrics
+from asrops.monitoring.prometheus import PrometheusClient, PrometheusServer
+from asrops.monitoring.promql import expressions_to_check
+from asrops.monitoring.reference import pin_window
+from asrops.monitoring.simulate import MixPart, simulate
 from asrops.prodlog import ProductionLogReader, store_for
+from asrops.promotion import rollout
+from asrops.promotion.metrics import ControllerMetrics
 from asrops.registry import ModelRegistry
 from asrops.synth import SynthSpec, generate
-from monitoring.monitor import DriftMonitor, MonitorMetrics
-from monitoring.prometheus import PrometheusClient, PrometheusServer
-from monitoring.promql import expressions_to_check
-from monitoring.reference import pin_window
-from monitoring.simulate import MixPart, simulate
-from serve.controller import ControllerMetrics
 from tests.conftest import ADMIN_TOKEN, free_port
 from tests.fakes import FakeVersion, publish_dummy, wait_routable
 

@@ -17,13 +17,15 @@ from collections.abc import Iterator
 import pytest
 from ray import serve
 
-from asrops import rollout
-from asrops.analysis import AnalysisSpec, AnalysisState, Phase
+from asrops.cli.controller import prometheus_query
 from asrops.errors import RolloutRefusedError
+from asrops.monitoring.prometheus import PrometheusClient, PrometheusServer
+from asrops.promotion import rollout
+from asrops.promotion.checks import DEFAULT_CHECKS
+from asrops.promotion.controller import PromotionController
+from asrops.promotion.state import AnalysisState, Phase
 from asrops.registry import ModelRegistry
-from asrops.settings import Settings
-from monitoring.prometheus import PrometheusClient, PrometheusServer
-from serve.controller import PromotionController, prometheus_query
+from asrops.settings import AnalysisSpec, Settings
 from tests.conftest import free_port
 from tests.fakes import FakeVersion, SteadyLoad, publish_dummy, wait_routable
 
@@ -34,7 +36,7 @@ INTERVAL_S = 6.0
 # segments, so the quality-signal checks would have no data for them.
 SPEC = AnalysisSpec(
     interval_s=INTERVAL_S, window_s=20, step_weights=[20, 50], threshold=2, min_requests=5,
-    init_timeout_s=90, checks=AnalysisSpec().checks[:2],
+    init_timeout_s=90, checks=DEFAULT_CHECKS[:2],
 )
 
 
@@ -189,7 +191,7 @@ def test_operators_pause_resume_and_abort_through_the_cli_and_status_shows_every
         service, registry, prometheus, fake_canary, monkeypatch):
     from typer.testing import CliRunner
 
-    from asrops.cli import app
+    from asrops.cli.main import app
     from tests.conftest import ADMIN_TOKEN
 
     monkeypatch.setenv("ASROPS_ADMIN_TOKEN", ADMIN_TOKEN)

@@ -15,12 +15,11 @@ import pytest
 import soundfile as sf
 
 from asrops.audio import SAMPLE_RATE, audio_to_wav_bytes, decode_audio
+from asrops.clip_manifest import read_rows as load_rows
 from asrops.feedback import FeedbackRecord, FeedbackStore
 from asrops.prodlog import flac_bytes
 from asrops.registry.store import LocalStore
-from asrops.settings import DatasetSettings
-from asrops.synth import SynthSpec, generate, load_rows, split_templates
-from retrain.dataset import (
+from asrops.retrain.dataset import (
     DROP_REASONS,
     DataReport,
     Example,
@@ -30,9 +29,11 @@ from retrain.dataset import (
     split,
     validate,
 )
-from retrain.dataset import (
+from asrops.retrain.dataset import (
     build_dataset as build,
 )
+from asrops.settings import DatasetSettings
+from asrops.synth import SynthSpec, generate, split_templates
 
 needs_tts = pytest.mark.skipif(
     shutil.which("espeak-ng") is None or shutil.which("flite") is None,

@@ -12,8 +12,7 @@ import pytest
 from asrops.audio import audio_to_wav_bytes
 from asrops.engines import Transcription
 from asrops.evaluation import ItemCounts, ItemResult, item_counts, score
-from asrops.settings import GateSettings
-from retrain.evaluate import (
+from asrops.retrain.evaluate import (
     MIN_SLICE_ITEMS_FOR_INTERVAL,
     EvaluationReport,
     SetComparison,
@@ -26,6 +25,7 @@ from retrain.evaluate import (
     transcribe_manifest,
     write_report,
 )
+from asrops.settings import GateSettings
 
 WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "basket", "candle", "forest", "meadow"]
 REFERENCE = " ".join(WORDS)  # ten words that the normaliser leaves alone
@@ -335,7 +335,8 @@ def test_transcribe_manifest_batches_and_scores(tmp_path: Path):
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
     engine, calls = _ToneEngine(answers), []
     results = transcribe_manifest(
-        engine, manifest, lambda done, total: calls.append((done, total)), slice_fields=["accent", "domain"]
+        engine, manifest, lambda done, total: calls.append((done, total)), batch_size=8,
+        slice_fields=["accent", "domain"]
     )
     assert engine.batches == [8, 2]
     assert calls == [(8, 10), (10, 10)]

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
+from asrops.retrain.train import BEST_DIR, TrainJob, _forgetting_guard
 from asrops.settings import TrainSettings
-from retrain.train import BEST_DIR, TrainJob, _forgetting_guard
 
 PROBE = "model.decoder.layers.0.fc1.weight"
 

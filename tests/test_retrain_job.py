@@ -4,7 +4,7 @@ candidate against the stable, publishes it with its reports, and deploys it as c
 
 The gate is opened here (no improvement required, any golden change allowed): a few training
 steps on 40 clips cannot show a significant gain, and what is under test is the pipeline and
-its recovery. Whether a retrain really improves is `python -m retrain.scenario`'s question.
+its recovery. Whether a retrain really improves is `python -m asrops.retrain.scenario`'s question.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from asrops import rollout
+from asrops.promotion import rollout
 from asrops.registry import ModelRegistry
+from asrops.retrain.job import checkpoint_root, run_retrain
 from asrops.synth import PRESETS, SynthSpec, generate
-from retrain.job import checkpoint_root, run_retrain
 
 pytestmark = pytest.mark.slow
 

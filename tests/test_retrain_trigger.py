@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from asrops.retrain.trigger import Cause, TriggerInputs, decide
 from asrops.settings import TriggerSettings
-from retrain.trigger import Cause, TriggerInputs, decide
 
 NOW = datetime(2026, 11, 22, 12, tzinfo=UTC)
 S = TriggerSettings(cooldown_s=3600, min_new_labels=50, feedback_wer_threshold=30.0, schedule_s=86_400)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from asrops import rollout
 from asrops.errors import ConflictError, RolloutRefusedError
+from asrops.promotion import rollout
 from asrops.registry import Aliases, LocalStore, ModelRegistry
-from serve.routing import plan_route
+from asrops.serve.routing import plan_route
 
 
 @pytest.fixture
@@ -108,9 +108,9 @@ def test_read_audit_path_is_inside_the_registry(registry, tmp_path):
 def _admin_client(registry, tokens=("adm-secret",)):
     from fastapi.testclient import TestClient
 
+    from asrops.serve.admin import build_admin
+    from asrops.serve.api import build_api
     from asrops.settings import Settings
-    from serve.admin import build_admin
-    from serve.api import build_api
     from tests.test_api import FakeTranscriber
 
     settings = Settings(data_dir="/nonexistent")

@@ -6,7 +6,7 @@ import pytest
 
 from asrops.errors import VersionNotFoundError
 from asrops.registry import Aliases, RolloutState
-from serve.routing import Route, bucket, plan_route
+from asrops.serve.routing import Route, bucket, plan_route
 
 ALIASES = Aliases(stable="v1", canary="v2", fallback="v0")
 RUNNING = {"v0", "v1", "v2"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import re
 
 import httpx
@@ -105,10 +104,10 @@ def test_full_queue_becomes_503_with_retry_after(service):
 
     from asrops.engines.types import DecodeOptions, Transcription
     from asrops.registry import Aliases
+    from asrops.serve.errors import ApiError
+    from asrops.serve.ingress import ServeTranscriber
+    from asrops.serve.model_server import ModelReply
     from asrops.settings import Settings
-    from serve.errors import ApiError
-    from serve.ingress import ServeTranscriber
-    from serve.model_server import ModelReply
 
     @serve.deployment(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0})
     class Slow:

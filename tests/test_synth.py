@@ -12,8 +12,9 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from asrops.audio import SAMPLE_RATE
+from asrops.clip_manifest import read_rows as load_rows
 from asrops.synth import effects
-from asrops.synth.generate import PRESETS, SynthRow, SynthSpec, generate, load_rows, plan
+from asrops.synth.generate import PRESETS, SynthRow, SynthSpec, generate, plan
 from asrops.synth.text import (
     DOMAINS,
     TEMPLATES,
@@ -194,7 +195,7 @@ def test_flite_voice_with_reverb_and_telephone(tmp_path):
 
 @needs_espeak
 def test_cli_synth_with_preset_and_overrides(tmp_path):
-    from asrops.cli import app
+    from asrops.cli.main import app
 
     args = ["--preset", "drift-accent-noise", "--n", "2", "--snr-db", "5", "--seed", "3"]
     result = CliRunner().invoke(app, ["synth", str(tmp_path), *args])

@@ -28,9 +28,10 @@ def run_engine_benchmark(
     say: Callable[[str], None],
 ) -> dict:
     if manifest is None:
-        manifest = settings.speech_data_dir / "manifest.jsonl"
-        if not manifest.exists():
-            raise AsropsError(f"{manifest} not found: pass --manifest, or set ASROPS_SPEECH_DATA_DIR.")
+        manifest = settings.speech_manifest
+        if manifest is None:
+            raise AsropsError(f"no speech data at {settings.speech_data_dir}: pass --manifest, or set "
+                              "ASROPS_SPEECH_DATA_DIR to a folder with a manifest.jsonl.")
         items = load_manifest(manifest, filter=core_english_filter)
     else:
         items = load_manifest(manifest)
@@ -72,7 +73,8 @@ def format_table(results: dict[str, dict], clips: int, threads: int) -> str:
     for name, r in results.items():
         ratio = f"{r['rtfx_vs_fw_int8']:.2f}" if r.get("rtfx_vs_fw_int8") is not None else "-"
         lines.append(
-            f"{name:12} {r['rtfx']:7.2f} {ratio:>9} {r['wer']:7.2f} {r['cer']:7.2f} {r['peak_rss_mb']:8.0f} {r['load_s']:7.1f}"
+            f"{name:12} {r['rtfx']:7.2f} {ratio:>9} {r['wer']:7.2f} {r['cer']:7.2f} {r['peak_rss_mb']:8.0f} "
+            f"{r['load_s']:7.1f}"
         )
     lines.append(f"({clips} clips, {threads} threads, greedy, temperature 0; RTFx = audio s / wall s)")
     return "\n".join(lines)

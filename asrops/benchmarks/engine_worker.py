@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from asrops.audio_format import SAMPLE_RATE
 from asrops.evaluation import EvalItem, evaluate
 
 
@@ -42,7 +43,8 @@ def _hf_pipeline(model_dir: str, threads: int):
     pipe = pipeline("automatic-speech-recognition", model=model_dir, device="cpu")
 
     def run(audios: list[np.ndarray]) -> list[str]:
-        return [pipe({"raw": a, "sampling_rate": 16_000}, generate_kwargs={"num_beams": 1})["text"].strip() for a in audios]
+        return [pipe({"raw": a, "sampling_rate": SAMPLE_RATE}, generate_kwargs={"num_beams": 1})["text"].strip()
+                for a in audios]
 
     return run
 

@@ -34,7 +34,8 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "auto", threads: int = 0) -> WhisperEngine:
+def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "auto",
+                threads: int = 0) -> WhisperEngine:
     """Build an engine over a (verified) version directory."""
     model_dir = Path(model_dir)
     device = resolve_device(device)

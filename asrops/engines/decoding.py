@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from asrops.engines.types import DecodeOptions, Segment, Transcription
+from asrops.audio_format import SAMPLE_RATE
+from asrops.engines.types import DecodeOptions
 
-SAMPLE_RATE = 16_000
 CHUNK_S = 30
 N_SAMPLES = CHUNK_S * SAMPLE_RATE  # 480,000 samples in a 30-s window
-HOP_LENGTH = 160
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames in a window
 TIME_PRECISION = 0.02  # seconds per timestamp token (2 mel frames)
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
@@ -31,14 +30,40 @@ LOGPROB_THRESHOLD = -1.0
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """English-only Whisper's special token ids (tiny.en to medium.en)."""
+    """Whisper's special token ids, looked up by name in the model's own tokenizer (the one home
+    of these ids: decoding, the checkpoint import and training all take them from here)."""
 
-    eot: int = 50256
-    sot: int = 50257
-    sot_prev: int = 50360
-    no_speech: int = 50361
-    no_timestamps: int = 50362
-    timestamp_begin: int = 50363
+    eot: int
+    sot: int
+    sot_prev: int
+    no_speech: int
+    no_timestamps: int
+    timestamp_begin: int
+    """`<|0.00|>`; one token per TIME_PRECISION seconds up to `<|30.00|>`."""
+
+    @classmethod
+    def from_tokenizer_file(cls, tokenizer_json: Path) -> SpecialTokens:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_json))
+
+        def id_of(*names: str) -> int:
+            for name in names:
+                if (token := tokenizer.token_to_id(name)) is not None:
+                    return token
+            raise ValueError(f"{tokenizer_json} has no {' or '.join(names)} token: not a Whisper tokenizer")
+
+        no_timestamps = id_of("<|notimestamps|>")
+        return cls(
+            eot=id_of("<|endoftext|>"),
+            sot=id_of("<|startoftranscript|>"),
+            sot_prev=id_of("<|startofprev|>"),
+            no_speech=id_of("<|nospeech|>", "<|nocaptions|>"),  # older vocabularies name it nocaptions
+            no_timestamps=no_timestamps,
+            # Timestamps follow <|notimestamps|> (faster-whisper's rule too): tokenizers converted
+            # from CTranslate2 do not list them by name.
+            timestamp_begin=no_timestamps + 1,
+        )
 
 
 class WhisperBackend(Protocol):
@@ -55,12 +80,6 @@ class WhisperBackend(Protocol):
 
     def reorder(self, cache: Any, index: np.ndarray) -> Any:
         """Keep/duplicate cache rows by `index` (beam search, dropping finished rows)."""
-
-
-class TextTokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
 
 @dataclass

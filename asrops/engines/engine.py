@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from asrops.audio_format import SAMPLE_RATE
 from asrops.engines.decoding import (
     LOGPROB_THRESHOLD,
     N_SAMPLES,
     NO_SPEECH_THRESHOLD,
-    SAMPLE_RATE,
     DecodedWindow,
     SpecialTokens,
     WhisperBackend,
@@ -86,10 +86,11 @@ class WhisperEngine:
         model_dir: Path,
         suppress_tokens: list[int],
         begin_suppress_tokens: list[int],
-        special: SpecialTokens = SpecialTokens(),
+        special: SpecialTokens | None = None,
     ):
         self.name = name
         self.backend = backend
+        special = special or SpecialTokens.from_tokenizer_file(model_dir / "tokenizer.json")
         self.special = special
         self.tokenizer = HFTextTokenizer(model_dir / "tokenizer.json", special.eot)
         self.log_mel = LogMel(model_dir)

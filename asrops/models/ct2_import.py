@@ -15,14 +15,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from asrops.engines.decoding import SpecialTokens
 from asrops.errors import ModelImportError
 from asrops.models.ct2_reader import read_ct2_model
 from asrops.textnorm import load_spelling_mapping
 
 log = logging.getLogger(__name__)
-
-# English-only Whisper's special token ids (tiny.en ... medium.en share them).
-EOT, SOT, SOT_PREV, NO_TIMESTAMPS = 50256, 50257, 50360, 50362
 
 
 def _f32(array: np.ndarray) -> torch.Tensor:
@@ -99,7 +97,7 @@ def convert_state_dict(v: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _whisper_config(v: dict[str, np.ndarray], ct2_config: dict):
+def _whisper_config(v: dict[str, np.ndarray], special: SpecialTokens):
     from transformers import WhisperConfig
 
     vocab_size, d_model = v["decoder/embeddings/weight"].shape
@@ -119,10 +117,10 @@ def _whisper_config(v: dict[str, np.ndarray], ct2_config: dict):
         decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
         max_source_positions=v["encoder/position_encodings/encodings"].shape[0],
         max_target_positions=v["decoder/position_encodings/encodings"].shape[0],
-        pad_token_id=EOT,
-        bos_token_id=EOT,
-        eos_token_id=EOT,
-        decoder_start_token_id=SOT,
+        pad_token_id=special.eot,
+        bos_token_id=special.eot,
+        eos_token_id=special.eot,
+        decoder_start_token_id=special.sot,
 
 
         tie_word_embeddings=True,
@@ -130,22 +128,22 @@ def _whisper_config(v: dict[str, np.ndarray], ct2_config: dict):
     )
 
 
-def _generation_config(config, ct2_config: dict):
+def _generation_config(config, ct2_config: dict, special: SpecialTokens):
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        decoder_start_token_id=SOT,
-        bos_token_id=EOT,
-        eos_token_id=EOT,
-        pad_token_id=EOT,
+        decoder_start_token_id=special.sot,
+        bos_token_id=special.eot,
+        eos_token_id=special.eot,
+        pad_token_id=special.eot,
         max_length=config.max_target_positions,
         # Whisper's own lists: punctuation-like and special tokens it must never emit, and
         # blank/EOT at the first position.
-        begin_suppress_tokens=ct2_config.get("suppress_ids_begin", [220, EOT]),
+        begin_suppress_tokens=ct2_config.get("suppress_ids_begin", [220, special.eot]),
         suppress_tokens=ct2_config["suppress_ids"],
         alignment_heads=ct2_config.get("alignment_heads", []),
-        no_timestamps_token_id=NO_TIMESTAMPS,
-        prev_sot_token_id=SOT_PREV,
+        no_timestamps_token_id=special.no_timestamps,
+        prev_sot_token_id=special.sot_prev,
         is_multilingual=False,
         max_initial_timestamp_index=50,
         return_timestamps=False,
@@ -190,12 +188,13 @@ def convert_ct2_whisper(ct2_dir: Path, out_dir: Path) -> Path:
     ct2_config = json.loads((ct2_dir / "config.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    config = _whisper_config(variables, ct2_config)
+    special = SpecialTokens.from_tokenizer_file(ct2_dir / "tokenizer.json")
+    config = _whisper_config(variables, special)
     state_dict = convert_state_dict(variables)
     log.info("writing %d tensors (%s parameters)", len(state_dict),
              f"{sum(t.numel() for t in state_dict.values()):,}")
     config.save_pretrained(out_dir)
-    _generation_config(config, ct2_config).save_pretrained(out_dir)
+    _generation_config(config, ct2_config, special).save_pretrained(out_dir)
     save_file(state_dict, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(out_dir)
     _save_tokenizer(ct2_dir / "tokenizer.json", out_dir)

@@ -85,7 +85,8 @@ class ModelRegistry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelRegistry:
-        return cls(open_store(settings.registry_uri, settings.registry.s3_endpoint_url, settings.registry.s3_region), settings.cache_dir)
+        store = open_store(settings.registry_uri, settings.registry.s3_endpoint_url, settings.registry.s3_region)
+        return cls(store, settings.cache_dir)
 
     # --- versions ----------------------------------------------------------------------
     def publish(

@@ -1,7 +1,7 @@
 """Synthetic labelled speech (espeak-ng and flite voices, noise, reverb, telephone channel) for
 load tests, drift scenarios and retraining tests. Entry point: `generate(spec, out_dir)`."""
 
-from asrops.synth.generate import PRESETS, SynthRow, SynthSpec, generate, load_rows, plan
+from asrops.synth.generate import PRESETS, SynthRow, SynthSpec, generate, plan
 from asrops.synth.text import DOMAINS, TEMPLATES, shared_templates, split_templates
 from asrops.synth.voices import CATALOGUE, installed_voices
 
@@ -14,7 +14,6 @@ __all__ = [
     "SynthSpec",
     "generate",
     "installed_voices",
-    "load_rows",
     "plan",
     "shared_templates",
     "split_templates",

@@ -7,8 +7,6 @@ with (seed, i), so a clip does not depend on how many others there are or which 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from asrops.audio import SAMPLE_RATE, audio_to_wav_bytes
+from asrops.clip_manifest import write_rows
 from asrops.synth import effects
 from asrops.synth.text import DOMAINS, TEMPLATES, Domain, templates_for
 from asrops.synth.voices import ACCENTS, CATALOGUE, Voice, installed_voices, synthesize
@@ -234,12 +233,4 @@ def generate(spec: SynthSpec, out_dir: Path, progress: Callable[[str], None] | N
                 progress(f"  synthesised {done}/{len(clips)}")
 
     (out_dir / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
-    tmp = manifest.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(rows[i].model_dump_json() + "\n" for i in range(len(clips))))
-    os.replace(tmp, manifest)
-    return manifest
-
-
-def load_rows(manifest: Path) -> list[dict]:
-    """A synth manifest's rows as dicts (e.g. for `text.shared_templates`)."""
-    return [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
+    return write_rows(manifest, (rows[i].model_dump_json() for i in range(len(clips))))

@@ -2,10 +2,10 @@
 serve`) that takes any canary in the rollout through the analysis in `PromotionSettings`:
 it sets the first step's weight (or the shadow phase), runs the checks against Prometheus
 every interval, steps the weight up when all pass, counts failed checks, rolls back at the
-threshold and promotes after the last step. Phases and rules: asrops/analysis.py.
+threshold and promotes after the last step. Phases: promotion/state.py; the judgement: promotion/analysis.py.
 
 It owns the canary's weight while a rollout is active; every change goes through
-asrops/rollout.py (compare-and-swap plus audit entry), and its own state is one record in the
+promotion/rollout.py (compare-and-swap plus audit entry), and its own state is one record in the
 registry that operators pause, resume and abort through the admin API. A tick first claims its
 decision by writing that record (compare-and-swap), then acts: an operator's pause or abort
 that lands in between wins, and the controller re-reads on its next tick. Every decision is
@@ -21,69 +21,19 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from asrops import rollout
-from asrops.analysis import (
-    ANALYSIS_KEY,
-    LIVE_REQUESTS,
-    SHADOW_REQUESTS,
-    AnalysisSpec,
-    AnalysisState,
-    Decision,
-    Phase,
-    Query,
-    QueryFailed,
-    judge,
-    render,
-)
 from asrops.errors import ConflictError, RolloutRefusedError
+from asrops.promotion import rollout
+from asrops.promotion.analysis import Query, QueryFailed, judge
+from asrops.promotion.checks import LIVE_REQUESTS, SHADOW_REQUESTS, checks_of
+from asrops.promotion.metrics import ControllerMetrics
+from asrops.promotion.state import ANALYSIS_KEY, AnalysisState, Decision, Phase
 from asrops.registry import ModelRegistry
-from monitoring.prometheus import PrometheusClient, PrometheusError
+from asrops.settings import AnalysisSpec, render_query
 
-log = logging.getLogger("asrops.serve.controller")
+log = logging.getLogger(__name__)
 
 ACTOR = "promotion-controller"
-
-
-def prometheus_query(client: PrometheusClient) -> Query:
-    """The client's `query_value`, with its errors as the analysis's `QueryFailed`."""
-    def query(promql: str) -> float | None:
-        try:
-            return client.query_value(promql)
-        except PrometheusError as exc:
-            raise QueryFailed(str(exc)) from exc
-    return query
-
-
-class ControllerMetrics:
-    """The controller's metrics (prometheus-client; Prometheus scrapes them as `asrops-controller`)."""
-
-    def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = r = registry or CollectorRegistry()
-        self.phase = Gauge("asrops_rollout_phase", "1 for the rollout's current phase, 0 for the others.",
-                           ["phase"], registry=r)
-        self.weight = Gauge("asrops_rollout_weight", "Canary weight (percent) the controller set.", registry=r)
-        self.failed_checks = Gauge("asrops_rollout_failed_checks", "Failed checks of the current rollout.",
-                                   registry=r)
-        self.check_value = Gauge("asrops_rollout_check_value", "Last value of each check, for the canary and "
-                                 "the stable.", ["check", "role"], registry=r)
-        self.check_passed = Gauge("asrops_rollout_check_passed", "Last result of each check: 1 pass, 0 fail, "
-                                  "-1 skipped.", ["check"], registry=r)
-        self.decisions = Counter("asrops_rollout_decisions", "Controller decisions by action.", ["action"],
-                                 registry=r)
-        for phase in Phase:
-            self.phase.labels(phase.value).set(0)
-
-    def export(self, state: AnalysisState) -> None:
-        for phase in Phase:
-            self.phase.labels(phase.value).set(1 if state.phase == phase else 0)
-        self.weight.set(state.weight)
-        self.failed_checks.set(state.failed_checks)
-        for check in state.last.checks if state.last else []:
-            for role, value in (("canary", check.canary), ("stable", check.stable)):
-                self.check_value.labels(check.name, role).set(value if value is not None else math.nan)
-            self.check_passed.labels(check.name).set(-1 if check.passed is None else int(check.passed))
 
 
 def describe(decision: Decision) -> str:
@@ -239,7 +189,7 @@ class PromotionController:
     def _initialize(self, state: AnalysisState, token: str | None, shadow: bool, now: datetime) -> Decision | None:
         """Wait for the canary's first requests: a version is routed to only once it is warm."""
         try:
-            seen = self.query(render(SHADOW_REQUESTS if shadow else LIVE_REQUESTS, state.canary_version,
+            seen = self.query(render_query(SHADOW_REQUESTS if shadow else LIVE_REQUESTS, state.canary_version,
                                      f"{round(max(self.spec.interval_s, (now - state.started_at).total_seconds()))}s"))
         except QueryFailed as exc:
             seen, why = None, f"Prometheus cannot answer: {exc}"
@@ -283,7 +233,7 @@ class PromotionController:
     def run_forever(self, poll_s: float = 1.0, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         log.info("promotion controller: steps %s, every %g s, threshold %d, %d checks",
-                 self.weights, self.spec.interval_s, self.spec.threshold, len(self.spec.checks))
+                 self.weights, self.spec.interval_s, self.spec.threshold, len(checks_of(self.spec)))
         while not stop.is_set():
             try:
                 self.tick()

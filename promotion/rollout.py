@@ -1,8 +1,8 @@
 """Rollout operations: deploy a canary, set its weight and shadow share, promote, roll back.
 
 Every change goes through the registry's compare-and-swap and leaves an audit entry (when,
-who, what, before, after, why). The admin API, the CLI and (later) the promotion controller
-all call these functions, so the rules live in one place. Two records change in a promotion
+who, what, before, after, why). The admin API, the CLI, the retrain job and the promotion
+controller all call these functions, so the rules live in one place. Two records change in a promotion
 (aliases and rollout state); the order of writes is chosen so that every intermediate state
 routes all traffic to a version that is serving: see `promote` and `rollback`.
 """
@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 from pydantic import AwareDatetime, BaseModel
 
-from asrops.analysis import ANALYSIS_KEY, AnalysisState, Decision, Phase
 from asrops.errors import RolloutRefusedError
+from asrops.promotion.state import ANALYSIS_KEY, AnalysisState, Decision, Phase
 from asrops.registry import Aliases, ModelRegistry, RolloutState
 
 log = logging.getLogger(__name__)

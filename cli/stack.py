@@ -1,0 +1,125 @@
+"""What `asrops serve` starts, and how the processes are wired together.
+
+On one machine: Ray and Serve (the ingress and one model application per version the rollout
+references), then beside them the drift monitor (`asrops monitor`, whose verdicts go to the
+retrain trigger), the promotion controller (`asrops controller`) and a local Prometheus that
+scrapes Ray's nodes, the monitor and the controller. All of it stops with `asrops serve`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import typer
+
+from asrops.monitoring.dashboards import DASHBOARD_FILE
+from asrops.monitoring.monitor import DriftMonitor, MonitorMetrics
+from asrops.monitoring.prometheus import ALERT_RULES_FILE, PrometheusServer
+from asrops.prodlog import store_for
+from asrops.registry import ModelRegistry
+from asrops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SIDE_PROCESS = [sys.executable, "-m", "asrops.cli"]
+"""How a side process is started: the `asrops` command of this same interpreter."""
+
+
+@dataclass
+class MonitoringStack:
+    prometheus: PrometheusServer | None = None
+    monitor: subprocess.Popen | None = None
+    controller: subprocess.Popen | None = None
+    notes: list[str] = field(default_factory=list)
+    """What to tell the operator: where each part is."""
+
+    def stop(self) -> None:
+        for process in (self.controller, self.monitor):
+            if process and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        if self.prometheus:
+            self.prometheus.stop()
+
+
+def start_monitoring(settings: Settings, say: Callable[[str], None] = log.info) -> MonitoringStack:
+    """Start the drift monitor (a process of its own: `asrops monitor`), the promotion controller
+    (`asrops controller`) and, when enabled and installed, a local Prometheus scraping Ray's
+    nodes, the monitor and the controller."""
+    m = settings.monitoring
+    stack = MonitoringStack()
+    stack.monitor = subprocess.Popen([*SIDE_PROCESS, "monitor", "--bootstrap-reference"])
+    stack.notes.append(f"drift monitor: metrics at http://127.0.0.1:{m.monitor_port}/metrics, reports under "
+                       f"{settings.production_log_uri}/drift-reports/ (open the .html in a browser)")
+    if settings.promotion.enabled:
+        stack.controller = subprocess.Popen([*SIDE_PROCESS, "controller"])
+        stack.notes.append(f"promotion controller: steps canaries up on Prometheus checks ({settings.prometheus_url}); "
+                           "`asrops rollout status` shows its phase and checks")
+    if not m.prometheus_enabled:
+        stack.notes.append("prometheus: disabled (ASROPS_MONITORING__PROMETHEUS_ENABLED=false)")
+    elif shutil.which(m.prometheus_binary) is None:
+        stack.notes.append(f"prometheus: '{m.prometheus_binary}' not found; apt-get install prometheus")
+    else:
+        say("starting Prometheus")
+        stack.prometheus = PrometheusServer(settings, settings.data_dir / "prometheus").start()
+        stack.notes.append(f"prometheus: {stack.prometheus.url} (alert rules {ALERT_RULES_FILE}; "
+                           f"Grafana dashboard to import: {DASHBOARD_FILE})")
+    return stack
+
+
+def run_service(settings: Settings, config: Path | None = None, say: Callable[[str], None] = typer.echo) -> None:
+    """The service and everything beside it, until Ctrl-C or SIGTERM."""
+    from ray import serve
+
+    from asrops.serve.launcher import VersionReconciler, curl_example, run_config, run_local
+
+    url = run_config(settings, config, say) if config else run_local(settings, say)
+    stack = start_monitoring(settings, say)
+    typer.echo(f"asrops is serving at {url}  (OpenAI API at {url}/v1, docs at {url}/docs)")
+    typer.echo(f"try:  {curl_example(url, settings)}")
+    for note in stack.notes:
+        typer.echo(note)
+    typer.echo("Ctrl-C stops it.")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
+    try:
+        if config:  # the config file says which applications run
+            while True:
+                time.sleep(3600)
+        # Deploys versions the rollout starts referencing (a new canary) and removes old ones.
+        VersionReconciler(settings, ModelRegistry.from_settings(settings)).run_forever(say=say)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+        serve.shutdown()
+
+
+def drift_monitor(settings: Settings, with_trigger: bool = False,
+                  say: Callable[[str], None] = log.info) -> DriftMonitor:
+    """The drift monitor over the production log; with the trigger, each verdict goes on to the
+    retrain trigger (which decides, logs why, and submits a Ray job)."""
+    store, metrics = store_for(settings), MonitorMetrics()
+    on_verdict = None
+    if with_trigger:
+        from asrops.retrain.trigger import RetrainTrigger
+
+        trigger = RetrainTrigger(settings, store, ModelRegistry.from_settings(settings), metrics.retrain_jobs)
+
+        def on_verdict(state: str, now: datetime) -> None:
+            try:
+                trigger.step(state, now)
+            except Exception as exc:  # no Ray dashboard to submit to (a bare monitor): say so, go on
+                say(f"retrain trigger skipped: {type(exc).__name__}: {exc}")
+    return DriftMonitor(store, settings.monitoring, metrics, on_verdict=on_verdict)

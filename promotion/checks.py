@@ -1,0 +1,74 @@
+"""The PromQL the promotion controller asks: how many requests a version had, and the
+built-in checks. Every query here reads metrics the service exports (serve/metrics.py); the
+monitoring tests check each against the exported names and against a real Prometheus.
+
+A check is a template: `$version` is the version judged, `$window` the analysis window.
+"""
+
+from __future__ import annotations
+
+from asrops.settings import AnalysisSpec, Bound, Gate, MetricCheck
+
+
+def _increase(metric: str, version_filter: str = 'model_version="$version"') -> str:
+    return f"(sum(increase({metric}{{{version_filter}}}[$window])) or vector(0))"
+
+
+FAILED = f"{_increase('ray_asrops_fallbacks_total')} + {_increase('ray_asrops_breaker_skips_total')}"
+"""Requests meant for a version that another version answered: it failed them, or its open
+breaker skipped it (so a canary whose breaker opened keeps counting as failing)."""
+LIVE_REQUESTS = f"{_increase('ray_asrops_requests_total')} + {FAILED}"
+SERVER_ERRORS = _increase("ray_asrops_requests_total", 'model_version="$version",status=~"5.."')
+"""Requests meant for a version: those it answered, and those it failed."""
+SHADOW_REQUESTS = ('sum(increase(ray_asrops_shadow_disagreement_ratio_count{model_version="$version"}[$window]))'
+                   " or vector(0)")
+
+DEFAULT_CHECKS = [
+    MetricCheck(
+        name="error-ratio",
+        query=f"({SERVER_ERRORS} + {FAILED}) / ({LIVE_REQUESTS})",
+        max=Bound(value=0.005, relative_to_stable="plus"),
+    ),
+    MetricCheck(
+        name="latency-p95",
+        query=('histogram_quantile(0.95, sum by (le) (rate('
+               'ray_asrops_request_duration_seconds_bucket{model_version="$version"}[$window])))'),
+        max=Bound(value=1.2, relative_to_stable="times"),
+    ),
+    MetricCheck(
+        name="avg-logprob",
+        query=('-(sum(rate(ray_asrops_segment_neg_avg_logprob_sum{model_version="$version"}[$window])) / '
+               'sum(rate(ray_asrops_segment_neg_avg_logprob_count{model_version="$version"}[$window])))'),
+        min=Bound(value=-0.1, relative_to_stable="plus"),
+    ),
+    MetricCheck(
+        name="shadow-disagreement",
+        query=('sum(rate(ray_asrops_shadow_disagreement_ratio_sum{model_version="$version"}[$window])) / '
+               'sum(rate(ray_asrops_shadow_disagreement_ratio_count{model_version="$version"}[$window]))'),
+        max=Bound(value=0.3),
+        during="shadow",
+    ),
+    MetricCheck(
+        name="feedback-wer",
+        query=('sum(increase(ray_asrops_feedback_word_errors_total{model_version="$version"}[$window])) / '
+               'sum(increase(ray_asrops_feedback_reference_words_total{model_version="$version"}[$window]))'),
+        max=Bound(value=1.02, relative_to_stable="times"),
+        only_when=Gate(query='sum(increase(ray_asrops_feedback_reference_words_total{model_version="$version"}'
+                             '[$window])) or vector(0)', min=200),
+    ),
+]
+
+
+def checks_of(spec: AnalysisSpec) -> list[MetricCheck]:
+    """The spec's checks; the built-in ones when it names none."""
+    return DEFAULT_CHECKS if spec.checks is None else spec.checks
+
+
+def every_query() -> dict[str, str]:
+    """Every template the controller may run, by name: request counts, checks, check gates."""
+    queries = {"live-requests": LIVE_REQUESTS, "shadow-requests": SHADOW_REQUESTS}
+    for check in DEFAULT_CHECKS:
+        queries[check.name] = check.query
+        if check.only_when is not None:
+            queries[f"{check.name} (gate)"] = check.only_when.query
+    return queries
