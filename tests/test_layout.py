@@ -109,3 +109,17 @@ def test_ruff_passes():
     ruff = str(Path(sys.executable).parent / "ruff") if (Path(sys.executable).parent / "ruff").exists() else "ruff"
     result = subprocess.run([ruff, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_layout_tables_match_the_tree():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout\n"):readme.index("\n## ", readme.index("## Layout\n") + 1)]
+    paths = {p.split(":")[0] for p in re.findall(r"`([A-Za-z_./<>-]+(?:/|\.py|\.ya?ml|\.json|\.sh)[^`]*)`", layout)}
+    missing = [p for p in paths if "<" not in p and not (ROOT / p).exists()
+               and not any((ROOT / folder / p).exists() for folder in FOLDER_OF.values())]
+    assert not missing, f"the README's layout names paths that do not exist: {missing}"
+    folders = {row.split("|")[1].strip().strip("`") for row in layout.splitlines() if row.startswith("| `")}
+    top = {f"{p.name}/" for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in
+           {"build", "dist", "out", "data"} and not p.name.endswith(".egg-info")}
+    assert top - folders == set(), f"top-level folders missing from the README's layout: {top - folders}"
+    assert {f"{folder}/" for folder in FOLDER_OF.values()} <= folders
