@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
+from asrops.audio_format import SAMPLE_RATE
 from asrops.evaluation import score
 from asrops.registry.store import ObjectStore
 
@@ -92,7 +93,7 @@ class RecentRequests:
 
     @staticmethod
     def _seconds(a: AnsweredRequest) -> float:
-        return len(a.samples) / 16_000 if a.samples is not None else 0.0
+        return len(a.samples) / SAMPLE_RATE if a.samples is not None else 0.0
 
 
 def join(feedback: FeedbackIn, answered: AnsweredRequest, audio_key: str | None) -> FeedbackRecord:

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from asrops.audio import decode_audio
+from asrops.audio_format import SAMPLE_RATE
 from asrops.clip_manifest import write_rows
 from asrops.errors import AudioError
 from asrops.evaluation import MISSING, load_manifest
@@ -266,7 +267,7 @@ def _sha256(samples: np.ndarray) -> str:
 def _quality_reason(
     example: Example, samples: np.ndarray, settings: DatasetSettings
 ) -> DropReason | None:
-    f = audio_features(samples, 16_000, 1)
+    f = audio_features(samples, SAMPLE_RATE, 1)
     if not settings.min_duration_s <= f.duration_s <= settings.max_duration_s:
         return "duration_out_of_bounds"
     if 1.0 - f.silence_ratio < settings.min_speech_ratio:
@@ -317,7 +318,7 @@ def validate(
             continue
         seen_audio.add(sha)
         seen_text.add(text_key)
-        kept.append(example.model_copy(update={"duration_s": len(samples) / 16_000, "audio_sha256": sha}))
+        kept.append(example.model_copy(update={"duration_s": len(samples) / SAMPLE_RATE, "audio_sha256": sha}))
     log.info("validated %d clips: %d kept, %d dropped", len(examples), len(kept), drops.total)
     return kept, drops
 
@@ -336,7 +337,7 @@ def fingerprint(examples: list[Example]) -> list[Example]:
                 log.warning("%s: cannot fingerprint: %s", example.id, exc)
             else:
                 example = example.model_copy(
-                    update={"audio_sha256": _sha256(samples), "duration_s": len(samples) / 16_000})
+                    update={"audio_sha256": _sha256(samples), "duration_s": len(samples) / SAMPLE_RATE})
         out.append(example)
     return out
 

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
+from asrops.audio_format import SAMPLE_RATE
 from asrops.engines import load_engine, resolve_device
 from asrops.engines.types import DecodeOptions, Transcription
 from asrops.registry import ModelRegistry
@@ -23,7 +24,7 @@ from asrops.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-WARMUP_SAMPLES = 16_000  # one second of silence
+WARMUP_SAMPLES = SAMPLE_RATE  # one second of silence
 
 
 def model_app_name(version_id: str) -> str:

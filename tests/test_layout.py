@@ -123,3 +123,16 @@ def test_the_readme_layout_tables_match_the_tree():
            {"build", "dist", "out", "data"} and not p.name.endswith(".egg-info")}
     assert top - folders == set(), f"top-level folders missing from the README's layout: {top - folders}"
     assert {f"{folder}/" for folder in FOLDER_OF.values()} <= folders
+
+
+def test_the_serve_config_names_importable_builders():
+    """serve/serve_config.yaml is valid for Serve and its import paths name real builders."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text()))
+    for app in config.applications:
+        module, _, name = app.import_path.partition(":")
+        assert callable(getattr(importlib.import_module(module), name)), app.import_path
