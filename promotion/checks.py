@@ -18,10 +18,12 @@ FAILED = f"{_increase('ray_asrops_fallbacks_total')} + {_increase('ray_asrops_br
 """Requests meant for a version that another version answered: it failed them, or its open
 breaker skipped it (so a canary whose breaker opened keeps counting as failing)."""
 LIVE_REQUESTS = f"{_increase('ray_asrops_requests_total')} + {FAILED}"
-SERVER_ERRORS = _increase("ray_asrops_requests_total", 'model_version="$version",status=~"5.."')
 """Requests meant for a version: those it answered, and those it failed."""
+SERVER_ERRORS = _increase("ray_asrops_requests_total", 'model_version="$version",status=~"5.."')
+"""Requests a version answered with a 5xx."""
 SHADOW_REQUESTS = ('sum(increase(ray_asrops_shadow_disagreement_ratio_count{model_version="$version"}[$window]))'
                    " or vector(0)")
+"""Stable requests copied to a version in shadow (each one compared)."""
 
 DEFAULT_CHECKS = [
     MetricCheck(
@@ -65,7 +67,8 @@ def checks_of(spec: AnalysisSpec) -> list[MetricCheck]:
 
 
 def every_query() -> dict[str, str]:
-    """Every template the controller may run, by name: request counts, checks, check gates."""
+    """Every template the controller runs with the built-in checks, by name: the request counts,
+    each check and each check's gate (what monitoring/promql.py checks against real metrics)."""
     queries = {"live-requests": LIVE_REQUESTS, "shadow-requests": SHADOW_REQUESTS}
     for check in DEFAULT_CHECKS:
         queries[check.name] = check.query
