@@ -11,7 +11,7 @@ from string import Template
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -90,6 +90,9 @@ class ServeSettings(BaseModel):
     """Client keys; empty means no auth. Only their sha256 is kept in memory after start."""
     admin_tokens: list[str] = []
     """Tokens for the admin API (/admin/...); empty means the admin API is off (403)."""
+    max_prompt_chars: int = Field(default=1000, ge=0)
+    """Longest accepted `prompt`, in characters (Whisper keeps at most 223 prompt tokens, about
+    1,000 characters of English); a longer one gets 400."""
     request_timeout_s: float = 120.0
     """A transcription not answered in this many seconds gets 504."""
     max_batch_size: int = Field(default=8, ge=1)
@@ -124,6 +127,13 @@ class ServeSettings(BaseModel):
     """A canary (or any version with somewhere to fall back to) not answering within this many
     seconds is given up on and the next version in line answers."""
     breaker: BreakerSettings = BreakerSettings()
+
+    @field_validator("api_keys", "admin_tokens")
+    @classmethod
+    def _no_blank_secret(cls, secrets: list[str]) -> list[str]:
+        if any(not s.strip() for s in secrets):
+            raise ValueError("a blank key or token would let anyone in: remove it (an empty list turns auth off)")
+        return secrets
 
     @property
     def local_url(self) -> str:

@@ -54,7 +54,9 @@ def _audit(registry: ModelRegistry, action: str, actor: str, reason: str, before
 
 
 def read_audit(registry: ModelRegistry, limit: int = 100) -> list[AuditEntry]:
-    """The newest `limit` entries, oldest first."""
+    """The newest `limit` entries (at least one), oldest first."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     keys = sorted(registry.store.list_prefix(AUDIT_PREFIX))[-limit:]
     return [AuditEntry.model_validate_json(registry.store.read_bytes(k)[0]) for k in keys]
 

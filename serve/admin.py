@@ -9,7 +9,7 @@ module only checks the token and maps the request. A concurrent change loses wit
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from asrops.promotion import rollout
@@ -69,7 +69,7 @@ def build_admin(registry: ModelRegistry, admin_tokens: list[str], serving: Calla
                              analysis=rollout.read_analysis(registry))
 
     @router.get("/audit", response_model=list[rollout.AuditEntry])
-    def audit(_: Actor, limit: int = 100):
+    def audit(_: Actor, limit: Annotated[int, Query(ge=1, le=1000)] = 100):
         return rollout.read_audit(registry, limit)
 
     @router.post("/rollout/canary", response_model=rollout.AuditEntry)

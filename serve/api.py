@@ -7,6 +7,7 @@ directly), so the HTTP contract is tested once, without Ray.
 
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from asrops.formats import WRITERS
 from asrops.serve.auth import ClientKeys
 from asrops.serve.errors import (
     FILE_TOO_LARGE,
+    INTERNAL,
     INVALID_VALUE,
     TIMEOUT,
     UNAUTHORIZED,
@@ -34,6 +36,8 @@ from asrops.serve.errors import (
 from asrops.serve.feedback import FeedbackRecorder
 from asrops.serve.telemetry import RequestTelemetry
 from asrops.settings import Settings
+
+log = logging.getLogger(__name__)
 
 OPENAI_MODEL_ALIAS = "whisper-1"  # what OpenAI clients send by default; means `stable`
 TEXT_MEDIA_TYPES = {"text": "text/plain", "srt": "text/plain", "vtt": "text/vtt"}
@@ -80,6 +84,9 @@ class ModelList(BaseModel):
 
 def _options(response_format: str, language: str | None, temperature: float, prompt: str | None,
              granularities: list[str] | None, settings: Settings) -> DecodeOptions:
+    if prompt and len(prompt) > settings.serve.max_prompt_chars:
+        raise ApiError(INVALID_VALUE, f"prompt is {len(prompt):,} characters; the limit is "
+                       f"{settings.serve.max_prompt_chars:,} (Whisper reads at most 223 prompt tokens).", "prompt")
     if response_format not in WRITERS:
         raise ApiError(INVALID_VALUE, f"response_format must be one of {', '.join(WRITERS)}; got {response_format!r}.",
                        "response_format")
@@ -142,14 +149,20 @@ def build_api(
                 f"The upload is {int(length) / 2**20:.1f} MiB; the limit is {upload_limit / 2**20:.0f} MiB. "
                 "Send a shorter or more compressed file.", FILE_TOO_LARGE)
         else:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception:  # a fault of ours: still the OpenAI shape, the request id, and telemetry
+                log.exception("request %s failed", rid)
+                request.state.error_code = INTERNAL.code
+                response = error_response(f"Internal error; quote request id {rid} when reporting it.", INTERNAL)
         if request_id is None:
             response.headers["X-Request-Id"] = rid
         if telemetry and request.url.path == TRANSCRIPTIONS_PATH and request.method == "POST":
             state = request.state
             telemetry.observe(rid, response.status_code, time.perf_counter() - started,
                               getattr(state, "error_code", None) if response.status_code >= 400 else None,
-                              getattr(state, "decoded", None), getattr(state, "result", None))
+                              getattr(state, "decoded", None), getattr(state, "result", None),
+                              getattr(state, "version", None) if response.status_code >= 500 else None)
         return response
 
     def client_key(request: Request) -> str:
@@ -193,7 +206,9 @@ def build_api(
         options = _options(response_format, language, temperature, prompt, timestamp_granularities, settings)
         # An X-Model-Version header pins a version or alias, like `model` does (for testing).
         name = request.headers.get("x-model-version") or ("stable" if model == OPENAI_MODEL_ALIAS else model)
-        transcriber.resolve(name)  # unknown model → 404 before any decoding work
+        # Unknown model → 404 before any decoding work; a request that fails with a 5xx later is
+        # counted against the version its model names (error ratio, 5xx alerts).
+        request.state.version = transcriber.resolve(name)
         data = await file.read()
         audio = await asyncio.to_thread(decode_audio, data, settings.audio)
         request.state.decoded = audio

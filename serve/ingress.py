@@ -107,7 +107,11 @@ class ServeTranscriber:
         return set(self.apps)
 
     def resolve(self, model: str) -> str:
-        return self._plan(model, "", "").version
+        """The version a model name means, before any canary split (`stable` is the stable)."""
+        try:
+            return plan_route(model, self.aliases, RolloutState(), "", "", self.running).version
+        except VersionNotFoundError:
+            return self._plan(model, "", "").version  # raises the message a client can act on
 
     def _plan(self, model: str, client: str, request_id: str) -> RoutePlan:
         try:

@@ -28,15 +28,16 @@ class RequestTelemetry:
         self.metrics, self.writer, self.recent = metrics, writer, recent
 
     def observe(self, request_id: str, status: int, latency_s: float, error_code: str | None,
-                decoded: DecodedAudio | None, result) -> None:
-        """`result` is the TranscribeResult of a request that was answered, else None."""
+                decoded: DecodedAudio | None, result, asked_version: str | None = None) -> None:
+        """`result` is the TranscribeResult of a request that was answered, else None;
+        `asked_version` is the version its model name resolved to (what a failure counts against)."""
         try:
-            self._observe(request_id, status, latency_s, error_code, decoded, result)
+            self._observe(request_id, status, latency_s, error_code, decoded, result, asked_version)
         except Exception:  # telemetry must never turn an answered request into an error
             log.exception("request %s: telemetry failed", request_id)
 
-    def _observe(self, request_id, status, latency_s, error_code, decoded, result) -> None:
-        version, route = (result.version, result.route) if result else ("", NO_ROUTE)
+    def _observe(self, request_id, status, latency_s, error_code, decoded, result, asked_version) -> None:
+        version, route = (result.version, result.route) if result else (asked_version or "", NO_ROUTE)
         now = datetime.now(UTC)
         if self.recent is not None and result:
             self.recent.add(request_id, AnsweredRequest(model_version=version, route=route, time=now,

@@ -128,11 +128,14 @@ def test_unknown_model_is_404_before_any_decoding():
 
 
 class RecordingTelemetry:
-    def __init__(self):
-        self.seen = []
+    """Keeps what each observed request was: status, error code, decoded or not, its version."""
 
-    def observe(self, request_id, status, latency_s, error_code, decoded, result):
-        self.seen.append((status, error_code, decoded is not None, result.version if result else None))
+    def __init__(self):
+        self.seen, self.request_ids = [], []
+
+    def observe(self, request_id, status, latency_s, error_code, decoded, result, asked_version=None):
+        self.request_ids.append(request_id)
+        self.seen.append((status, error_code, decoded is not None, result.version if result else asked_version))
 
 
 def test_every_transcription_request_is_observed_once_with_its_outcome():
@@ -207,3 +210,48 @@ def test_feedback_on_a_request_this_ingress_forgot_is_joined_from_the_production
     body = client.post("/v1/feedback", json={"request_id": "old-1", "text": "turn it off"}).json()
     assert (body["model_version"], body["route"], body["word_errors"]) == ("v0", "canary", 0)
     assert body["audio_key"] and store.exists(body["audio_key"])
+
+
+# --- limits and faults (issue 16, first part) ---------------------------------------------
+def test_a_blank_client_key_or_admin_token_is_refused_at_start():
+    from pydantic import ValidationError
+
+    for field in ("api_keys", "admin_tokens"):
+        with pytest.raises(ValidationError, match="blank key"):
+            Settings(data_dir="/nonexistent", serve={field: ["sk-1", " "]})
+    assert Settings(data_dir="/nonexistent", serve={"api_keys": []}).serve.api_keys == []  # no auth, said so
+
+
+def test_an_overlong_prompt_is_a_400_naming_the_field_before_any_decoding():
+    client, fake = _client(max_prompt_chars=1000)
+    r = _post(client, prompt="word " * 200_000)  # 1 MB
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and error["code"] == "invalid_value" and "1,000" in error["message"]
+    assert fake.calls == []
+    assert _post(client, prompt="patient names: Ola, Ines").status_code == 200
+
+
+class _Raising(FakeTranscriber):
+    async def transcribe(self, model, audio, options, client, request_id) -> TranscribeResult:
+        raise KeyError("a bug of ours")
+
+
+def test_a_fault_of_ours_is_a_500_in_the_openai_shape_with_its_request_id_counted_against_its_version():
+    telemetry = RecordingTelemetry()
+    app = build_api(_Raising(), Settings(data_dir="/nonexistent"), telemetry=telemetry)
+    r = _post(TestClient(app, raise_server_exceptions=False))
+    assert r.status_code == 500, r.text
+    rid = r.headers["x-request-id"]
+    assert r.json()["error"]["code"] == "internal_error" and rid in r.json()["error"]["message"]
+    assert telemetry.request_ids == [rid]
+    assert telemetry.seen == [(500, "internal_error", True, "v1")]  # counted against v1, not model_version=""
+    client, _ = _client()
+    assert _post(client).status_code == 200  # and a good request after it is answered
+
+
+def test_a_client_error_is_not_counted_against_a_version():
+    telemetry = RecordingTelemetry()
+    r = TestClient(build_api(FakeTranscriber(), Settings(data_dir="/nonexistent"), telemetry=telemetry)).post(
+        "/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF....WAVEfmt garbage")})
+    assert r.status_code == 415 and telemetry.seen == [(415, "unsupported_media", False, None)]

@@ -153,3 +153,14 @@ def test_admin_api_runs_a_rollout_and_audits_it(registry):
     assert [e["action"] for e in audit] == ["deploy_canary", "set_traffic", "promote"]
     assert audit[0]["actor"].startswith("carol (token ") and "adm-secret" not in audit[0]["actor"]
     assert rollout.current(registry).aliases == Aliases(stable="v2", fallback="v1")
+
+
+def test_the_audit_limit_is_bounded(registry):
+    client = _admin_client(registry)
+    auth = {"Authorization": "Bearer adm-secret"}
+    for bad in (0, -1, 100_000):
+        r = client.get(f"/admin/audit?limit={bad}", headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "limit", r.text
+    assert client.get("/admin/audit?limit=1", headers=auth).status_code == 200
+    with pytest.raises(ValueError):
+        rollout.read_audit(registry, 0)
