@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from asrops.audio_format import SAMPLE_RATE
 from asrops.evaluation import score
 from asrops.registry.store import ObjectStore
+from asrops.request_id import RequestId
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ FEEDBACK = "feedback"
 class FeedbackIn(BaseModel):
     """What a client sends to POST /v1/feedback."""
 
-    request_id: str = Field(min_length=1, max_length=200)
+    request_id: RequestId
     """The X-Request-Id of the transcription being corrected."""
     text: str = Field(max_length=20_000)
     """The correct transcript."""
@@ -82,6 +83,8 @@ class RecentRequests:
         self._audio_s = 0.0
 
     def add(self, request_id: str, answered: AnsweredRequest) -> None:
+        if (replaced := self._items.pop(request_id, None)) is not None:  # a reused id: count its audio once
+            self._audio_s -= self._seconds(replaced)
         self._items[request_id] = answered
         self._audio_s += self._seconds(answered)
         while self._items and (len(self._items) > self.max_requests or self._audio_s > self.max_audio_s):

@@ -125,7 +125,14 @@ class ServeSettings(BaseModel):
     deleted (its in-flight requests finish first), in seconds."""
     canary_timeout_s: float = Field(default=30.0, gt=0)
     """A canary (or any version with somewhere to fall back to) not answering within this many
-    seconds is given up on and the next version in line answers."""
+    seconds, plus `canary_timeout_per_audio_s` for each second of audio, is given up on and the
+    next version in line answers."""
+    canary_timeout_per_audio_s: float = Field(default=0.5, ge=0)
+    """Seconds added to the canary timeout per second of audio: long audio on a healthy canary
+    takes long (600 s of audio: 330 s in all), and must not count as the canary failing."""
+    control_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest wait for the registry or a model application during the ingress's refresh; a hung
+    one is skipped (and retried on the next refresh) so routing changes and rollbacks go on."""
     breaker: BreakerSettings = BreakerSettings()
 
     @field_validator("api_keys", "admin_tokens")

@@ -9,7 +9,6 @@ directly), so the HTTP contract is tested once, without Ray.
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import Annotated, Protocol
 
@@ -22,10 +21,12 @@ from asrops.audio import decode_audio
 from asrops.engines.types import DecodeOptions, Transcription
 from asrops.feedback import FeedbackIn, FeedbackRecord
 from asrops.formats import WRITERS
+from asrops.request_id import RULE, is_valid, new_request_id
 from asrops.serve.auth import ClientKeys
 from asrops.serve.errors import (
     FILE_TOO_LARGE,
     INTERNAL,
+    INVALID_REQUEST_ID,
     INVALID_VALUE,
     TIMEOUT,
     UNAUTHORIZED,
@@ -140,10 +141,15 @@ def build_api(
     @app.middleware("http")
     async def request_id_and_size(request: Request, call_next):
         started = time.perf_counter()
-        rid = request_id() if request_id else uuid.uuid4().hex
+        rid = request_id() if request_id else new_request_id()
         request.state.request_id = rid
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > upload_limit + 1024 * 1024:  # + room for form fields
+        if not is_valid(rid):  # a client's X-Request-Id (Ray's proxy takes it): it would become a store key
+            request.state.error_code = INVALID_REQUEST_ID.code
+            response = error_response(f"X-Request-Id must be {RULE}; got {rid[:40]!r}"
+                                      f"{'...' if len(rid) > 40 else ''}. Send another or none.", INVALID_REQUEST_ID)
+            rid = new_request_id()  # what this answer is logged under
+        elif length and length.isdigit() and int(length) > upload_limit + 1024 * 1024:  # + room for form fields
             request.state.error_code = FILE_TOO_LARGE.code
             response = error_response(
                 f"The upload is {int(length) / 2**20:.1f} MiB; the limit is {upload_limit / 2**20:.0f} MiB. "

@@ -42,6 +42,7 @@ UNAVAILABLE = ErrorKind(503, "server_error", "model_unavailable")
 INTERNAL = ErrorKind(500, "server_error", "internal_error")
 INVALID_VALUE = ErrorKind(400, INVALID, "invalid_value")
 MISSING = ErrorKind(400, INVALID, "missing_required_parameter")
+INVALID_REQUEST_ID = ErrorKind(400, INVALID, "invalid_request_id", "X-Request-Id")
 
 FILE_TOO_LARGE = ErrorKind(413, INVALID, "file_too_large", "file")
 

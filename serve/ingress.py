@@ -16,6 +16,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from asrops.audio_format import SAMPLE_RATE
 from asrops.engines.types import DecodeOptions
 from asrops.errors import VersionNotFoundError
 from asrops.evaluation import score
@@ -81,7 +82,13 @@ class ServeTranscriber:
         for name, deployed_at in apps.items():
             known = self._app_versions.get(name)
             if known is None or (known[1] != deployed_at and statuses[name].status == "RUNNING"):  # new, or redeployed
-                version = await serve.get_app_handle(name).version.remote()
+                try:
+                    version = await asyncio.wait_for(_await(serve.get_app_handle(name).version.remote()),
+                                                     self.settings.serve.control_timeout_s)
+                except TimeoutError:
+                    log.warning("model application %s did not say its version within %.0f s; skipped until it "
+                                "does", name, self.settings.serve.control_timeout_s)
+                    continue
                 self._app_versions[name] = (version, deployed_at)
         self._app_versions = {n: v for n, v in self._app_versions.items() if n in apps}
         self._handles = {n: h for n, h in self._handles.items() if n in apps}
@@ -167,7 +174,7 @@ class ServeTranscriber:
                     self.metrics.breaker_skips.inc(1, tags={"model_version": version, "route": route.value})
                 continue
             try:
-                reply = await self._call(version, request, None if last else self.settings.serve.canary_timeout_s)
+                reply = await self._call(version, request, None if last else self._timeout(request))
             except BackPressureError:
                 if last:
                     raise ApiError(OVERLOADED, "The service is at capacity; retry after the time in Retry-After.",
@@ -194,6 +201,11 @@ class ServeTranscriber:
             return TranscribeResult(transcription=reply.transcription, version=reply.version, route=route.value,
                                     batch_size=reply.batch_size)
         raise AssertionError("unreachable: the last version in line either answers or raises")
+
+    def _timeout(self, request: ModelRequest) -> float:
+        """How long a version with somewhere to fall back to gets: longer for longer audio."""
+        s = self.settings.serve
+        return s.canary_timeout_s + len(request.audio) / SAMPLE_RATE * s.canary_timeout_per_audio_s
 
     async def _call(self, version: str, request: ModelRequest, timeout_s: float | None) -> ModelReply:
         """One version's answer. A replica that dies mid-request is retried: Serve sends the
@@ -229,7 +241,7 @@ class ServeTranscriber:
 
         async def shadow() -> None:
             try:
-                reply = await self._call(version, request, self.settings.serve.canary_timeout_s)
+                reply = await self._call(version, request, self._timeout(request))
             except Exception as exc:
                 self.breaker(version).record(failed=not isinstance(exc, BackPressureError))
                 log.info("request %s: shadow %s failed (%s)", request_id, version, type(exc).__name__)
@@ -298,8 +310,8 @@ class Ingress:
     async def _refresh_forever(self) -> None:
         while True:
             started = time.monotonic()
-            try:
-                await self.transcriber.refresh()
+            try:  # a hung registry must not freeze routing changes and rollbacks for good
+                await asyncio.wait_for(self.transcriber.refresh(), 3 * self.settings.serve.control_timeout_s)
             except Exception:
                 log.warning("refresh failed", exc_info=True)
             log.debug("refresh took %.3f s", time.monotonic() - started)

@@ -255,3 +255,30 @@ def test_a_client_error_is_not_counted_against_a_version():
     r = TestClient(build_api(FakeTranscriber(), Settings(data_dir="/nonexistent"), telemetry=telemetry)).post(
         "/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF....WAVEfmt garbage")})
     assert r.status_code == 415 and telemetry.seen == [(415, "unsupported_media", False, None)]
+
+
+def test_a_request_id_that_could_not_be_a_store_key_is_a_400_logged_under_an_id_of_ours():
+    telemetry = RecordingTelemetry()
+    ids = iter(["../x", "a" * 300, "ok-123"])
+    app = build_api(FakeTranscriber(), Settings(data_dir="/nonexistent"), request_id=lambda: next(ids),
+                    telemetry=telemetry)
+    client = TestClient(app)
+    for _ in range(2):
+        r = _post(client)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request_id", r.text
+        assert r.json()["error"]["param"] == "X-Request-Id"
+    assert _post(client).status_code == 200
+    assert [s[0] for s in telemetry.seen] == [400, 400, 200]
+    assert all(len(rid) == 32 for rid in telemetry.request_ids[:2]) and telemetry.request_ids[2] == "ok-123"
+
+
+def test_a_reused_request_id_is_counted_once_in_the_recent_requests_memory():
+    from asrops.feedback import AnsweredRequest, RecentRequests
+
+    recent = RecentRequests(max_requests=10, max_audio_s=5.0)
+    answered = AnsweredRequest(model_version="v1", route="stable", text="x", time=datetime.now(UTC),
+                               samples=np.zeros(16_000 * 2, np.float32))
+    recent.add("other", answered)
+    for _ in range(5):
+        recent.add("same", answered)  # 2 s each time; before, every add counted again and evicted "other"
+    assert recent.get("other") is not None and recent.get("same") is not None

@@ -96,3 +96,22 @@ def test_without_a_running_stable_the_fallback_answers():
     assert (plan.version, plan.route) == ("v0", Route.FALLBACK)
     with pytest.raises(VersionNotFoundError):
         plan_route("stable", ALIASES, rollout(), "c", "r", set())
+
+
+def test_a_canary_gets_longer_for_longer_audio_before_it_counts_as_failing():
+    """30 s for any audio made long, legitimate audio on a healthy canary a canary failure."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from asrops.engines.types import DecodeOptions
+    from asrops.serve.ingress import ServeTranscriber
+    from asrops.serve.model_server import ModelRequest
+    from asrops.settings import Settings
+
+    settings = Settings(data_dir="/nonexistent")
+    me = SimpleNamespace(settings=settings)
+    short = ModelRequest(audio=np.zeros(16_000, np.float32), options=DecodeOptions())
+    long = ModelRequest(audio=np.zeros(600 * 16_000, np.float32), options=DecodeOptions())
+    assert ServeTranscriber._timeout(me, short) == pytest.approx(30.5)
+    assert ServeTranscriber._timeout(me, long) == pytest.approx(330.0)

@@ -138,3 +138,34 @@ def test_full_queue_becomes_503_with_retry_after(service):
         assert outcomes.count("slow-v") >= 1  # the admitted ones are answered
     finally:
         serve.delete("test-slow")
+
+
+def test_hostile_request_ids_get_400_and_the_production_log_keeps_flushing(service, service_settings, speech_dir):
+    """Ray's proxy takes a client's X-Request-Id as the request id; one that could not be a store
+    key (a path, too long, odd characters) is refused in the OpenAI shape, feedback naming it too,
+    and the production log goes on writing the requests after it."""
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from asrops.prodlog import ProductionLogReader, store_for
+
+    good = (speech_dir / JFK).read_bytes()
+    started = datetime.now(UTC)
+    with httpx.Client(base_url=service, timeout=60) as http:
+        for bad in ("../x", "a" * 300, "x/../../etc", "id with spaces", "%2e%2e%2fx"):
+            r = http.post("/v1/audio/transcriptions", files={"file": ("jfk.flac", good)},
+                          headers={"X-Request-Id": bad})
+            assert r.status_code == 400, (bad, r.status_code, r.text[:200])
+            assert r.json()["error"]["code"] == "invalid_request_id", r.text
+            f = http.post("/v1/feedback", json={"request_id": bad, "text": "x"})
+            assert f.status_code == 400 and f.json()["error"]["param"] == "request_id", f.text
+        ok = http.post("/v1/audio/transcriptions", files={"file": ("jfk.flac", good)},
+                       headers={"X-Request-Id": "client-chosen-id-1"})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == "client-chosen-id-1"
+    reader, deadline = ProductionLogReader(store_for(service_settings)), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ids = set(reader.read(started - timedelta(seconds=1), datetime.now(UTC) + timedelta(seconds=1))["request_id"])
+        if "client-chosen-id-1" in ids:
+            break
+        time.sleep(1)
+    assert "client-chosen-id-1" in ids and not {"../x", "x/../../etc"} & ids
