@@ -24,7 +24,6 @@ from asrops.formats import WRITERS
 from asrops.request_id import RULE, is_valid, new_request_id
 from asrops.serve.auth import ClientKeys
 from asrops.serve.errors import (
-    FILE_TOO_LARGE,
     INTERNAL,
     INVALID_REQUEST_ID,
     INVALID_VALUE,
@@ -35,6 +34,7 @@ from asrops.serve.errors import (
     install_error_handlers,
 )
 from asrops.serve.feedback import FeedbackRecorder
+from asrops.serve.limits import BoundedBodies, bearer
 from asrops.serve.telemetry import RequestTelemetry
 from asrops.settings import Settings
 
@@ -136,24 +136,19 @@ def build_api(
     if admin is not None:
         app.include_router(admin)
     keys = ClientKeys.from_plain(settings.serve.api_keys)
-    upload_limit = settings.audio.max_upload_bytes
+    # Inside the request-id middleware below, so its refusals get a request id and telemetry too.
+    app.add_middleware(BoundedBodies, max_upload_bytes=settings.audio.max_upload_bytes, keys=keys)
 
     @app.middleware("http")
     async def request_id_and_size(request: Request, call_next):
         started = time.perf_counter()
         rid = request_id() if request_id else new_request_id()
         request.state.request_id = rid
-        length = request.headers.get("content-length")
         if not is_valid(rid):  # a client's X-Request-Id (Ray's proxy takes it): it would become a store key
             request.state.error_code = INVALID_REQUEST_ID.code
             response = error_response(f"X-Request-Id must be {RULE}; got {rid[:40]!r}"
                                       f"{'...' if len(rid) > 40 else ''}. Send another or none.", INVALID_REQUEST_ID)
             rid = new_request_id()  # what this answer is logged under
-        elif length and length.isdigit() and int(length) > upload_limit + 1024 * 1024:  # + room for form fields
-            request.state.error_code = FILE_TOO_LARGE.code
-            response = error_response(
-                f"The upload is {int(length) / 2**20:.1f} MiB; the limit is {upload_limit / 2**20:.0f} MiB. "
-                "Send a shorter or more compressed file.", FILE_TOO_LARGE)
         else:
             try:
                 response = await call_next(request)
@@ -174,8 +169,7 @@ def build_api(
     def client_key(request: Request) -> str:
         """The caller's identity for sticky routing: an `X-Client-Id` header, else its key's
         hash, else (an anonymous caller) the request id, so anonymous traffic splits per request."""
-        auth = request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        token = bearer(request.headers)
         if keys.enabled and not keys.check(token):
             raise ApiError(UNAUTHORIZED, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
                            headers={"WWW-Authenticate": "Bearer"})

@@ -282,3 +282,82 @@ def test_a_reused_request_id_is_counted_once_in_the_recent_requests_memory():
     for _ in range(5):
         recent.add("same", answered)  # 2 s each time; before, every add counted again and evicted "other"
     assert recent.get("other") is not None and recent.get("same") is not None
+
+
+class _Counting:
+    """Test instrumentation around an ASGI app: the request body bytes the app pulled."""
+
+    def __init__(self, app):
+        self.app, self.pulled = app, 0
+
+    async def __call__(self, scope, receive, send):
+        async def counted():
+            message = await receive()
+            self.pulled += len(message.get("body", b""))
+            return message
+        await self.app(scope, counted, send)
+
+
+def _chunked_upload(port: int, total_bytes: int, headers: dict[str, str], chunk: int = 1 << 20) -> tuple[int, int]:
+    """A multipart upload with chunked transfer encoding (no Content-Length) over a raw socket,
+    stopping when the server answers or hangs up; returns (status, bytes sent)."""
+    import select
+    import socket
+
+    boundary = "bound4ry"
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall((f"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}"
+                  f"Content-Type: multipart/form-data; boundary={boundary}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  ).encode())
+    preamble = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+                "Content-Type: audio/wav\r\n\r\n").encode()
+    sent, first = 0, True
+    try:
+        while sent < total_bytes and not select.select([sock], [], [], 0)[0]:
+            data = (preamble if first else b"") + b"\0" * chunk
+            first = False
+            sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            sent += len(data)
+    except OSError:  # the server answered and closed while we were still sending
+        pass
+    response = b""
+    try:
+        while b"\r\n" not in response and (part := sock.recv(4096)):
+            response += part
+    except OSError:
+        pass
+    sock.close()
+    return int(response.split(b" ")[1]) if response else 0, sent
+
+
+def test_a_chunked_upload_past_the_limit_is_cut_off_with_413_and_an_unkeyed_one_gets_401_unread():
+    """On a real HTTP server (uvicorn on loopback): the key is checked before the body is read,
+    and a chunked body is cut off at the limit, not read to its end."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    settings = Settings(data_dir="/nonexistent")
+    settings.serve.api_keys = ["sk-1"]
+    counting = _Counting(build_api(FakeTranscriber(), settings))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(counting, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        status, _ = _chunked_upload(port, 200 << 20, {})
+        assert status == 401 and counting.pulled == 0
+        status, sent = _chunked_upload(port, 200 << 20, {"Authorization": "Bearer sk-1"})
+        assert status == 413
+        limit = settings.audio.max_upload_bytes
+        assert counting.pulled <= limit + (3 << 20), f"{counting.pulled >> 20} MiB pulled"
+        assert sent < 200 << 20  # the server answered before the client had sent it all
+    finally:
+        server.should_exit = True
+        thread.join(10)
