@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from asrops.settings import AnalysisSpec, Bound, Gate, MetricCheck
 
+JUDGED = 'model_version="$version",route!="explicit"'
+"""The requests a version is judged on: those routed to it, not those that pinned it by name
+(`model=<version>`, `X-Model-Version`), which a single client could send to sway the analysis."""
 
-def _increase(metric: str, version_filter: str = 'model_version="$version"') -> str:
+
+def _increase(metric: str, version_filter: str = JUDGED) -> str:
     return f"(sum(increase({metric}{{{version_filter}}}[$window])) or vector(0))"
 
 
@@ -19,7 +23,7 @@ FAILED = f"{_increase('ray_asrops_fallbacks_total')} + {_increase('ray_asrops_br
 breaker skipped it (so a canary whose breaker opened keeps counting as failing)."""
 LIVE_REQUESTS = f"{_increase('ray_asrops_requests_total')} + {FAILED}"
 """Requests meant for a version: those it answered, and those it failed."""
-SERVER_ERRORS = _increase("ray_asrops_requests_total", 'model_version="$version",status=~"5.."')
+SERVER_ERRORS = _increase("ray_asrops_requests_total", JUDGED + ',status=~"5.."')
 """Requests a version answered with a 5xx."""
 SHADOW_REQUESTS = ('sum(increase(ray_asrops_shadow_disagreement_ratio_count{model_version="$version"}[$window]))'
                    " or vector(0)")
@@ -34,13 +38,13 @@ DEFAULT_CHECKS = [
     MetricCheck(
         name="latency-p95",
         query=('histogram_quantile(0.95, sum by (le) (rate('
-               'ray_asrops_request_duration_seconds_bucket{model_version="$version"}[$window])))'),
+               f'ray_asrops_request_duration_seconds_bucket{{{JUDGED}}}[$window])))'),
         max=Bound(value=1.2, relative_to_stable="times"),
     ),
     MetricCheck(
         name="avg-logprob",
-        query=('-(sum(rate(ray_asrops_segment_neg_avg_logprob_sum{model_version="$version"}[$window])) / '
-               'sum(rate(ray_asrops_segment_neg_avg_logprob_count{model_version="$version"}[$window])))'),
+        query=(f'-(sum(rate(ray_asrops_segment_neg_avg_logprob_sum{{{JUDGED}}}[$window])) / '
+               f'sum(rate(ray_asrops_segment_neg_avg_logprob_count{{{JUDGED}}}[$window])))'),
         min=Bound(value=-0.1, relative_to_stable="plus"),
     ),
     MetricCheck(
@@ -52,10 +56,10 @@ DEFAULT_CHECKS = [
     ),
     MetricCheck(
         name="feedback-wer",
-        query=('sum(increase(ray_asrops_feedback_word_errors_total{model_version="$version"}[$window])) / '
-               'sum(increase(ray_asrops_feedback_reference_words_total{model_version="$version"}[$window]))'),
+        query=(f'sum(increase(ray_asrops_feedback_word_errors_total{{{JUDGED}}}[$window])) / '
+               f'sum(increase(ray_asrops_feedback_reference_words_total{{{JUDGED}}}[$window]))'),
         max=Bound(value=1.02, relative_to_stable="times"),
-        only_when=Gate(query='sum(increase(ray_asrops_feedback_reference_words_total{model_version="$version"}'
+        only_when=Gate(query=f'sum(increase(ray_asrops_feedback_reference_words_total{{{JUDGED}}}'
                              '[$window])) or vector(0)', min=200),
     ),
 ]

@@ -81,7 +81,7 @@ class FeedbackRecorder:
     def _count(self, record: FeedbackRecord) -> None:
         if not self.metrics:
             return
-        tags = {"model_version": record.model_version}
+        tags = {"model_version": record.model_version, "route": record.route}
         self.metrics.feedback.inc(1, tags=tags)
         if record.word_errors:
             self.metrics.feedback_word_errors.inc(record.word_errors, tags=tags)

@@ -66,12 +66,11 @@ class IngressMetrics:
         self.log_failures = Counter("asrops_production_log_write_failures_total",
                                     "Failed writes to the production log store.")
         # Live WER per version from client corrections: errors / reference words.
-        self.feedback = Counter("asrops_feedback_total", "Corrected transcripts received.",
-                                tag_keys=("model_version",))
+        self.feedback = Counter("asrops_feedback_total", "Corrected transcripts received.", tag_keys=VR)
         self.feedback_word_errors = Counter("asrops_feedback_word_errors_total", "Word errors of the answered "
-                                            "text against corrections.", tag_keys=("model_version",))
+                                            "text against corrections.", tag_keys=VR)
         self.feedback_reference_words = Counter("asrops_feedback_reference_words_total", "Words in the "
-                                                "corrections.", tag_keys=("model_version",))
+                                                "corrections.", tag_keys=VR)
 
     def request(self, version: str, route: str, status: int, latency_s: float) -> None:
         tags = {"model_version": version, "route": route}

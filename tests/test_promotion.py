@@ -13,7 +13,9 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
+import httpx
 import pytest
 from ray import serve
 
@@ -27,7 +29,7 @@ from asrops.promotion.state import AnalysisState, Phase
 from asrops.registry import ModelRegistry
 from asrops.settings import AnalysisSpec, Settings
 from tests.conftest import free_port
-from tests.fakes import FakeVersion, SteadyLoad, publish_dummy, wait_routable
+from tests.fakes import QUIET, FakeVersion, SteadyLoad, publish_dummy, wait_routable
 
 pytestmark = pytest.mark.slow
 
@@ -225,3 +227,27 @@ def test_operators_pause_resume_and_abort_through_the_cli_and_status_shows_every
     view = rollout.current(registry)
     assert view.aliases.stable == stable and view.aliases.canary is None and view.rollout.canary_version is None
     assert load.failures() == [], load.failures()[:5]
+
+
+def test_requests_that_pin_a_version_by_name_are_not_evidence_for_its_analysis(
+        service, registry, prometheus, fake_canary):
+    """One client pinning the canary (`X-Model-Version`, `model=<version>`) cannot make the
+    analysis see traffic, good or bad: only requests routed to the canary count."""
+    from asrops.promotion.analysis import judge
+    from asrops.promotion.checks import LIVE_REQUESTS
+    from asrops.settings import render_query
+
+    version = fake_canary("echo")  # wait_routable already pinned a few requests to it
+    with httpx.Client(base_url=service, timeout=60) as http:
+        for i in range(20):
+            r = http.post("/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
+                          headers={"X-Model-Version": version} if i % 2 else {}, data={"model": version})
+            assert r.status_code == 200 and r.headers["x-model-version"] == version
+    query = prometheus_query(PrometheusClient(prometheus.url))
+    client = PrometheusClient(prometheus.url)
+    all_requests = f'sum(increase(ray_asrops_requests_total{{model_version="{version}"}}[5m]))'
+    _wait(lambda: (client.query_value(all_requests) or 0) >= 20, 30, "the pinned requests in Prometheus")
+    assert query(render_query(LIVE_REQUESTS, version, "5m")) == 0
+    judgement = judge(query, SPEC.model_copy(update={"window_s": 300}), version, registry.resolve("stable"),
+                      shadow=False, now=datetime.now(UTC))
+    assert not judgement.passed and "too few requests" in judgement.reason, judgement.reason
