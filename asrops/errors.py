@@ -54,6 +54,11 @@ class ChecksumMismatchError(RegistryError):
     """A file of a version does not match the sha256 in its manifest (tampered or corrupt)."""
 
 
+class StoreUnavailableError(AsropsError, OSError):
+    """The object store (S3 or a directory) could not be reached or failed the call: retry later.
+    Also an OSError, so what treats a broken directory as a passing fault treats S3 alike."""
+
+
 class ModelImportError(AsropsError):
     """A model could not be imported (missing files, unknown layout)."""
 

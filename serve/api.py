@@ -132,7 +132,7 @@ def build_api(
     sees every transcription request once it is answered (metrics, production log); `feedback`
     serves POST /v1/feedback."""
     app = FastAPI(title="asrops", version="1", docs_url="/docs", redoc_url=None)
-    install_error_handlers(app)
+    install_error_handlers(app, settings.serve.retry_after_s)
     if admin is not None:
         app.include_router(admin)
     keys = ClientKeys.from_plain(settings.serve.api_keys)

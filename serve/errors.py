@@ -56,6 +56,7 @@ CORE_ERRORS: list[tuple[type[Exception], ErrorKind]] = [
     (errors.VersionNotFoundError, ErrorKind(404, INVALID, "model_not_found", "model")),
     (errors.ConflictError, ErrorKind(409, INVALID, "conflict")),
     (errors.RolloutRefusedError, ErrorKind(409, INVALID, "rollout_refused")),
+    (errors.StoreUnavailableError, ErrorKind(503, "server_error", "store_unavailable")),
 ]
 
 
@@ -86,7 +87,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, E
     return f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param, INVALID_VALUE
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """Every error as OpenAI's shape; a 503 says when to retry (`retry_after_s`)."""
     # Each handler notes the error's code on the request, for metrics and the production log.
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -97,7 +99,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _core_error(request: Request, exc: errors.AsropsError):
         kind = classify(exc) or INTERNAL
         request.state.error_code = kind.code
-        return error_response(str(exc), kind)
+        retry = {"Retry-After": str(retry_after_s)} if kind.status == 503 else None
+        return error_response(str(exc), kind, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -361,3 +361,23 @@ def test_a_chunked_upload_past_the_limit_is_cut_off_with_413_and_an_unkeyed_one_
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_feedback_with_its_store_unreachable_is_a_503_with_retry_after(tmp_path):
+    """S3 down (nothing listens on the endpoint): the store's failure is ours to retry, not a bare 500."""
+    from asrops.feedback import RecentRequests
+    from asrops.registry.store import S3Store
+    from asrops.serve.feedback import FeedbackRecorder
+    from asrops.serve.telemetry import RequestTelemetry
+    from tests.conftest import free_port
+
+    dead = S3Store("asrops-feedback", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    dead.client.meta.config.retries = {"max_attempts": 1}
+    recent = RecentRequests()
+    app = build_api(FakeTranscriber(), Settings(data_dir=tmp_path), telemetry=RequestTelemetry(None, None, recent),
+                    feedback=FeedbackRecorder(lambda: dead, recent))
+    client = TestClient(app)
+    rid = _post(client).headers["x-request-id"]
+    r = client.post("/v1/feedback", json={"request_id": rid, "text": "hello there"})
+    assert r.status_code == 503 and r.headers["retry-after"], r.text
+    assert r.json()["error"]["type"] == "server_error" and "x-request-id" in r.headers

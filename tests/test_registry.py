@@ -337,3 +337,16 @@ def test_store_location_comes_from_settings(registry, tmp_path, request):
         publish(registry, tmp_path, "where")
         assert VersionManifest.model_validate_json(
             (registry.store.root / "versions/where/manifest.json").read_text()).id == "where"
+
+
+def test_an_unreachable_s3_is_store_unavailable_not_a_botocore_error():
+    from asrops.errors import StoreUnavailableError
+    from asrops.registry.store import S3Store
+    from tests.conftest import free_port
+
+    dead = S3Store("asrops-dead", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    for call in (lambda: dead.read_bytes("k"), lambda: dead.write_bytes("k", b"x"), lambda: dead.list_prefix("p"),
+                 lambda: dead.exists("k"), lambda: dead.write_if("k", b"x", None)):
+        with pytest.raises(StoreUnavailableError):
+            call()
+    assert issubclass(StoreUnavailableError, OSError)  # what already treats a broken directory as passing

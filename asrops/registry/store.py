@@ -17,10 +17,11 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from asrops.errors import ConflictError
+from asrops.errors import ConflictError, StoreUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,29 @@ class LocalStore:
         return self._path(key)
 
 
+TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                                "Throttling", "ThrottlingException", "RequestLimitExceeded"})
+
+
+def _unavailable_on_failure(method):
+    """S3's own failures (unreachable, 5xx, throttling, after boto3's retries) as our
+    StoreUnavailableError; what a caller acts on (absent key, lost CAS) is raised as before."""
+    import functools
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (BotoCoreError, S3UploadFailedError) as exc:
+            raise StoreUnavailableError(f"S3 ({self.bucket}) unavailable: {exc}") from exc
+        except ClientError as exc:
+            status = (getattr(exc, "response", {}) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status >= 500 or self._code(exc) in TRANSIENT_S3_CODES:
+                raise StoreUnavailableError(f"S3 ({self.bucket}) failed: {exc}") from exc
+            raise
+    return call
+
+
 class S3Store:
     """An S3 bucket (or any S3-compatible server). CAS uses S3 conditional writes
     (`If-None-Match: *` to create, `If-Match: <etag>` to replace); the token is the ETag."""
@@ -225,6 +249,7 @@ class S3Store:
         response = getattr(exc, "response", {}) or {}
         return str(response.get("Error", {}).get("Code", ""))
 
+    @_unavailable_on_failure
     def read_bytes(self, key: str) -> tuple[bytes, str]:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -234,9 +259,11 @@ class S3Store:
             raise
         return resp["Body"].read(), resp["ETag"]
 
+    @_unavailable_on_failure
     def write_bytes(self, key: str, data: bytes) -> str:
         return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)["ETag"]
 
+    @_unavailable_on_failure
     def write_if(self, key: str, data: bytes, expected_token: str | None) -> str:
         cond = {"IfNoneMatch": "*"} if expected_token is None else {"IfMatch": expected_token}
         try:
@@ -250,9 +277,11 @@ class S3Store:
             raise
         return resp["ETag"]
 
+    @_unavailable_on_failure
     def upload_file(self, key: str, local_path: Path) -> None:
         self.client.upload_file(str(local_path), self.bucket, self._key(key))
 
+    @_unavailable_on_failure
     def download_file(self, key: str, local_path: Path) -> None:
         Path(local_path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -262,12 +291,14 @@ class S3Store:
                 raise KeyError(key) from None
             raise
 
+    @_unavailable_on_failure
     def list_prefix(self, prefix: str) -> list[str]:
         skip = len(self.prefix) + 1 if self.prefix else 0
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=self._key(prefix))
         return sorted(obj["Key"][skip:] for page in pages for obj in page.get("Contents", []))
 
+    @_unavailable_on_failure
     def exists(self, key: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
@@ -277,12 +308,14 @@ class S3Store:
             raise
         return True
 
+    @_unavailable_on_failure
     def delete_prefix(self, prefix: str) -> None:
         keys = [self._key(k) for k in self.list_prefix(prefix)]
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i : i + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
+    @_unavailable_on_failure
     def put_tree(self, prefix, files, commit_key, commit_data, progress=None) -> None:
         """Claim the prefix (`.claim`, If-None-Match) so a rival publisher cannot overwrite our
         files, upload them, then the commit key. A crashed attempt leaves an invisible tree
