@@ -128,6 +128,14 @@ def records_to_parquet(records: list[RequestRecord]) -> bytes:
     return buf.getvalue()
 
 
+def _held(item: FinishedRequest | tuple[RequestRecord, bytes | None]) -> int:
+    """Bytes of audio a buffered item holds: raw samples before its record is built, the sampled
+    FLAC (if any) after."""
+    if isinstance(item, FinishedRequest):
+        return item.samples.nbytes if item.samples is not None else 0
+    return len(item[1]) if item[1] is not None else 0
+
+
 class ProductionLogWriter:
     """Buffers finished requests and writes them in the background; see the module docstring.
 
@@ -141,6 +149,7 @@ class ProductionLogWriter:
         self._on_event = on_event or (lambda name, n: None)
         self._pending: deque[FinishedRequest] = deque()
         self._unwritten: list[tuple[RequestRecord, bytes | None]] = []  # built, waiting for a store that works
+        self._held_bytes = 0  # audio held by both, bounded by settings.max_buffered_mb
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -152,14 +161,21 @@ class ProductionLogWriter:
 
     def submit(self, done: FinishedRequest) -> None:
         """Never blocks on the store and never raises: the request path calls this."""
-        dropped = 0
         with self._lock:
             self._pending.append(done)
-            while len(self._pending) + len(self._unwritten) > self.settings.max_buffered_records:
-                (self._pending.popleft() if self._pending else self._unwritten.pop(0))
-                dropped += 1
+            self._held_bytes += _held(done)
+            dropped = self._trim_locked()
         if dropped:
             self._on_event("dropped", dropped)
+
+    def _trim_locked(self) -> int:
+        """Drop the oldest records (unwritten ones first) past either bound; returns how many."""
+        dropped, s = 0, self.settings
+        while (len(self._pending) + len(self._unwritten) > s.max_buffered_records
+               or self._held_bytes > s.max_buffered_mb * 2**20) and (self._pending or self._unwritten):
+            self._held_bytes -= _held(self._unwritten.pop(0) if self._unwritten else self._pending.popleft())
+            dropped += 1
+        return dropped
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Write what is buffered now; True when nothing is left unwritten (for tests and shutdown)."""
@@ -212,6 +228,7 @@ class ProductionLogWriter:
     def _flush_once(self) -> None:
         with self._lock:
             taken, self._pending = list(self._pending), deque()
+            self._held_bytes -= sum(_held(d) for d in taken)
             self._busy = bool(taken or self._unwritten)
         try:
             if not self._busy:
@@ -221,9 +238,14 @@ class ProductionLogWriter:
             built = [(to_record(d, vocabulary), self._sampled_audio(d)) for d in taken]
             with self._lock:
                 batch, self._unwritten = self._unwritten + built, []
+                self._held_bytes += sum(_held(b) for b in built) - sum(_held(b) for b in batch)
             if store is None or not self._write(store, batch):
                 with self._lock:
-                    self._unwritten = batch[-self.settings.max_buffered_records:] + self._unwritten
+                    self._unwritten = batch + self._unwritten
+                    self._held_bytes += sum(_held(b) for b in batch)
+                    dropped = self._trim_locked()
+                if dropped:
+                    self._on_event("dropped", dropped)
         finally:
             self._busy = False
 

@@ -160,6 +160,9 @@ class ProductionLogSettings(BaseModel):
     flush_interval_s: float = Field(default=2.0, gt=0)
     """How often buffered records are written as one parquet file, in seconds."""
     max_buffered_records: int = Field(default=20_000, ge=1)
+    max_buffered_mb: float = Field(default=256.0, gt=0)
+    """Audio held for unwritten records (raw until a record is built, then only the sampled
+    FLAC), in MiB; past it the oldest records are dropped (counted), whatever their number."""
     """Records held in memory while the store is slow or failing; beyond this the oldest are dropped (counted)."""
     keep_audio: bool = True
     """False keeps no audio at all; only features and transcripts are logged."""

@@ -132,3 +132,34 @@ def test_an_unwritable_store_neither_blocks_nor_raises_and_recovers(tmp_path):
     assert writer.flush(timeout_s=10)
     frame = ProductionLogReader(store).read(datetime.now(UTC) - timedelta(minutes=5), datetime.now(UTC))
     assert len(frame) == 50  # the newest 50 kept while the store failed, written once it recovered
+
+
+def test_the_buffer_is_bounded_by_the_audio_it_holds_and_every_record_is_written_or_counted_dropped(tmp_path):
+    """A failing store with long audio: the buffer stays under max_buffered_mb whatever the
+    record count allows, and written + dropped = submitted once the store is back."""
+    store = LocalStore(tmp_path / "log")
+    broken = {"on": True}
+    real_write = store.write_bytes
+
+    def write_bytes(key, data):
+        if broken["on"]:
+            raise OSError(30, "Read-only file system")
+        return real_write(key, data)
+
+    store.write_bytes = write_bytes
+    counts: dict[str, int] = {}
+    settings = ProductionLogSettings(flush_interval_s=0.05, max_buffered_records=10_000, max_buffered_mb=1.0,
+                                     audio_sample_share=1.0)
+    writer = ProductionLogWriter(lambda: store, settings,
+                                 on_event=lambda name, n: counts.__setitem__(name, counts.get(name, 0) + n))
+    submitted = 60  # each holds 2 s of float32 audio (128 KB) until its record is built
+    for i in range(submitted):
+        writer.submit(finished(i, datetime.now(UTC)))
+        assert writer._held_bytes <= 2**20
+    assert not writer.flush(timeout_s=1.0)
+    broken["on"] = False
+    assert writer.flush(timeout_s=10)
+    assert counts.get("dropped", 0) > 0
+    assert counts["written"] + counts["dropped"] == submitted, counts
+    frame = ProductionLogReader(store).read(datetime.now(UTC) - timedelta(minutes=5), datetime.now(UTC))
+    assert len(frame) == counts["written"]
