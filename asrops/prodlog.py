@@ -9,6 +9,8 @@ oldest are dropped and counted) and failures are reported through `on_event`.
 Layout under the store's root:
     records/date=YYYY-MM-DD/<first ms>-<last ms>-<uuid>.parquet
     audio/date=YYYY-MM-DD/hour=HH/<request id>.flac      (sampled, retention-limited)
+    labelled-audio/date=YYYY-MM-DD/<request id>.flac     (audio of corrected requests: training data,
+                                                          never purged with the sampled audio)
     reference/vocabulary.json                            (words the reference transcripts use)
 """
 
@@ -30,8 +32,9 @@ import pandas as pd
 import soundfile as sf
 from pydantic import BaseModel, ConfigDict
 
+from asrops.audio_format import SAMPLE_RATE
 from asrops.engines.types import Transcription
-from asrops.features import SAMPLE_RATE, audio_features, transcript_features
+from asrops.features import audio_features, transcript_features
 from asrops.registry.store import ObjectStore, open_store
 from asrops.settings import ProductionLogSettings, Settings
 
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 RECORDS = "records"
 AUDIO = "audio"
+LABELLED_AUDIO = "labelled-audio"
 VOCABULARY_KEY = "reference/vocabulary.json"
 VOCABULARY_REFRESH_S = 60.0
 
@@ -112,6 +116,12 @@ def to_record(done: FinishedRequest, vocabulary: frozenset[str] | None) -> Reque
 
 def audio_key(request_id: str, when: datetime) -> str:
     return f"{AUDIO}/date={when:%Y-%m-%d}/hour={when:%H}/{request_id}.flac"
+
+
+def labelled_audio_key(request_id: str, when: datetime) -> str:
+    """Where a corrected request's audio is kept: apart from the sampled audio, whose retention
+    (days) is shorter than a retrain's lookback over corrections (a month)."""
+    return f"{LABELLED_AUDIO}/date={when:%Y-%m-%d}/{request_id}.flac"
 
 
 def flac_bytes(samples: np.ndarray) -> bytes:

@@ -1,8 +1,9 @@
 """POST /v1/feedback: a client's corrected transcript for one of its requests.
 
 The correction is joined to what was answered: from this ingress's memory of recent requests
-(with their audio, which is then kept for relabelling), else from the production log (with its
-sampled audio, when that request's was sampled). Stored in the feedback store; each one also
+(with their audio), else from the production log (with its sampled audio, when that request's
+was sampled). The audio is kept apart as labelled audio (prodlog.labelled_audio_key), which the
+sampled audio's purge leaves alone. Stored in the feedback store; each one also
 adds to the live word error rate of the version that answered.
 """
 
@@ -21,7 +22,7 @@ from asrops.feedback import (
     RecentRequests,
     join,
 )
-from asrops.prodlog import ProductionLogReader, audio_key, flac_bytes
+from asrops.prodlog import ProductionLogReader, flac_bytes, labelled_audio_key
 from asrops.registry.store import ObjectStore
 from asrops.serve.errors import UNAVAILABLE, ApiError, ErrorKind
 from asrops.serve.metrics import IngressMetrics
@@ -57,12 +58,14 @@ class FeedbackRecorder:
     def _record(self, feedback: FeedbackIn, answered: AnsweredRequest | None) -> FeedbackRecord:
         store = self._open_store()
         if answered is not None:
-            key = None
-            if answered.samples is not None:
-                key = audio_key(feedback.request_id, answered.time)
-                store.write_bytes(key, flac_bytes(answered.samples))
+            audio = flac_bytes(answered.samples) if answered.samples is not None else None
         else:
-            answered, key = self._from_log(store, feedback.request_id)
+            answered, sampled_key = self._from_log(store, feedback.request_id)
+            audio = store.read_bytes(sampled_key)[0] if sampled_key else None  # the sampled copy is purged in days
+        key = None
+        if audio is not None:
+            key = labelled_audio_key(feedback.request_id, answered.time)
+            store.write_bytes(key, audio)
         record = join(feedback, answered, key)
         FeedbackStore(store).save(record)
         return record

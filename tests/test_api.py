@@ -381,3 +381,17 @@ def test_feedback_with_its_store_unreachable_is_a_503_with_retry_after(tmp_path)
     r = client.post("/v1/feedback", json={"request_id": rid, "text": "hello there"})
     assert r.status_code == 503 and r.headers["retry-after"], r.text
     assert r.json()["error"]["type"] == "server_error" and "x-request-id" in r.headers
+
+
+def test_a_corrected_requests_audio_outlives_the_sampled_audio_purge(tmp_path):
+    """Sampled audio is purged after days; a retrain looks a month back over corrections, so a
+    correction's audio is kept apart from it."""
+    from asrops.prodlog import ProductionLogReader
+
+    client, store = _feedback_client(tmp_path)
+    rid = _post(client).headers["x-request-id"]
+    body = client.post("/v1/feedback", json={"request_id": rid, "text": "hello there"}).json()
+    assert body["audio_key"].startswith("labelled-audio/")
+    far_future = datetime.now(UTC) + timedelta(days=365)
+    ProductionLogReader(store).purge_audio(retention_days=7, now=far_future)
+    assert store.exists(body["audio_key"])
