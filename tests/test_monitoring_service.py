@@ -89,16 +89,32 @@ def prometheus(service, service_settings, monitor_metrics, controller_metrics, t
         yield PrometheusClient(server.url)
 
 
-def _send(service, manifest, count, rate=40.0):
+def _send(service, manifest, count, rate=40.0, seed=None):
     result = simulate(service, [MixPart(manifest=manifest, weight=1)], rate_per_s=rate, count=count,
-                      concurrency=8, seed=count)
+                      concurrency=8, seed=count if seed is None else seed)
     assert result.statuses == {"200": count}, result.statuses
     time.sleep(1.5)  # the ingress flushes its production log every 0.5 s here
 
 
-def _window_ends(start: datetime, end: datetime, windows: int) -> list[datetime]:
-    step = (end - start) / windows
-    return [start + step * (i + 1) for i in range(windows)]
+def _windows(service, manifest, windows: int) -> list[tuple[datetime, datetime]]:
+    """WINDOW_REQUESTS requests per window, sent window by window: each window's span holds
+    exactly its own requests, however the service's speed varies (windows of equal length over
+    one stretch of traffic left some thin when the machine was busy)."""
+    spans = []
+    for i in range(windows):
+        begin = datetime.now(UTC)
+        _send(service, manifest, WINDOW_REQUESTS, seed=100 + i)
+        spans.append((begin, datetime.now(UTC)))
+    return spans
+
+
+def _judge(monitor: DriftMonitor, settings, spans: list[tuple[datetime, datetime]]):
+    outcomes = []
+    for begin, end in spans:
+        settings.drift.window_s = (end - begin).total_seconds()
+        monitor.settings = settings
+        outcomes.append(monitor.run_window(end))
+    return outcomes
 
 
 STATIONARY_WINDOWS = 10
@@ -116,34 +132,24 @@ def test_stationary_traffic_gives_no_verdict_in_10_windows_and_a_shift_one_withi
     reference = pin_window(store, t0, datetime.now(UTC))
     assert len(reference) == 60 and reference["snr_db"].notna().all()
 
-    start = datetime.now(UTC)
-    _send(service, clean_clips, STATIONARY_WINDOWS * WINDOW_REQUESTS)
-    stationary_end = datetime.now(UTC)
-    _send(service, drifted_clips, 3 * WINDOW_REQUESTS)
-    drifted_end = datetime.now(UTC)
-
-    log = ProductionLogReader(store).read(start, drifted_end)
+    stationary_spans = _windows(service, clean_clips, STATIONARY_WINDOWS)
+    drifted_spans = _windows(service, drifted_clips, 3)
+    log = ProductionLogReader(store).read(stationary_spans[0][0], drifted_spans[-1][1])
     assert len(log) == (STATIONARY_WINDOWS + 3) * WINDOW_REQUESTS  # one record per request, none lost
 
-    # Windows of equal length over each stretch of traffic; each holds about WINDOW_REQUESTS.
-    settings.drift.min_samples = WINDOW_REQUESTS - 4
-    settings.drift.window_s = (stationary_end - start).total_seconds() / STATIONARY_WINDOWS
+    settings.drift.min_samples = WINDOW_REQUESTS
     monitor = DriftMonitor(store, settings, monitor_metrics, reference=reference)
-    stationary = [monitor.run_window(end) for end in _window_ends(start, stationary_end, STATIONARY_WINDOWS)]
+    stationary = _judge(monitor, settings, stationary_spans)
+    assert [o.samples for o in stationary] == [WINDOW_REQUESTS] * STATIONARY_WINDOWS  # every window judged
     assert [o.verdict.state for o in stationary].count("drift") == 0, [
         (o.samples, o.result.drift_share if o.result else None) for o in stationary]
-    assert sum(o.result is not None for o in stationary) >= STATIONARY_WINDOWS - 1  # judged, not skipped as thin
 
-    settings.drift.window_s = (drifted_end - stationary_end).total_seconds() / 3
-    monitor.settings = settings
-    shifted = [monitor.run_window(end) for end in _window_ends(stationary_end, drifted_end, 3)]
+    shifted = _judge(monitor, settings, drifted_spans)
     assert "drift" in [o.verdict.state for o in shifted], [(o.samples, o.verdict) for o in shifted]
     drifted = next(o for o in shifted if o.verdict.state == "drift")
     by_column = {c.column: c for c in drifted.result.columns}
     assert by_column["snr_db"].drifted  # the noise is seen where it is
     assert drifted.report_html and drifted.report_json
-
-
 
 
 @contextlib.contextmanager

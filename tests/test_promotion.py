@@ -245,8 +245,8 @@ def test_requests_that_pin_a_version_by_name_are_not_evidence_for_its_analysis(
             assert r.status_code == 200 and r.headers["x-model-version"] == version
     query = prometheus_query(PrometheusClient(prometheus.url))
     client = PrometheusClient(prometheus.url)
-    all_requests = f'sum(increase(ray_asrops_requests_total{{model_version="{version}"}}[5m]))'
-    _wait(lambda: (client.query_value(all_requests) or 0) >= 20, 30, "the pinned requests in Prometheus")
+    all_requests = f'sum(ray_asrops_requests_total{{model_version="{version}"}})'  # the raw counter
+    _wait(lambda: (client.query_value(all_requests) or 0) >= 20, 60, "the pinned requests in Prometheus")
     assert query(render_query(LIVE_REQUESTS, version, "5m")) == 0
     judgement = judge(query, SPEC.model_copy(update={"window_s": 300}), version, registry.resolve("stable"),
                       shadow=False, now=datetime.now(UTC))
