@@ -90,6 +90,14 @@ class ServeSettings(BaseModel):
     """Client keys; empty means no auth. Only their sha256 is kept in memory after start."""
     admin_tokens: list[str] = []
     """Tokens for the admin API (/admin/...); empty means the admin API is off (403)."""
+    rate_limit_per_s: float | None = Field(default=None, gt=0)
+    """Transcriptions per second one client (one API key; all anonymous callers together) may
+    start, per ingress replica; more get 429 + Retry-After. None: no rate limit."""
+    rate_limit_burst: int = Field(default=20, ge=1)
+    """Requests a client may send at once above its rate (the token bucket's size)."""
+    max_in_flight_per_client: int | None = Field(default=64, ge=1)
+    """Transcriptions of one client in flight at once, per ingress replica; more get 429. None:
+    no limit. The default is above what one well-behaved client sends (benchmarks use 16)."""
     max_prompt_chars: int = Field(default=1000, ge=0)
     """Longest accepted `prompt`, in characters (Whisper keeps at most 223 prompt tokens, about
     1,000 characters of English); a longer one gets 400."""

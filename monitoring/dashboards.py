@@ -85,7 +85,12 @@ ROWS: list[Row] = [
             description="HTTP status of every answer; 503 is back-pressure, 4xx the client's input."),
         Panel("Server error (5xx) ratio by version", [Query(_5XX_RATIO, "{{model_version}}")],
               unit="percentunit", width=8,
-              description="An empty version is a request that failed before routing."),
+              description="A 5xx counts against the version its model name asked for."),
+        Panel("Audio seconds/s by client", [Query(
+            f"sum by (client) (rate(ray_asrops_client_audio_seconds_total[{RATE}]))", "{{client}}")],
+            unit="short", width=8,
+            description="Audio transcribed per client (an API key's id, or anonymous): who uses the "
+                        "service, and who is near a quota (ASROPS_SERVE__RATE_LIMIT_PER_S)."),
     ]),
     Row("Latency", [
         Panel("Request latency p50 / p95 / p99 by version",

@@ -8,6 +8,7 @@ directly), so the HTTP contract is tested once, without Ray.
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Annotated, Protocol
@@ -27,6 +28,7 @@ from asrops.serve.errors import (
     INTERNAL,
     INVALID_REQUEST_ID,
     INVALID_VALUE,
+    RATE_LIMITED,
     TIMEOUT,
     UNAUTHORIZED,
     ApiError,
@@ -34,7 +36,7 @@ from asrops.serve.errors import (
     install_error_handlers,
 )
 from asrops.serve.feedback import FeedbackRecorder
-from asrops.serve.limits import BoundedBodies, bearer
+from asrops.serve.limits import BoundedBodies, ClientQuotas, bearer
 from asrops.serve.telemetry import RequestTelemetry
 from asrops.settings import Settings
 
@@ -138,6 +140,8 @@ def build_api(
     keys = ClientKeys.from_plain(settings.serve.api_keys)
     # Inside the request-id middleware below, so its refusals get a request id and telemetry too.
     app.add_middleware(BoundedBodies, max_upload_bytes=settings.audio.max_upload_bytes, keys=keys)
+    s = settings.serve
+    quotas = ClientQuotas(s.rate_limit_per_s, s.rate_limit_burst, s.max_in_flight_per_client)
 
     @app.middleware("http")
     async def request_id_and_size(request: Request, call_next):
@@ -163,7 +167,8 @@ def build_api(
             telemetry.observe(rid, response.status_code, time.perf_counter() - started,
                               getattr(state, "error_code", None) if response.status_code >= 400 else None,
                               getattr(state, "decoded", None), getattr(state, "result", None),
-                              getattr(state, "version", None) if response.status_code >= 500 else None)
+                              getattr(state, "version", None) if response.status_code >= 500 else None,
+                              client=getattr(state, "quota_client", None))
         return response
 
     def client_key(request: Request) -> str:
@@ -173,6 +178,8 @@ def build_api(
         if keys.enabled and not keys.check(token):
             raise ApiError(UNAUTHORIZED, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
                            headers={"WWW-Authenticate": "Bearer"})
+        # Quotas and metering go by key, never by a header a client can vary at will.
+        request.state.quota_client = keys.client_id(token) if keys.enabled else "anonymous"
         if client_header := request.headers.get("x-client-id", "").strip():
             return "client:" + client_header[:200]
         return keys.client_id(token) if token else request.state.request_id
@@ -209,10 +216,14 @@ def build_api(
         # Unknown model → 404 before any decoding work; a request that fails with a 5xx later is
         # counted against the version its model names (error ratio, 5xx alerts).
         request.state.version = transcriber.resolve(name)
-        data = await file.read()
-        audio = await asyncio.to_thread(decode_audio, data, settings.audio)
-        request.state.decoded = audio
+        quota_client = request.state.quota_client
+        if (wait_s := quotas.admit(quota_client)) is not None:
+            raise ApiError(RATE_LIMITED, "Too many transcriptions from this client at once or per second; retry "
+                           "after the time in Retry-After.", headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
         try:
+            data = await file.read()
+            audio = await asyncio.to_thread(decode_audio, data, settings.audio)
+            request.state.decoded = audio
             result = await asyncio.wait_for(
                 transcriber.transcribe(name, audio.samples, options, client, request.state.request_id),
                 settings.serve.request_timeout_s,
@@ -220,6 +231,8 @@ def build_api(
         except TimeoutError:
             raise ApiError(TIMEOUT, f"Transcription took longer than {settings.serve.request_timeout_s:.0f} s. "
                            "Retry, or send shorter audio.") from None
+        finally:
+            quotas.release(quota_client)
         request.state.result = result
         headers = {
             "X-Model-Version": result.version,

@@ -45,6 +45,7 @@ MISSING = ErrorKind(400, INVALID, "missing_required_parameter")
 INVALID_REQUEST_ID = ErrorKind(400, INVALID, "invalid_request_id", "X-Request-Id")
 
 FILE_TOO_LARGE = ErrorKind(413, INVALID, "file_too_large", "file")
+RATE_LIMITED = ErrorKind(429, "requests", "rate_limit_exceeded")
 
 # Most specific class first: the first isinstance match wins.
 CORE_ERRORS: list[tuple[type[Exception], ErrorKind]] = [

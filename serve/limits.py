@@ -5,6 +5,9 @@ then reads at most `limit` bytes of any upload."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -83,3 +86,38 @@ class BoundedBodies:
                       headers: dict | None = None) -> None:
         scope.setdefault("state", {})["error_code"] = kind.code  # for metrics and the production log
         await error_response(message, kind, headers=headers)(scope, receive, send)
+
+
+class ClientQuotas:
+    """Per client (its key, or `anonymous`): a request rate (token bucket) and requests in
+    flight, so that one client cannot starve the others. Held by each ingress replica, so with
+    N ingress replicas a client gets up to N times the rate; `admit` says how long to wait."""
+
+    def __init__(self, rate_per_s: float | None, burst: int, max_in_flight: int | None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.max_in_flight, self.clock = rate_per_s, burst, max_in_flight, clock
+        self._tokens: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
+        self._in_flight: dict[str, int] = {}
+
+    def admit(self, client: str) -> float | None:
+        """None when the request may go on (then `release` it when answered), else the seconds
+        until it may be retried."""
+        if self.max_in_flight is not None and self._in_flight.get(client, 0) >= self.max_in_flight:
+            return 1.0
+        if self.rate is not None:
+            now = self.clock()
+            tokens, at = self._tokens.get(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            if tokens < 1.0:
+                self._tokens[client] = (tokens, now)
+                return (1.0 - tokens) / self.rate
+            self._tokens[client] = (tokens - 1.0, now)
+        self._in_flight[client] = self._in_flight.get(client, 0) + 1
+        return None
+
+    def release(self, client: str) -> None:
+        left = self._in_flight.get(client, 0) - 1
+        if left > 0:
+            self._in_flight[client] = left
+        else:
+            self._in_flight.pop(client, None)

@@ -40,6 +40,8 @@ class IngressMetrics:
                              boundaries=RTF_BUCKETS, tag_keys=VR)
         self.decode_errors = Counter("asrops_decode_errors_total", "Uploads refused, by error code.",
                                      tag_keys=("kind",))
+        self.client_audio = Counter("asrops_client_audio_seconds_total", "Audio seconds transcribed per client "
+                                    "(an API key's id, or anonymous).", tag_keys=("client",))
         # Ray histograms take positive bucket bounds only, so avg_logprob (<= 0) is recorded negated.
         self.neg_avg_logprob = Histogram("asrops_segment_neg_avg_logprob", "-avg_logprob per segment: 0 is "
                                          "certain; above 1 Whisper doubts the segment.",

@@ -28,15 +28,17 @@ class RequestTelemetry:
         self.metrics, self.writer, self.recent = metrics, writer, recent
 
     def observe(self, request_id: str, status: int, latency_s: float, error_code: str | None,
-                decoded: DecodedAudio | None, result, asked_version: str | None = None) -> None:
+                decoded: DecodedAudio | None, result, asked_version: str | None = None,
+                client: str | None = None) -> None:
         """`result` is the TranscribeResult of a request that was answered, else None;
-        `asked_version` is the version its model name resolved to (what a failure counts against)."""
+        `asked_version` is the version its model name resolved to (what a failure counts against);
+        `client` is who sent it (a key's id or `anonymous`), metered in audio seconds."""
         try:
-            self._observe(request_id, status, latency_s, error_code, decoded, result, asked_version)
+            self._observe(request_id, status, latency_s, error_code, decoded, result, asked_version, client)
         except Exception:  # telemetry must never turn an answered request into an error
             log.exception("request %s: telemetry failed", request_id)
 
-    def _observe(self, request_id, status, latency_s, error_code, decoded, result, asked_version) -> None:
+    def _observe(self, request_id, status, latency_s, error_code, decoded, result, asked_version, client) -> None:
         version, route = (result.version, result.route) if result else (asked_version or "", NO_ROUTE)
         now = datetime.now(UTC)
         if self.recent is not None and result:
@@ -50,6 +52,8 @@ class RequestTelemetry:
             if result:
                 t = result.transcription
                 self.metrics.transcription(version, route, t.duration_s, latency_s, t.segments)
+                if client:
+                    self.metrics.client_audio.inc(t.duration_s, tags={"client": client})
         if self.writer:
             self.writer.submit(FinishedRequest(
                 request_id=request_id, time=now, model_version=version, route=route, status=status,

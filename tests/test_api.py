@@ -131,10 +131,11 @@ class RecordingTelemetry:
     """Keeps what each observed request was: status, error code, decoded or not, its version."""
 
     def __init__(self):
-        self.seen, self.request_ids = [], []
+        self.seen, self.request_ids, self.clients = [], [], []
 
-    def observe(self, request_id, status, latency_s, error_code, decoded, result, asked_version=None):
+    def observe(self, request_id, status, latency_s, error_code, decoded, result, asked_version=None, client=None):
         self.request_ids.append(request_id)
+        self.clients.append(client)
         self.seen.append((status, error_code, decoded is not None, result.version if result else asked_version))
 
 
@@ -395,3 +396,33 @@ def test_a_corrected_requests_audio_outlives_the_sampled_audio_purge(tmp_path):
     far_future = datetime.now(UTC) + timedelta(days=365)
     ProductionLogReader(store).purge_audio(retention_days=7, now=far_future)
     assert store.exists(body["audio_key"])
+
+
+def test_client_quotas_rate_and_in_flight():
+    from asrops.serve.limits import ClientQuotas
+
+    now = [0.0]
+    quotas = ClientQuotas(rate_per_s=2.0, burst=2, max_in_flight=None, clock=lambda: now[0])
+    assert quotas.admit("a") is None and quotas.admit("a") is None
+    assert quotas.admit("a") == pytest.approx(0.5)  # the bucket is empty: half a second to the next token
+    assert quotas.admit("b") is None  # another client is not held back
+    now[0] = 0.5
+    assert quotas.admit("a") is None
+    flights = ClientQuotas(rate_per_s=None, burst=1, max_in_flight=1)
+    assert flights.admit("a") is None and flights.admit("a") == 1.0
+    flights.release("a")
+    assert flights.admit("a") is None
+
+
+def test_a_client_over_its_rate_gets_429_with_retry_after_and_others_are_served_and_metered():
+    telemetry = RecordingTelemetry()
+    settings = Settings(data_dir="/nonexistent", serve={"api_keys": ["sk-a", "sk-b"], "rate_limit_per_s": 0.01,
+                                                        "rate_limit_burst": 1})
+    client = TestClient(build_api(FakeTranscriber(), settings, telemetry=telemetry))
+    a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+    assert _post(client, headers=a).status_code == 200
+    r = _post(client, headers={**a, "X-Client-Id": "someone-else"})  # a header does not buy a new quota
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert _post(client, headers=b).status_code == 200
+    assert telemetry.clients == [ClientKeys.client_id("sk-a")] * 2 + [ClientKeys.client_id("sk-b")]

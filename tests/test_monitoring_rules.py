@@ -30,6 +30,7 @@ from asrops.settings import MonitoringSettings, Settings
 _COUNTERS_AND_GAUGES = {
     "ray_asrops_requests_total",
     "ray_asrops_decode_errors_total",
+    "ray_asrops_client_audio_seconds_total",
     "ray_asrops_fallbacks_total",
     "ray_asrops_breaker_skips_total",
     "ray_asrops_breaker_state",
