@@ -71,6 +71,12 @@ class AnsweredRequest:
     text: str
     time: datetime
     samples: np.ndarray | None
+    client: str | None = None
+    """Who asked (an API key's id, or `anonymous`); None when not known."""
+
+    def belongs_to(self, client: str) -> bool:
+        """Only the client that made a request may correct it (unknown owners are let through)."""
+        return self.client is None or self.client == client
 
 
 class RecentRequests:

@@ -58,6 +58,9 @@ class RequestOutcome(BaseModel):
     status: int
     latency_s: float
     error_code: str | None = None
+    client: str | None = None
+    """Who sent it: an API key's id, or `anonymous` (None in records from before it was kept).
+    Feedback on a request is accepted only from the same client."""
 
 
 class RequestRecord(RequestOutcome):

@@ -243,8 +243,9 @@ def build_api(
 
     if feedback is not None:
         @app.post("/v1/feedback", response_model=FeedbackRecord)
-        async def post_feedback(body: FeedbackIn, _: Annotated[str, Depends(client_key)]):
-            """A corrected transcript for a transcription this service answered (by its X-Request-Id)."""
-            return await feedback.record(body)
+        async def post_feedback(request: Request, body: FeedbackIn, _: Annotated[str, Depends(client_key)]):
+            """A corrected transcript for a transcription this service answered (by its X-Request-Id),
+            from the client (API key) that asked for it."""
+            return await feedback.record(body, request.state.quota_client)
 
     return app

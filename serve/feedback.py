@@ -39,10 +39,12 @@ class FeedbackRecorder:
         self._open_store, self.recent, self.metrics = open_store, recent, metrics
         self.retry_after_s = retry_after_s
 
-    async def record(self, feedback: FeedbackIn) -> FeedbackRecord:
+    async def record(self, feedback: FeedbackIn, client: str) -> FeedbackRecord:
+        """`client` is who sends the correction: only the client that made the request may (a
+        foreign one is told the id is unknown, so ids of others' requests are not confirmed)."""
         answered = self.recent.get(feedback.request_id)  # read on the event loop, which also writes it
         try:
-            record = await asyncio.to_thread(self._record, feedback, answered)
+            record = await asyncio.to_thread(self._record, feedback, answered, client)
         except LookupError:
             raise ApiError(REQUEST_NOT_FOUND, f"No transcription with request id {feedback.request_id!r} is known "
                            "here: send the X-Request-Id header of a transcription answered in the last day.") from None
@@ -55,12 +57,16 @@ class FeedbackRecorder:
                  record.model_version, record.word_errors, record.reference_words)
         return record
 
-    def _record(self, feedback: FeedbackIn, answered: AnsweredRequest | None) -> FeedbackRecord:
+    def _record(self, feedback: FeedbackIn, answered: AnsweredRequest | None, client: str) -> FeedbackRecord:
         store = self._open_store()
         if answered is not None:
+            if not answered.belongs_to(client):
+                raise LookupError(feedback.request_id)
             audio = flac_bytes(answered.samples) if answered.samples is not None else None
         else:
             answered, sampled_key = self._from_log(store, feedback.request_id)
+            if not answered.belongs_to(client):
+                raise LookupError(feedback.request_id)
             audio = store.read_bytes(sampled_key)[0] if sampled_key else None  # the sampled copy is purged in days
         key = None
         if audio is not None:
@@ -77,8 +83,10 @@ class FeedbackRecorder:
         if rows.empty:
             raise LookupError(request_id)
         row = rows.iloc[-1]
+        owner = row.get("client")
         answered = AnsweredRequest(model_version=row["model_version"], route=row["route"], text=row["text"] or "",
-                                   time=row["time"].to_pydatetime(), samples=None)
+                                   time=row["time"].to_pydatetime(), samples=None,
+                                   client=owner if isinstance(owner, str) else None)
         return answered, row["audio_key"] if isinstance(row["audio_key"], str) else None
 
     def _count(self, record: FeedbackRecord) -> None:

@@ -44,7 +44,8 @@ class RequestTelemetry:
         if self.recent is not None and result:
             self.recent.add(request_id, AnsweredRequest(model_version=version, route=route, time=now,
                                                         text=result.transcription.text,
-                                                        samples=decoded.samples if decoded is not None else None))
+                                                        samples=decoded.samples if decoded is not None else None,
+                                                        client=client))
         if self.metrics:
             self.metrics.request(version, route, status, latency_s)
             if error_code in DECODE_ERROR_CODES:
@@ -57,7 +58,7 @@ class RequestTelemetry:
         if self.writer:
             self.writer.submit(FinishedRequest(
                 request_id=request_id, time=now, model_version=version, route=route, status=status,
-                latency_s=latency_s, error_code=error_code,
+                latency_s=latency_s, error_code=error_code, client=client,
                 samples=decoded.samples if decoded is not None else None,
                 original_sample_rate=decoded.original_sample_rate if decoded is not None else None,
                 original_channels=decoded.original_channels if decoded is not None else None,

@@ -426,3 +426,26 @@ def test_a_client_over_its_rate_gets_429_with_retry_after_and_others_are_served_
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert _post(client, headers=b).status_code == 200
     assert telemetry.clients == [ClientKeys.client_id("sk-a")] * 2 + [ClientKeys.client_id("sk-b")]
+
+
+def test_only_the_client_that_made_a_request_may_correct_it(tmp_path):
+    """Another key is told the id is unknown (404): it can neither move a version's live WER
+    with someone else's requests nor learn which ids exist."""
+    from asrops.prodlog import FinishedRequest, ProductionLogWriter
+    from asrops.settings import ProductionLogSettings
+
+    client, store = _feedback_client(tmp_path, api_keys=["sk-a", "sk-b"])
+    a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+    rid = _post(client, headers=a).headers["x-request-id"]
+    r = client.post("/v1/feedback", json={"request_id": rid, "text": "hello there"}, headers=b)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "request_not_found", r.text
+    assert client.post("/v1/feedback", json={"request_id": rid, "text": "hello there"}, headers=a).status_code == 200
+
+    # The same rule for a request this ingress no longer remembers (joined from the production log).
+    writer = ProductionLogWriter(lambda: store, ProductionLogSettings())
+    writer.submit(FinishedRequest(request_id="old-a", time=datetime.now(UTC), model_version="v0", route="stable",
+                                  status=200, latency_s=0.1, client=ClientKeys.client_id("sk-a"),
+                                  transcription=Transcription(text="turn it off", segments=[], duration_s=1.0)))
+    assert writer.flush()
+    assert client.post("/v1/feedback", json={"request_id": "old-a", "text": "x"}, headers=b).status_code == 404
+    assert client.post("/v1/feedback", json={"request_id": "old-a", "text": "x"}, headers=a).status_code == 200
