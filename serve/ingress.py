@@ -115,14 +115,11 @@ class ServeTranscriber:
 
     def resolve(self, model: str) -> str:
         """The version a model name means, before any canary split (`stable` is the stable)."""
-        try:
-            return plan_route(model, self.aliases, RolloutState(), "", "", self.running).version
-        except VersionNotFoundError:
-            return self._plan(model, "", "").version  # raises the message a client can act on
+        return self._plan(model, "", "", RolloutState()).version
 
-    def _plan(self, model: str, client: str, request_id: str) -> RoutePlan:
+    def _plan(self, model: str, client: str, request_id: str, rollout: RolloutState | None = None) -> RoutePlan:
         try:
-            return plan_route(model, self.aliases, self.rollout, client, request_id, self.running)
+            return plan_route(model, self.aliases, rollout or self.rollout, client, request_id, self.running)
         except VersionNotFoundError as exc:
             if model in ALIAS_NAMES and getattr(self.aliases, model):  # named, just not up (yet)
                 raise ApiError(UNAVAILABLE, f"The {model} version ({getattr(self.aliases, model)}) is not running "
