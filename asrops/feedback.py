@@ -2,11 +2,14 @@
 
 Each correction is joined, when it arrives, to what the service answered (version, its text)
 and to the request's audio, which is kept for relabelling whether or not the production log
-had sampled it. Stored beside the production log:
+had sampled it. Stored beside the production log, by the date of the request (so a second
+correction of a request lands on the first and replaces it):
 
     feedback/date=YYYY-MM-DD/<request id>.json
 
-It is the source of labels for retraining and of live word error rates per version.
+It is the source of labels for retraining and of live word error rates per version. Every
+consumer counts clients, not corrections (`by_client`): one API key is one voice, however many
+corrections it sends.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from asrops.audio_format import SAMPLE_RATE
 from asrops.evaluation import score
+from asrops.prodlog import REQUEST_TO_FEEDBACK
 from asrops.registry.store import ObjectStore
 from asrops.request_id import RequestId
 
@@ -56,6 +60,11 @@ class FeedbackRecord(BaseModel):
     """Where the request's audio is (16 kHz FLAC), for retraining."""
     word_errors: int
     reference_words: int
+    client: str | None = None
+    """Who corrected it (the client that made the request); None in records from before it was kept."""
+    requested_at: datetime | None = None
+    """When the request was answered: the date in the record's key (None in older records, which
+    are keyed by `received_at`)."""
 
     @property
     def wer(self) -> float | None:
@@ -111,6 +120,7 @@ def join(feedback: FeedbackIn, answered: AnsweredRequest, audio_key: str | None)
         request_id=feedback.request_id, received_at=datetime.now(UTC), model_version=answered.model_version,
         route=answered.route, hypothesis=answered.text, reference=feedback.text, tags=feedback.tags,
         audio_key=audio_key, word_errors=s.word_errors, reference_words=s.words,
+        client=answered.client, requested_at=answered.time,
     )
 
 
@@ -118,17 +128,25 @@ class FeedbackStore:
     def __init__(self, store: ObjectStore):
         self.store = store
 
-    def key(self, request_id: str, when: datetime) -> str:
-        return f"{FEEDBACK}/date={when:%Y-%m-%d}/{request_id}.json"
+    @staticmethod
+    def key(request_id: str, requested_at: datetime) -> str:
+        return f"{FEEDBACK}/date={requested_at:%Y-%m-%d}/{request_id}.json"
 
-    def save(self, record: FeedbackRecord) -> None:
-        """A second correction of the same request replaces the first."""
-        self.store.write_bytes(self.key(record.request_id, record.received_at), record.model_dump_json().encode())
+    def save(self, record: FeedbackRecord) -> FeedbackRecord | None:
+        """Store `record`; a second correction of the same request replaces the first, which is
+        returned (so that live counters can move by the difference)."""
+        key = self.key(record.request_id, record.requested_at or record.received_at)
+        try:
+            replaced = FeedbackRecord.model_validate_json(self.store.read_bytes(key)[0])
+        except KeyError:
+            replaced = None
+        self.store.write_bytes(key, record.model_dump_json().encode())
+        return replaced
 
     def read(self, start: datetime, end: datetime) -> pd.DataFrame:
-        """Corrections received in [start, end), one row each."""
+        """Corrections received in [start, end), one row each (the latest of each request)."""
         rows = []
-        day = start.date()
+        day = (start - REQUEST_TO_FEEDBACK).date()  # keyed by request date, which comes first
         while day <= end.date():
             for key in self.store.list_prefix(f"{FEEDBACK}/date={day:%Y-%m-%d}/"):
                 record = FeedbackRecord.model_validate(json.loads(self.store.read_bytes(key)[0]))
@@ -136,3 +154,24 @@ class FeedbackStore:
                     rows.append(record.model_dump())
             day += timedelta(days=1)
         return pd.DataFrame(rows, columns=list(FeedbackRecord.model_fields))
+
+
+class ClientWer(BaseModel):
+    """Live WER over corrections, counted by client: each client's WER over its own corrections,
+    and the median of those, so that one key (however many corrections it sends) moves it no
+    further than any other."""
+
+    clients: int
+    median_wer: float | None
+    """Percent; None without corrections that have words."""
+
+
+def by_client(frame: pd.DataFrame) -> ClientWer:
+    """`frame`: rows of FeedbackStore.read. Records without a client count as one client."""
+    if not len(frame):
+        return ClientWer(clients=0, median_wer=None)
+    who = frame["client"].fillna("unknown") if "client" in frame else pd.Series("unknown", index=frame.index)
+    sums = frame.groupby(who)[["word_errors", "reference_words"]].sum()
+    with_words = sums[sums["reference_words"] > 0]
+    wers = 100.0 * with_words["word_errors"] / with_words["reference_words"]
+    return ClientWer(clients=len(sums), median_wer=float(wers.median()) if len(wers) else None)

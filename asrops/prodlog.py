@@ -11,6 +11,9 @@ Layout under the store's root:
     audio/date=YYYY-MM-DD/hour=HH/<request id>.flac      (sampled, retention-limited)
     labelled-audio/date=YYYY-MM-DD/<request id>.flac     (audio of corrected requests: training data,
                                                           never purged with the sampled audio)
+    requests/date=YYYY-MM-DD/<request id>.json           (each answered request by id, for
+                                                          feedback: one read, not a scan; kept
+                                                          while the request can be corrected)
     reference/vocabulary.json                            (words the reference transcripts use)
 """
 
@@ -44,7 +47,10 @@ RECORDS = "records"
 AUDIO = "audio"
 LABELLED_AUDIO = "labelled-audio"
 VOCABULARY_KEY = "reference/vocabulary.json"
+REQUEST_INDEX = "requests"
 VOCABULARY_REFRESH_S = 60.0
+REQUEST_TO_FEEDBACK = timedelta(days=1)
+"""The longest after its answer that a request can be corrected (its index entry is kept so long)."""
 
 
 class RequestOutcome(BaseModel):
@@ -90,6 +96,24 @@ class RequestRecord(RequestOutcome):
     """Where the sampled copy of the audio is, when this request's audio was kept."""
 
 
+class IndexedRequest(BaseModel):
+    """What feedback needs of an answered request, stored under its id (`request_index_key`)."""
+
+    request_id: str
+    time: datetime
+    model_version: str
+    route: str
+    text: str
+    client: str | None
+    audio_key: str | None
+    """The sampled copy of its audio, when it was kept."""
+
+    @classmethod
+    def of(cls, record: RequestRecord) -> IndexedRequest:
+        return cls(request_id=record.request_id, time=record.time, model_version=record.model_version,
+                   route=record.route, text=record.text or "", client=record.client, audio_key=record.audio_key)
+
+
 class FinishedRequest(RequestOutcome):
     """What the ingress knows when a request ends; turned into a RequestRecord off the request path."""
 
@@ -125,6 +149,20 @@ def labelled_audio_key(request_id: str, when: datetime) -> str:
     """Where a corrected request's audio is kept: apart from the sampled audio, whose retention
     (days) is shorter than a retrain's lookback over corrections (a month)."""
     return f"{LABELLED_AUDIO}/date={when:%Y-%m-%d}/{request_id}.flac"
+
+
+def request_index_key(request_id: str, when: datetime) -> str:
+    return f"{REQUEST_INDEX}/date={when:%Y-%m-%d}/{request_id}.json"
+
+
+def find_request(store: ObjectStore, request_id: str, now: datetime) -> IndexedRequest | None:
+    """An answered request by id, from the index (a read per day it could be from, no listing)."""
+    for day in (now, now - REQUEST_TO_FEEDBACK):
+        try:
+            return IndexedRequest.model_validate_json(store.read_bytes(request_index_key(request_id, day))[0])
+        except KeyError:
+            continue
+    return None
 
 
 def flac_bytes(samples: np.ndarray) -> bytes:
@@ -276,6 +314,9 @@ class ProductionLogWriter:
                     key = audio_key(record.request_id, record.time)
                     store.write_bytes(key, audio)
                     record.audio_key = key
+                if record.status == 200:  # before the records: a failed batch is written again whole
+                    store.write_bytes(request_index_key(record.request_id, record.time),
+                                      IndexedRequest.of(record).model_dump_json().encode())
             records = [r for r, _ in batch]
             first, last = min(r.time for r in records), max(r.time for r in records)
             key = (f"{RECORDS}/date={first:%Y-%m-%d}/{int(first.timestamp() * 1000)}-"
@@ -313,8 +354,14 @@ class ProductionLogReader:
         return frame.sort_values("time").reset_index(drop=True)
 
     def purge_audio(self, retention_days: float, now: datetime | None = None) -> int:
-        """Delete sampled audio whose hour ended more than `retention_days` ago; returns how many hours."""
-        cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
+        """Delete sampled audio whose hour ended more than `retention_days` ago, and the request
+        index's days that can no longer be corrected; returns how many hours of audio."""
+        now = now or datetime.now(UTC)
+        index_cutoff = f"{REQUEST_INDEX}/date={(now - REQUEST_TO_FEEDBACK - timedelta(days=1)):%Y-%m-%d}"
+        for day in sorted({key.rsplit("/", 1)[0] for key in self.store.list_prefix(f"{REQUEST_INDEX}/")}):
+            if day < index_cutoff:
+                self.store.delete_prefix(day + "/")
+        cutoff = now - timedelta(days=retention_days)
         hours = {key.rsplit("/", 1)[0] for key in self.store.list_prefix(f"{AUDIO}/")}
         purged = 0
         for prefix in sorted(hours):

@@ -347,6 +347,10 @@ class TriggerSettings(BaseModel):
     """No automatic retrain within this many seconds of the last one."""
     min_new_labels: int = Field(default=50, ge=0)
     """Corrections received since the last retrain needed before an automatic one."""
+    min_label_clients: int = Field(default=3, ge=1)
+    """Distinct clients (API keys) those corrections, and a feedback WER, must come from: one key
+    cannot start a retrain. Without keys every caller is one client, so only 1 lets anonymous
+    corrections start one (trusting every caller)."""
     jobs_address: str = "http://127.0.0.1:8265"
     """The Ray Jobs API retrains are submitted to (the local Ray's dashboard); RAY_ADDRESS, when
     set, wins, as it does for Ray's own CLI."""

@@ -98,7 +98,8 @@ def simulate(
     correct: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of answers corrected with the manifest's text through POST /v1/feedback.")] = 0.0,
 ) -> None:
-    """Send synthetic speech to the service at a chosen rate and mix (stationary or drifted traffic)."""
+    """Send synthetic speech to the service at a chosen rate and mix (stationary or drifted traffic).
+    ASROPS_API_KEY may list several keys, comma-separated: the simulated clients take turns."""
     import os
 
     from asrops.monitoring.simulate import parse_mix
@@ -106,5 +107,6 @@ def simulate(
 
     setup()
     result = run_simulation(service_url(url), parse_mix(mix), rate, count, concurrency,
-                            os.environ.get("ASROPS_API_KEY"), seed, progress=say, correct_share=correct)
+                            [k for k in os.environ.get("ASROPS_API_KEY", "").split(",") if k], seed,
+                            progress=say, correct_share=correct)
     typer.echo(result.model_dump_json(indent=1))

@@ -43,6 +43,9 @@ log = logging.getLogger("asrops.demo")
 
 DRIFT = PRESETS["drift-accent-noise"]
 ADMIN_TOKEN = "demo-admin-token"
+CLIENT_KEYS = [f"demo-client-{i}" for i in range(8)]
+"""The demo's client apps: corrections count by client (API key), and a retrain or a canary's
+feedback WER needs several (retrain.trigger.min_label_clients)."""
 
 
 def demo_env(data_dir: Path, replay: Path, golden: Path) -> dict[str, str]:
@@ -51,6 +54,7 @@ def demo_env(data_dir: Path, replay: Path, golden: Path) -> dict[str, str]:
     return {
         "ASROPS_DATA_DIR": str(data_dir),
         "ASROPS_SERVE__ADMIN_TOKENS": json.dumps([ADMIN_TOKEN]),
+        "ASROPS_SERVE__API_KEYS": json.dumps(CLIENT_KEYS),
         "ASROPS_MONITORING__SCRAPE_INTERVAL_S": "2",
         "ASROPS_MONITORING__DRIFT__WINDOW_S": "30",
         "ASROPS_MONITORING__DRIFT__MIN_SAMPLES": "20",
@@ -126,7 +130,7 @@ class Traffic:
         while not self._stop.is_set():
             seed += 1
             r = simulate(self.url, self.mix, self.rate, count=max(1, round(self.rate * 5)), seed=seed,
-                         correct_share=self.correct_share)
+                         correct_share=self.correct_share, api_keys=CLIENT_KEYS)
             self.corrections += r.corrections
             for k, v in r.statuses.items():
                 self.statuses[k] = self.statuses.get(k, 0) + v
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     clean_mix = [MixPart(manifest=traffic_clean, weight=1)]
     say("    the drift reference: one minute of live clean traffic, pinned (`asrops drift reference --from --to`)")
     pinned_from = datetime.now(UTC)
-    result = simulate(url, clean_mix, rate_per_s=2.0, count=120)
+    result = simulate(url, clean_mix, rate_per_s=2.0, count=120, api_keys=CLIENT_KEYS)
     time.sleep(2 * settings.monitoring.production_log.flush_interval_s)  # the log's last flush
     reference = pin_window(store_for(settings), pinned_from, datetime.now(UTC))
     say(f"    reference: {len(reference)} answered requests ({result.statuses})")

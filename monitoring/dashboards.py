@@ -68,6 +68,16 @@ _5XX_RATIO = (
     f" or 0 * sum by (model_version) (rate(ray_asrops_requests_total[{RATE}])))"
     f" / sum by (model_version) (rate(ray_asrops_requests_total[{RATE}]))"
 )
+def _net_feedback(counter: str) -> str:
+    """A feedback counter by version net of retractions (a second correction of a request
+    retracts what the first added; serve/feedback.py), 0 where nothing was retracted."""
+    def by_version(name: str) -> str:
+        return f"sum by (model_version) (increase(ray_asrops_feedback_{name}_total[{RATE}]))"
+
+    zero = f"{by_version('reference_words')} * 0"
+    return f"(({by_version(counter)} or {zero}) - ({by_version('retracted_' + counter)} or {zero}))"
+
+
 _SLOW_RATIO = (
     "1 - (sum by (model_version) (rate("
     f'ray_asrops_request_duration_seconds_bucket{{le=~"10|10.0"}}[{RATE}]))'
@@ -151,10 +161,10 @@ ROWS: list[Row] = [
     ]),
     Row("Feedback", [
         Panel("Live WER from client corrections by version", [Query(
-            f"sum by (model_version) (increase(ray_asrops_feedback_word_errors_total[{RATE}]))"
-            f" / sum by (model_version) (increase(ray_asrops_feedback_reference_words_total[{RATE}]))",
+            f"{_net_feedback('word_errors')} / ({_net_feedback('reference_words')} > 0)",
             "{{model_version}}")], unit="percentunit", width=12,
-              description="Word errors of the answered text against POST /v1/feedback corrections, per word."),
+              description="Word errors of the answered text against POST /v1/feedback corrections, per word; "
+                          "a request corrected twice counts once, with its latest correction."),
         Panel("Corrections received/s by version", [Query(
             f"sum by (model_version) (rate(ray_asrops_feedback_total[{RATE}]))", "{{model_version}}")], width=12),
     ]),

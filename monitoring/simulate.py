@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,16 +60,17 @@ def _clips(manifest: Path) -> list[tuple[bytes, dict]]:
 
 
 def simulate(url: str, mix: list[MixPart], rate_per_s: float, count: int, concurrency: int = 8,
-             api_key: str | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
+             api_keys: Sequence[str] = (), seed: int = 0, progress: Callable[[str], None] | None = None,
              client_ids: int = 50, correct_share: float = 0.0) -> SimulationResult:
     """Send `count` requests at `rate_per_s` drawn from `mix`; returns what came back.
-    Each request carries one of `client_ids` client ids, as a fleet of client apps would.
+    Each request carries one of `client_ids` client ids, as a fleet of client apps would, and
+    (when keys are given) the API key of that client, `api_keys[client % len(api_keys)]`.
     A `correct_share` of the answers is corrected with the manifest's text (and its slice
-    fields as tags) through POST /v1/feedback, as users fixing transcripts would."""
+    fields as tags) through POST /v1/feedback, with the same key, as users fixing transcripts
+    would. Only corrections from several keys count as several clients (serve/feedback.py)."""
     rng = random.Random(seed)
     pools = [_clips(part.manifest) for part in mix]
     weights = [part.weight for part in mix]
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
     corrections = 0
@@ -82,6 +83,7 @@ def simulate(url: str, mix: list[MixPart], rate_per_s: float, count: int, concur
         pool_index, pick, client, corrects = plan[i]
         pool = pools[pool_index]
         clip, row = pool[int(pick * len(pool))]
+        headers = {"Authorization": f"Bearer {api_keys[client % len(api_keys)]}"} if api_keys else {}
         started = time.monotonic()
         corrected = False
         try:

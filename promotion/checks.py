@@ -25,6 +25,27 @@ LIVE_REQUESTS = f"{_increase('ray_asrops_requests_total')} + {FAILED}"
 """Requests meant for a version: those it answered, and those it failed."""
 SERVER_ERRORS = _increase("ray_asrops_requests_total", JUDGED + ',status=~"5.."')
 """Requests a version answered with a 5xx."""
+FEEDBACK_CLIENTS = 3
+"""Distinct clients whose corrections a feedback WER needs: with three or more, the median of
+their WERs is one no single client (API key) can set."""
+FEEDBACK_WORDS_PER_CLIENT = 50
+"""Corrected words a client needs in the window to count towards FEEDBACK_CLIENTS."""
+
+
+def _feedback_by_client(metric: str) -> str:
+    """A feedback counter per client, net of retractions (a second correction of a request
+    retracts what the first added; serve/feedback.py), 0 where a client has no such series."""
+    def per_client(name: str) -> str:
+        return f"sum by (client) (increase(ray_asrops_feedback_{name}_total{{{JUDGED}}}[$window]))"
+
+    zero = f"{per_client('reference_words')} * 0"
+    return f"(({per_client(metric)} or {zero}) - ({per_client('retracted_' + metric)} or {zero}))"
+
+
+CLIENT_WORDS = _feedback_by_client("reference_words")
+"""Corrected words per client."""
+CLIENT_WER = f"{_feedback_by_client('word_errors')} / ({CLIENT_WORDS} > 0)"
+"""Each client's WER over its own corrections."""
 SHADOW_REQUESTS = ('sum(increase(ray_asrops_shadow_disagreement_ratio_count{model_version="$version"}[$window]))'
                    " or vector(0)")
 """Stable requests copied to a version in shadow (each one compared)."""
@@ -56,11 +77,10 @@ DEFAULT_CHECKS = [
     ),
     MetricCheck(
         name="feedback-wer",
-        query=(f'sum(increase(ray_asrops_feedback_word_errors_total{{{JUDGED}}}[$window])) / '
-               f'sum(increase(ray_asrops_feedback_reference_words_total{{{JUDGED}}}[$window]))'),
+        query=f"quantile(0.5, {CLIENT_WER})",
         max=Bound(value=1.02, relative_to_stable="times"),
-        only_when=Gate(query=f'sum(increase(ray_asrops_feedback_reference_words_total{{{JUDGED}}}'
-                             '[$window])) or vector(0)', min=200),
+        only_when=Gate(query=f"count({CLIENT_WORDS} >= {FEEDBACK_WORDS_PER_CLIENT}) or vector(0)",
+                       min=FEEDBACK_CLIENTS),
     ),
 ]
 

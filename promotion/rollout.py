@@ -1,28 +1,44 @@
 """Rollout operations: deploy a canary, set its weight and shadow share, promote, roll back.
 
 Every change goes through the registry's compare-and-swap and leaves an audit entry (when,
-who, what, before, after, why). The admin API, the CLI, the retrain job and the promotion
-controller all call these functions, so the rules live in one place. Two records change in a promotion
-(aliases and rollout state); the order of writes is chosen so that every intermediate state
-routes all traffic to a version that is serving: see `promote` and `rollback`.
+who, what, before, after, why), written before the change (`pending`) and completed after it
+(`applied` or `failed`), so that no change goes unaudited even if its process dies halfway. The
+admin API, the CLI, the retrain job and the promotion controller all call these functions, so the
+rules live in one place. A change may write two records (aliases and rollout state), so changes
+take turns: each holds the rollout lease (a registry record taken by compare-and-swap) from its
+first read to its audit entry, and the audit log is one serial history. The order of writes
+within a change is chosen so that every intermediate state routes all traffic to a version that
+is serving: see `promote` and `rollback`.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import time
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel
 
-from asrops.errors import RolloutRefusedError
+from asrops.errors import ConflictError, RolloutRefusedError
 from asrops.promotion.state import ANALYSIS_KEY, AnalysisState, Decision, Phase
 from asrops.registry import Aliases, ModelRegistry, RolloutState
 
 log = logging.getLogger(__name__)
 
 AUDIT_PREFIX = "audit/"
+LEASE_KEY = "rollout-lease.json"
+LEASE_S = 60.0
+"""A change that died holding the lease blocks others at most this long."""
+LEASE_WAIT_S = 15.0
+"""How long a change waits for another to finish before it is refused."""
+WRITE_RETRIES = 5
+"""Re-reads on a lost compare-and-swap (only writers outside rollouts, e.g. a model import, race
+a change that holds the lease)."""
 
 
 class RolloutView(BaseModel):
@@ -36,17 +52,76 @@ class AuditEntry(BaseModel):
     action: str
     reason: str
     before: RolloutView
-    after: RolloutView
+    after: RolloutView | None = None
+    """None until the change is applied."""
+    outcome: Literal["pending", "applied", "failed"] = "applied"
+    """`pending` is written before the change; one left pending means its process died during it."""
+    error: str | None = None
+
+
+class RolloutLease(BaseModel):
+    holder: str | None = None
+    expires_at: AwareDatetime | None = None
+
+
+class _LeaseHeld(Exception):
+    pass
+
+
+@contextmanager
+def _exclusive(registry: ModelRegistry, actor: str) -> Iterator[None]:
+    """One rollout change at a time, across every process that makes them (admin API replicas,
+    the controller, retrain jobs, the CLI)."""
+    me = f"{actor} [{uuid.uuid4().hex[:8]}]"
+
+    def take(lease: RolloutLease) -> RolloutLease:
+        now = datetime.now(UTC)
+        if lease.holder is not None and lease.expires_at is not None and lease.expires_at > now:
+            raise _LeaseHeld(lease.holder)
+        return RolloutLease(holder=me, expires_at=now + timedelta(seconds=LEASE_S))
+
+    deadline = time.monotonic() + LEASE_WAIT_S
+    while True:
+        try:
+            registry.update_record(LEASE_KEY, RolloutLease, take)
+            break
+        except (_LeaseHeld, ConflictError) as exc:
+            if time.monotonic() > deadline:
+                raise RolloutRefusedError(f"Another rollout change is in progress ({exc}); retry shortly.") from None
+            time.sleep(random.uniform(0.02, 0.1))
+    try:
+        yield
+    finally:
+        def release(lease: RolloutLease) -> RolloutLease:
+            if lease.holder != me:
+                raise _LeaseHeld(lease.holder)
+            return RolloutLease()
+
+        try:
+            registry.update_record(LEASE_KEY, RolloutLease, release, retries=WRITE_RETRIES)
+        except (_LeaseHeld, ConflictError) as exc:
+            log.warning("rollout lease of %s had expired and was taken by %s", me, exc)
 
 
 def current(registry: ModelRegistry) -> RolloutView:
     return RolloutView(aliases=registry.read_aliases().value, rollout=registry.read_rollout().value)
 
 
-def _audit(registry: ModelRegistry, action: str, actor: str, reason: str, before: RolloutView) -> AuditEntry:
+def _audited(registry: ModelRegistry, action: str, actor: str, reason: str, before: RolloutView,
+             apply: Callable[[], None]) -> AuditEntry:
+    """Write the entry (pending), apply the change, complete the entry (applied or failed)."""
     entry = AuditEntry(at=datetime.now(UTC), actor=actor, action=action, reason=reason, before=before,
-                       after=current(registry))
+                       outcome="pending")
     key = f"{AUDIT_PREFIX}{entry.at.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}.json"
+    registry.store.write_bytes(key, entry.model_dump_json(indent=2).encode())
+    try:
+        apply()
+    except Exception as exc:
+        entry.outcome, entry.error = "failed", f"{type(exc).__name__}: {exc}"
+        registry.store.write_bytes(key, entry.model_dump_json(indent=2).encode())
+        log.warning("rollout %s by %s (%s) failed: %s", action, actor, reason, entry.error)
+        raise
+    entry.after, entry.outcome = current(registry), "applied"
     registry.store.write_bytes(key, entry.model_dump_json(indent=2).encode())
     log.info("rollout %s by %s (%s): %s -> %s", action, actor, reason, before.model_dump(mode="json"),
              entry.after.model_dump(mode="json"))
@@ -64,14 +139,18 @@ def read_audit(registry: ModelRegistry, limit: int = 100) -> list[AuditEntry]:
 def deploy_canary(registry: ModelRegistry, version: str, weight: int, shadow_share: float, actor: str,
                   reason: str) -> AuditEntry:
     """Make `version` the canary. Its traffic starts once its model application is warm."""
-    before = current(registry)
-    version = registry.resolve(version)
-    if version == before.aliases.stable:
-        raise RolloutRefusedError(f"{version} is already stable; a canary must be another version.")
-    registry.update_aliases(lambda a: a.model_copy(update={"canary": version}))
-    registry.update_rollout(lambda r: r.model_copy(update={
-        "canary_version": version, "canary_weight": weight, "shadow_share": shadow_share, "updated_by": actor}))
-    return _audit(registry, "deploy_canary", actor, reason, before)
+    with _exclusive(registry, actor):
+        before = current(registry)
+        version = registry.resolve(version)
+        if version == before.aliases.stable:
+            raise RolloutRefusedError(f"{version} is already stable; a canary must be another version.")
+
+        def apply() -> None:
+            registry.update_aliases(lambda a: a.model_copy(update={"canary": version}), retries=WRITE_RETRIES)
+            registry.update_rollout(lambda r: r.model_copy(update={
+                "canary_version": version, "canary_weight": weight, "shadow_share": shadow_share,
+                "updated_by": actor}), retries=WRITE_RETRIES)
+        return _audited(registry, "deploy_canary", actor, reason, before, apply)
 
 
 def _check_canary(before: RolloutView, expected: str | None) -> None:
@@ -83,31 +162,37 @@ def _check_canary(before: RolloutView, expected: str | None) -> None:
 
 def set_traffic(registry: ModelRegistry, weight: int | None, shadow_share: float | None, actor: str,
                 reason: str, expected_canary: str | None = None) -> AuditEntry:
-    before = current(registry)
-    _check_canary(before, expected_canary)
-    if before.rollout.canary_version is None:
-        raise RolloutRefusedError("There is no canary; deploy one first.")
-    update = {"updated_by": actor}
-    if weight is not None:
-        update["canary_weight"] = weight
-    if shadow_share is not None:
-        update["shadow_share"] = shadow_share
-    registry.update_rollout(lambda r: r.model_copy(update=update))
-    return _audit(registry, "set_traffic", actor, reason, before)
+    with _exclusive(registry, actor):
+        before = current(registry)
+        _check_canary(before, expected_canary)
+        if before.rollout.canary_version is None:
+            raise RolloutRefusedError("There is no canary; deploy one first.")
+        update = {"updated_by": actor}
+        if weight is not None:
+            update["canary_weight"] = weight
+        if shadow_share is not None:
+            update["shadow_share"] = shadow_share
+        return _audited(registry, "set_traffic", actor, reason, before,
+                        lambda: registry.update_rollout(lambda r: r.model_copy(update=update),
+                                                        retries=WRITE_RETRIES))
 
 
 def promote(registry: ModelRegistry, actor: str, reason: str, expected_canary: str | None = None) -> AuditEntry:
     """Canary becomes stable, the old stable becomes fallback, the rollout is cleared.
     Aliases first: while the rollout still names the canary it equals stable, so it gets
     everything; then the rollout record is cleared."""
-    before = current(registry)
-    _check_canary(before, expected_canary)
-    canary = before.rollout.canary_version
-    if canary is None:
-        raise RolloutRefusedError("There is no canary to promote.")
-    registry.update_aliases(lambda a: Aliases(stable=canary, canary=None, fallback=a.stable))
-    registry.update_rollout(lambda r: RolloutState(updated_by=actor))
-    return _audit(registry, "promote", actor, reason, before)
+    with _exclusive(registry, actor):
+        before = current(registry)
+        _check_canary(before, expected_canary)
+        canary = before.rollout.canary_version
+        if canary is None:
+            raise RolloutRefusedError("There is no canary to promote.")
+
+        def apply() -> None:
+            registry.update_aliases(lambda a: Aliases(stable=canary, canary=None, fallback=a.stable),
+                                    retries=WRITE_RETRIES)
+            registry.update_rollout(lambda r: RolloutState(updated_by=actor), retries=WRITE_RETRIES)
+        return _audited(registry, "promote", actor, reason, before, apply)
 
 
 def rollback(registry: ModelRegistry, actor: str, reason: str, expected_canary: str | None = None) -> AuditEntry:
@@ -115,17 +200,21 @@ def rollback(registry: ModelRegistry, actor: str, reason: str, expected_canary: 
     then the canary alias is dropped. Without one, right after a promotion: the aliases the
     promotion replaced are restored (the old stable answers again). With `expected_canary`,
     only that canary is rolled back (never a promotion)."""
-    before = current(registry)
-    _check_canary(before, expected_canary)
-    if before.rollout.canary_version is not None or before.aliases.canary is not None:
-        registry.update_rollout(lambda r: RolloutState(updated_by=actor))
-        registry.update_aliases(lambda a: a.model_copy(update={"canary": None}))
-        return _audit(registry, "rollback", actor, reason, before)
-    promoted = next((e for e in reversed(read_audit(registry)) if e.action in ("promote", "rollback")), None)
-    if promoted is None or promoted.action != "promote" or promoted.after.aliases.stable != before.aliases.stable:
-        raise RolloutRefusedError("There is no canary to roll back and no promotion to undo.")
-    registry.update_aliases(lambda a: promoted.before.aliases.model_copy(update={"canary": None}))
-    return _audit(registry, "rollback", actor, reason, before)
+    with _exclusive(registry, actor):
+        before = current(registry)
+        _check_canary(before, expected_canary)
+        if before.rollout.canary_version is not None or before.aliases.canary is not None:
+            def apply() -> None:
+                registry.update_rollout(lambda r: RolloutState(updated_by=actor), retries=WRITE_RETRIES)
+                registry.update_aliases(lambda a: a.model_copy(update={"canary": None}), retries=WRITE_RETRIES)
+            return _audited(registry, "rollback", actor, reason, before, apply)
+        promoted = next((e for e in reversed(read_audit(registry))
+                         if e.action in ("promote", "rollback") and e.outcome == "applied"), None)
+        if promoted is None or promoted.action != "promote" or promoted.after.aliases.stable != before.aliases.stable:
+            raise RolloutRefusedError("There is no canary to roll back and no promotion to undo.")
+        restored = promoted.before.aliases.model_copy(update={"canary": None})
+        return _audited(registry, "rollback", actor, reason, before,
+                        lambda: registry.update_aliases(lambda a: restored, retries=WRITE_RETRIES))
 
 
 # --- the promotion controller's analysis: operators pause, resume and abort it -------------

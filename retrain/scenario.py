@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.retrain.self_label_manifests = [_real_clips(speech, args.golden_real + args.retention_real,
                                                              args.replay_real, work / "replay-real.jsonl")]
     settings.retrain.dataset.retention_clips = 0  # replayed templates would flatter the guard
-    settings.retrain.trigger.min_new_labels = 0
+    settings.retrain.trigger.min_new_labels = 0  # the labels here are curated: one trusted source
+    settings.retrain.trigger.min_label_clients = 1
     settings.retrain.dataset.hold_out_by = args.hold_out_by
 
     from asrops.models.importer import import_embedded_default
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from asrops.retrain.trigger import TriggerInputs, decide
 
     import_embedded_default(ModelRegistry.from_settings(settings), progress=say)
-    decision = decide(TriggerInputs(now=datetime.now(UTC), drift_verdict="drift", new_labels=args.labelled),
+    decision = decide(TriggerInputs(now=datetime.now(UTC), drift_verdict="drift", new_labels=args.labelled,
+                                        label_clients=1),
                       settings.retrain.trigger)
     say(decision.log_message())
     init_ray(settings)

@@ -3,8 +3,9 @@ submission of the retrain as a Ray job (the Ray Jobs API of the same cluster: th
 default, `RAY_ADDRESS` for a remote one).
 
 Policy, in order: one job at a time, always; by hand, otherwise at once; automatically only
-after the cooldown and once enough new labels exist, and then for a drift verdict, a live
-feedback WER above the threshold, or the schedule. Every decision is logged with its inputs.
+after the cooldown and once enough new labels from enough distinct clients exist, and then for a
+drift verdict, a live feedback WER (the median of the clients' own WERs) above the threshold,
+or the schedule. Every decision is logged with its inputs.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ class TriggerInputs(BaseModel):
     drift_verdict: str | None = None
     """The drift monitor's current verdict (drift, no_drift, insufficient_data)."""
     feedback_wer: float | None = None
-    """Live WER of the stable version from feedback since the last retrain, in percent."""
+    """Live WER of the stable version from feedback since the last retrain, in percent: the
+    median over clients of each one's WER (asrops/feedback.by_client)."""
+    feedback_wer_clients: int = 0
+    """Distinct clients behind `feedback_wer`."""
     new_labels: int = 0
     """Corrections received since the last retrain."""
+    label_clients: int = 0
+    """Distinct clients that sent them (API keys; all anonymous callers are one)."""
     last_retrain_at: datetime | None = None
     job_running: bool = False
 
@@ -54,7 +60,9 @@ class TriggerDecision(BaseModel):
     def log_message(self) -> str:
         i = self.inputs
         return (f"retrain trigger: {'START' if self.start else 'no'} ({self.reason}); inputs: manual={i.manual} "
-                f"drift_verdict={i.drift_verdict} feedback_wer={i.feedback_wer} new_labels={i.new_labels} "
+                f"drift_verdict={i.drift_verdict} feedback_wer={i.feedback_wer} "
+                f"feedback_wer_clients={i.feedback_wer_clients} new_labels={i.new_labels} "
+                f"label_clients={i.label_clients} "
                 f"last_retrain_at={i.last_retrain_at} job_running={i.job_running}")
 
 
@@ -74,9 +82,12 @@ def decide(inputs: TriggerInputs, s: TriggerSettings) -> TriggerDecision:
         return no(f"cooldown: last retrain {since:.0f} s ago, cooldown {s.cooldown_s:.0f} s")
     if inputs.new_labels < s.min_new_labels:
         return no(f"{inputs.new_labels} new labels, {s.min_new_labels} needed")
+    if inputs.label_clients < s.min_label_clients:
+        return no(f"new labels from {inputs.label_clients} distinct clients, {s.min_label_clients} needed")
     if s.on_drift and inputs.drift_verdict == "drift":
         return yes(Cause.DRIFT, "the drift monitor's verdict is drift")
     if s.feedback_wer_threshold is not None and inputs.feedback_wer is not None \
+            and inputs.feedback_wer_clients >= s.min_label_clients \
             and inputs.feedback_wer > s.feedback_wer_threshold:
         return yes(Cause.FEEDBACK_WER, f"feedback WER {inputs.feedback_wer:.1f} % above "
                    f"{s.feedback_wer_threshold:.1f} %")
@@ -140,7 +151,7 @@ class RetrainTrigger:
     def inputs(self, verdict: str | None, now: datetime) -> TriggerInputs:
         from datetime import UTC, timedelta
 
-        from asrops.feedback import FeedbackStore
+        from asrops.feedback import FeedbackStore, by_client
 
         jobs = retrain_jobs(self.address)
         if self.gauge is not None:
@@ -152,11 +163,11 @@ class RetrainTrigger:
         since = last_at or now - timedelta(days=30)
         feedback = FeedbackStore(self.store).read(since, now)
         stable = self.registry.resolve("stable")
-        mine = feedback[feedback["model_version"] == stable] if len(feedback) else feedback
-        words = int(mine["reference_words"].sum()) if len(mine) else 0
-        wer = 100.0 * int(mine["word_errors"].sum()) / words if words else None
-        return TriggerInputs(now=now, drift_verdict=verdict, feedback_wer=wer, new_labels=len(feedback),
-                             last_retrain_at=last_at, job_running=any(j.status in ("PENDING", "RUNNING") for j in jobs))
+        stable_wer = by_client(feedback[feedback["model_version"] == stable] if len(feedback) else feedback)
+        return TriggerInputs(now=now, drift_verdict=verdict, feedback_wer=stable_wer.median_wer,
+                             feedback_wer_clients=stable_wer.clients, new_labels=len(feedback),
+                             label_clients=by_client(feedback).clients, last_retrain_at=last_at,
+                             job_running=any(j.status in ("PENDING", "RUNNING") for j in jobs))
 
     def step(self, verdict: str | None, now: datetime) -> TriggerDecision:
         decision = decide(self.inputs(verdict, now), self.settings.retrain.trigger)

@@ -1,10 +1,12 @@
 """POST /v1/feedback: a client's corrected transcript for one of its requests.
 
 The correction is joined to what was answered: from this ingress's memory of recent requests
-(with their audio), else from the production log (with its sampled audio, when that request's
-was sampled). The audio is kept apart as labelled audio (prodlog.labelled_audio_key), which the
-sampled audio's purge leaves alone. Stored in the feedback store; each one also
-adds to the live word error rate of the version that answered.
+(with their audio), else from the production log's request index (with its sampled audio, when
+that request's was sampled): an unknown id costs two reads, never a scan. The audio is kept
+apart as labelled audio (prodlog.labelled_audio_key), which the sampled audio's purge leaves
+alone. Stored in the feedback store, one correction per request: a second replaces the first,
+and the live word error counters of the version that answered move by the difference (what the
+first had added is counted as retracted).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from asrops.feedback import (
     AnsweredRequest,
@@ -22,7 +24,7 @@ from asrops.feedback import (
     RecentRequests,
     join,
 )
-from asrops.prodlog import ProductionLogReader, flac_bytes, labelled_audio_key
+from asrops.prodlog import find_request, flac_bytes, labelled_audio_key
 from asrops.registry.store import ObjectStore
 from asrops.serve.errors import UNAVAILABLE, ApiError, ErrorKind
 from asrops.serve.metrics import IngressMetrics
@@ -30,7 +32,6 @@ from asrops.serve.metrics import IngressMetrics
 log = logging.getLogger(__name__)
 
 REQUEST_NOT_FOUND = ErrorKind(404, "invalid_request_error", "request_not_found", "request_id")
-LOG_LOOKBACK = timedelta(days=1)
 
 
 class FeedbackRecorder:
@@ -44,7 +45,7 @@ class FeedbackRecorder:
         foreign one is told the id is unknown, so ids of others' requests are not confirmed)."""
         answered = self.recent.get(feedback.request_id)  # read on the event loop, which also writes it
         try:
-            record = await asyncio.to_thread(self._record, feedback, answered, client)
+            record, replaced = await asyncio.to_thread(self._record, feedback, answered, client)
         except LookupError:
             raise ApiError(REQUEST_NOT_FOUND, f"No transcription with request id {feedback.request_id!r} is known "
                            "here: send the X-Request-Id header of a transcription answered in the last day.") from None
@@ -52,19 +53,21 @@ class FeedbackRecorder:
             log.warning("feedback for %s not stored: %s", feedback.request_id, exc)
             raise ApiError(UNAVAILABLE, "The feedback store is unavailable; retry after the time in Retry-After.",
                            headers={"Retry-After": str(self.retry_after_s)}) from None
-        self._count(record)
-        log.info("feedback for %s (version %s): %d word errors in %d words", record.request_id,
-                 record.model_version, record.word_errors, record.reference_words)
+        self._count(record, replaced)
+        log.info("feedback for %s (version %s, client %s): %d word errors in %d words%s", record.request_id,
+                 record.model_version, client, record.word_errors, record.reference_words,
+                 " (replaces an earlier correction)" if replaced else "")
         return record
 
-    def _record(self, feedback: FeedbackIn, answered: AnsweredRequest | None, client: str) -> FeedbackRecord:
+    def _record(self, feedback: FeedbackIn, answered: AnsweredRequest | None,
+                client: str) -> tuple[FeedbackRecord, FeedbackRecord | None]:
         store = self._open_store()
         if answered is not None:
             if not answered.belongs_to(client):
                 raise LookupError(feedback.request_id)
             audio = flac_bytes(answered.samples) if answered.samples is not None else None
         else:
-            answered, sampled_key = self._from_log(store, feedback.request_id)
+            answered, sampled_key = self._from_index(store, feedback.request_id)
             if not answered.belongs_to(client):
                 raise LookupError(feedback.request_id)
             audio = store.read_bytes(sampled_key)[0] if sampled_key else None  # the sampled copy is purged in days
@@ -73,28 +76,33 @@ class FeedbackRecorder:
             key = labelled_audio_key(feedback.request_id, answered.time)
             store.write_bytes(key, audio)
         record = join(feedback, answered, key)
-        FeedbackStore(store).save(record)
-        return record
+        record.client = client
+        return record, FeedbackStore(store).save(record)
 
-    def _from_log(self, store: ObjectStore, request_id: str) -> tuple[AnsweredRequest, str | None]:
-        now = datetime.now(UTC)
-        frame = ProductionLogReader(store).read(now - LOG_LOOKBACK, now)
-        rows = frame[(frame["request_id"] == request_id) & (frame["status"] == 200)]
-        if rows.empty:
+    @staticmethod
+    def _from_index(store: ObjectStore, request_id: str) -> tuple[AnsweredRequest, str | None]:
+        found = find_request(store, request_id, datetime.now(UTC))
+        if found is None:
             raise LookupError(request_id)
-        row = rows.iloc[-1]
-        owner = row.get("client")
-        answered = AnsweredRequest(model_version=row["model_version"], route=row["route"], text=row["text"] or "",
-                                   time=row["time"].to_pydatetime(), samples=None,
-                                   client=owner if isinstance(owner, str) else None)
-        return answered, row["audio_key"] if isinstance(row["audio_key"], str) else None
+        answered = AnsweredRequest(model_version=found.model_version, route=found.route, text=found.text,
+                                   time=found.time, samples=None, client=found.client)
+        return answered, found.audio_key
 
-    def _count(self, record: FeedbackRecord) -> None:
+    def _count(self, record: FeedbackRecord, replaced: FeedbackRecord | None) -> None:
+        """Counters only grow: a replaced correction's words are counted again as retracted, so
+        that (added - retracted) is what the stored corrections hold (promotion/checks.py)."""
         if not self.metrics:
             return
-        tags = {"model_version": record.model_version, "route": record.route}
-        self.metrics.feedback.inc(1, tags=tags)
-        if record.word_errors:
-            self.metrics.feedback_word_errors.inc(record.word_errors, tags=tags)
-        if record.reference_words:
-            self.metrics.feedback_reference_words.inc(record.reference_words, tags=tags)
+        m = self.metrics
+        tags = {"model_version": record.model_version, "route": record.route, "client": record.client or ""}
+        if replaced is None:
+            m.feedback.inc(1, tags=tags)
+        for added, retracted, new, old in (
+                (m.feedback_word_errors, m.feedback_retracted_word_errors, record.word_errors,
+                 replaced.word_errors if replaced else 0),
+                (m.feedback_reference_words, m.feedback_retracted_reference_words, record.reference_words,
+                 replaced.reference_words if replaced else 0)):
+            if new:
+                added.inc(new, tags=tags)
+            if old:
+                retracted.inc(old, tags=tags)

@@ -67,12 +67,21 @@ class IngressMetrics:
                                    tag_keys=("outcome",))
         self.log_failures = Counter("asrops_production_log_write_failures_total",
                                     "Failed writes to the production log store.")
-        # Live WER per version from client corrections: errors / reference words.
-        self.feedback = Counter("asrops_feedback_total", "Corrected transcripts received.", tag_keys=VR)
+        # Live WER per version and client from corrections: (errors - retracted errors) / (words -
+        # retracted words); a second correction of a request retracts what the first added.
+        vrc = (*VR, "client")
+        self.feedback = Counter("asrops_feedback_total", "Requests corrected (once each, however often).",
+                                tag_keys=vrc)
         self.feedback_word_errors = Counter("asrops_feedback_word_errors_total", "Word errors of the answered "
-                                            "text against corrections.", tag_keys=VR)
+                                            "text against corrections.", tag_keys=vrc)
         self.feedback_reference_words = Counter("asrops_feedback_reference_words_total", "Words in the "
-                                                "corrections.", tag_keys=VR)
+                                                "corrections.", tag_keys=vrc)
+        self.feedback_retracted_word_errors = Counter(
+            "asrops_feedback_retracted_word_errors_total", "Word errors of corrections replaced by a later one.",
+            tag_keys=vrc)
+        self.feedback_retracted_reference_words = Counter(
+            "asrops_feedback_retracted_reference_words_total", "Words of corrections replaced by a later one.",
+            tag_keys=vrc)
 
     def request(self, version: str, route: str, status: int, latency_s: float) -> None:
         tags = {"model_version": version, "route": route}

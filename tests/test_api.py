@@ -449,3 +449,92 @@ def test_only_the_client_that_made_a_request_may_correct_it(tmp_path):
     assert writer.flush()
     assert client.post("/v1/feedback", json={"request_id": "old-a", "text": "x"}, headers=b).status_code == 404
     assert client.post("/v1/feedback", json={"request_id": "old-a", "text": "x"}, headers=a).status_code == 200
+
+
+class CountingCounter:
+    def __init__(self):
+        self.total: dict[str, float] = {}
+
+    def inc(self, value=1, tags=None):
+        key = tags["client"]
+        self.total[key] = self.total.get(key, 0) + value
+
+
+class FeedbackCounters:
+    """The feedback counters of IngressMetrics, kept in a dict per client."""
+
+    def __init__(self):
+        self.feedback, self.feedback_word_errors, self.feedback_reference_words = (CountingCounter()
+                                                                                   for _ in range(3))
+        self.feedback_retracted_word_errors, self.feedback_retracted_reference_words = (CountingCounter()
+                                                                                        for _ in range(2))
+
+    def net(self, what: str, client: str) -> float:
+        added, retracted = getattr(self, f"feedback_{what}"), getattr(self, f"feedback_retracted_{what}")
+        return added.total.get(client, 0) - retracted.total.get(client, 0)
+
+
+def test_a_second_correction_replaces_the_first_and_the_counters_move_by_the_difference(tmp_path):
+    """One correction per request: resubmitting cannot pile word errors onto a version."""
+    from asrops.feedback import FeedbackStore, RecentRequests
+    from asrops.registry.store import LocalStore
+    from asrops.serve.feedback import FeedbackRecorder
+    from asrops.serve.telemetry import RequestTelemetry
+
+    store, recent, counters = LocalStore(tmp_path / "log"), RecentRequests(), FeedbackCounters()
+    client = TestClient(build_api(FakeTranscriber(), Settings(data_dir=tmp_path, serve={"api_keys": ["sk-a"]}),
+                                  telemetry=RequestTelemetry(None, None, recent),
+                                  feedback=FeedbackRecorder(lambda: store, recent, counters)))
+    a, who = {"Authorization": "Bearer sk-a"}, ClientKeys.client_id("sk-a")
+    rid = _post(client, headers=a).headers["x-request-id"]  # answered "hello there"
+    for text in ["hello their friend", "totally different words here", "hello there friend"] * 5:
+        assert client.post("/v1/feedback", json={"request_id": rid, "text": text}, headers=a).status_code == 200
+    # Only the last correction counts: "hello there friend" is 1 deletion in 3 words.
+    assert counters.feedback.total == {who: 1}
+    assert (counters.net("word_errors", who), counters.net("reference_words", who)) == (1, 3)
+    stored = FeedbackStore(store).read(datetime.now(UTC) - timedelta(minutes=1), datetime.now(UTC))
+    assert stored["reference"].tolist() == ["hello there friend"] and stored["client"].tolist() == [who]
+
+
+class ListingCounter:
+    """An object store that counts its listings (a scan) and reads."""
+
+    def __init__(self, store):
+        self.store, self.listings, self.reads = store, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def list_prefix(self, prefix):
+        self.listings += 1
+        return self.store.list_prefix(prefix)
+
+    def read_bytes(self, key):
+        self.reads += 1
+        return self.store.read_bytes(key)
+
+
+def test_an_unknown_request_id_is_answered_from_the_index_without_a_scan(tmp_path):
+    """A flood of made-up ids costs two reads each, not a day of parquet."""
+    from asrops.feedback import FeedbackIn, RecentRequests
+    from asrops.prodlog import FinishedRequest, ProductionLogWriter
+    from asrops.registry.store import LocalStore
+    from asrops.serve.errors import ApiError
+    from asrops.serve.feedback import FeedbackRecorder
+    from asrops.settings import ProductionLogSettings
+
+    store = LocalStore(tmp_path / "log")
+    writer = ProductionLogWriter(lambda: store, ProductionLogSettings())
+    for i in range(200):  # a day's log with many records
+        writer.submit(FinishedRequest(request_id=f"r-{i}", time=datetime.now(UTC), model_version="v0",
+                                      route="stable", status=200, latency_s=0.1,
+                                      transcription=Transcription(text="a b", segments=[], duration_s=1.0)))
+    assert writer.flush()
+    counting = ListingCounter(store)
+    recorder = FeedbackRecorder(lambda: counting, RecentRequests())
+    with pytest.raises(ApiError) as unknown:
+        asyncio.run(recorder.record(FeedbackIn(request_id="never-seen", text="x"), "anonymous"))
+    assert unknown.value.kind.status == 404
+    assert counting.listings == 0 and counting.reads <= 2  # today's and yesterday's index entry
+    known = asyncio.run(recorder.record(FeedbackIn(request_id="r-7", text="a b"), "anonymous"))
+    assert (known.model_version, known.word_errors) == ("v0", 0) and counting.listings == 0

@@ -41,6 +41,8 @@ _COUNTERS_AND_GAUGES = {
     "ray_asrops_feedback_total",
     "ray_asrops_feedback_word_errors_total",
     "ray_asrops_feedback_reference_words_total",
+    "ray_asrops_feedback_retracted_word_errors_total",
+    "ray_asrops_feedback_retracted_reference_words_total",
     "ray_asrops_queue_depth",
     "asrops_drift_share",
     "asrops_drift_feature_score",
@@ -313,3 +315,46 @@ def test_prometheus_server_reports_a_failed_start_with_its_log(tmp_path: Path) -
         with pytest.raises(PrometheusError, match="exited with code") as info:
             PrometheusServer(settings, tmp_path, ready_timeout_s=20).start()
     assert "address already in use" in str(info.value)
+
+
+# --- the feedback-wer check counts clients, not corrections -----------------------------------
+def _feedback_series(client: str, errors_per_min: int, words_per_min: int = 20,
+                     retracted_errors_per_min: int = 0) -> list[dict]:
+    labels = f'model_version="v1",route="canary",client="{client}"'
+    series = [{"series": f"ray_asrops_feedback_word_errors_total{{{labels}}}", "values": f"0+{errors_per_min}x10"},
+              {"series": f"ray_asrops_feedback_reference_words_total{{{labels}}}", "values": f"0+{words_per_min}x10"}]
+    if retracted_errors_per_min:
+        series.append({"series": f"ray_asrops_feedback_retracted_word_errors_total{{{labels}}}",
+                       "values": f"0+{retracted_errors_per_min}x10"})
+    return series
+
+
+def _evaluate(promtool: str, tmp_path: Path, series: list[dict], exprs: dict[str, float]) -> None:
+    """Evaluates each PromQL expression over `series` with promtool's unit tests (no server)."""
+    test = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "promql_expr_test": [{"expr": e, "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": v}]}
+                             for e, v in exprs.items()]}]}
+    path = tmp_path / "feedback_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_one_client_cannot_set_or_open_the_feedback_wer_check(promtool: str, tmp_path: Path) -> None:
+    from asrops.promotion.checks import DEFAULT_CHECKS, FEEDBACK_CLIENTS
+    from asrops.settings import render_query
+
+    check = next(c for c in DEFAULT_CHECKS if c.name == "feedback-wer")
+    query, gate = (render_query(q, "v1", "5m") for q in (check.query, check.only_when.query))
+    honest = [s for c in "abc" for s in _feedback_series(c, errors_per_min=2)]  # 10 % WER each
+    mallory = _feedback_series("mallory", errors_per_min=60)  # 300 % WER, from one key
+    # With three honest clients the median is theirs, however bad one key's corrections are.
+    _evaluate(promtool, tmp_path, honest + mallory, {query: 0.1, gate: 4})
+    # One key alone (or with one other) never reaches the gate.
+    assert check.only_when.min == FEEDBACK_CLIENTS == 3
+    _evaluate(promtool, tmp_path, mallory + _feedback_series("a", 2), {gate: 2})
+    # Retracted errors (corrections replaced by later ones) are taken off.
+    _evaluate(promtool, tmp_path, _feedback_series("d", 10, retracted_errors_per_min=10), {query: 0.0})
+    with pytest.raises(AssertionError):  # (and the evaluation does compare)
+        _evaluate(promtool, tmp_path, _feedback_series("d", 10, retracted_errors_per_min=10), {query: 0.5})

@@ -101,8 +101,11 @@ def test_keep_audio_off_keeps_none_and_old_audio_is_purged(store):
     writer2.submit(finished(3, datetime.now(UTC)))
     assert writer2.flush()
     assert len(store.list_prefix("audio/")) == 2
+    assert len(store.list_prefix("requests/")) == 3  # the index holds every answered request
     assert ProductionLogReader(store).purge_audio(retention_days=7) == 1
     assert [k.rsplit("/", 1)[1] for k in store.list_prefix("audio/")] == ["r3.flac"]
+    # The index keeps what can still be corrected (and its next day), not the 10-day-old entry.
+    assert [k.rsplit("/", 1)[1] for k in store.list_prefix("requests/")] == ["r1.json", "r3.json"]
 
 
 def test_an_unwritable_store_neither_blocks_nor_raises_and_recovers(tmp_path):

@@ -96,7 +96,63 @@ def test_a_concurrent_writer_gets_a_conflict_not_a_lost_update(registry, monkeyp
         rollout.set_traffic(registry, weight=50, shadow_share=None, actor="bob", reason="r")
     monkeypatch.setattr(registry, "read_rollout", real_read)
     assert raced and rollout.current(registry).rollout.canary_weight == 7  # the winner's write stands
-    assert [e.action for e in rollout.read_audit(registry)] == ["deploy_canary"]  # the loser left no entry
+    # The loser's entry, written before it tried, says it failed.
+    assert [(e.action, e.outcome) for e in rollout.read_audit(registry)] == [
+        ("deploy_canary", "applied"), ("set_traffic", "failed")]
+    assert "ConflictError" in rollout.read_audit(registry)[-1].error
+
+
+def test_concurrent_changes_take_turns_and_the_audit_is_one_serial_history(registry):
+    """The controller, operators and retrain jobs act at once: each change's `before` is the
+    previous change's `after`, and at rest the aliases and the rollout agree."""
+    import threading
+
+    def operator(name: str, act) -> None:
+        for _ in range(12):
+            try:
+                act(name)
+            except RolloutRefusedError:
+                pass
+
+    actors = [
+        threading.Thread(target=operator, args=("deployer", lambda n: rollout.deploy_canary(
+            registry, "v2", weight=10, shadow_share=0.0, actor=n, reason="r"))),
+        threading.Thread(target=operator, args=("stepper", lambda n: rollout.set_traffic(
+            registry, 50, None, actor=n, reason="r", expected_canary="v2"))),
+        threading.Thread(target=operator, args=("promoter", lambda n: rollout.promote(
+            registry, actor=n, reason="r", expected_canary="v2"))),
+        threading.Thread(target=operator, args=("roller", lambda n: rollout.rollback(
+            registry, actor=n, reason="r", expected_canary="v2"))),
+        threading.Thread(target=operator, args=("undoer", lambda n: rollout.rollback(registry, actor=n, reason="r"))),
+    ]
+    for t in actors:
+        t.start()
+    for t in actors:
+        t.join()
+    entries = rollout.read_audit(registry, 1000)
+    assert entries and all(e.outcome == "applied" for e in entries)
+    assert len(entries) >= 2  # the deployer's first try, and others' (which ones: the race decides)
+    for earlier, later in zip(entries, entries[1:], strict=False):
+        assert later.before == earlier.after, (earlier.action, later.action)
+    view = rollout.current(registry)
+    assert view == entries[-1].after
+    assert view.aliases.canary == view.rollout.canary_version
+
+
+def test_a_change_is_audited_before_it_is_made(registry, monkeypatch):
+    """A process that dies during a change leaves its entry behind (pending)."""
+    def die(*args, **kwargs):
+        assert [e.outcome for e in rollout.read_audit(registry)] == ["pending"]
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(registry, "update_rollout", die)
+    with pytest.raises(SystemExit):
+        rollout.deploy_canary(registry, "v2", weight=5, shadow_share=0.0, actor="a", reason="r")
+    [entry] = rollout.read_audit(registry)
+    assert entry.action == "deploy_canary" and entry.outcome == "pending" and entry.after is None
+    # and its lease was let go: the next change is not blocked.
+    monkeypatch.undo()
+    rollout.rollback(registry, actor="b", reason="clean up")
 
 
 def test_read_audit_path_is_inside_the_registry(registry, tmp_path):
