@@ -1,13 +1,31 @@
-"""Ray for every process that needs it: start a local cluster (the embedded default) or join one."""
+"""Ray for every process that needs it: start a local cluster (the embedded default) or join one.
+
+A local cluster listens on 127.0.0.1 only. Ray itself takes the machine's network address as the
+node address and binds its gRPC servers (GCS, raylet, object manager, workers, agents) to every
+interface, and whoever reaches them can run code (Ray has no authorisation; CVE-2023-48022).
+Ray's single-machine mode, its default on macOS and Windows, resolves the node address to
+loopback instead; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` turns it on here too, and every process
+Ray starts inherits it. On a cluster (RAY_ADDRESS, KubeRay) Ray's ports must be reachable by the
+other nodes: keep them inside the cluster's network (k8s/README.md).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+import urllib.request
 
 import ray
+from ray._private import ray_constants
 
 from asrops.settings import Settings
+
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Ray's single-machine mode: node address and every port on 127.0.0.1."""
+METRICS_AGENT_WAIT_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 def init_ray(settings: Settings) -> None:
@@ -21,6 +39,8 @@ def init_ray(settings: Settings) -> None:
     if os.environ.get("RAY_ADDRESS"):  # a cluster (or, inside a Ray job, the job's own cluster)
         ray.init(logging_level=logging.WARNING, configure_logging=True)
         return
+    os.environ.update(LOOPBACK_ONLY)  # for the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which read it when Ray was imported
     # The dashboard process is what writes the service-discovery file listing each node's
     # metrics endpoint for Prometheus; it also serves the Ray Jobs API that retrains go through.
     ray.init(
@@ -30,3 +50,46 @@ def init_ray(settings: Settings) -> None:
         configure_logging=True,
         runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}},
     )
+    _wait_for_metrics_agent(settings.monitoring.ray_metrics_port)
+
+
+def keep_replica_ports_on_loopback() -> None:
+    """Serve replicas open an inter-deployment gRPC server on every interface (`[::]:0`, written
+    into ray/serve/_private/replica.py); in the local cluster's single-machine mode it is bound to
+    127.0.0.1, the node address, instead. Called where the deployments are defined, so that it
+    runs in each replica's process before the replica starts that server. On a cluster (no
+    single-machine mode) it changes nothing: replicas on other nodes must reach each other."""
+    if any(os.environ.get(k) != v for k, v in LOOPBACK_ONLY.items()):
+        return
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "loopback_only", False):
+        return
+
+    def bind_on_loopback(server, address: str) -> int:
+        return bind(server, address.replace("[::]", "127.0.0.1", 1))
+
+    bind_on_loopback.loopback_only = True
+    replica.add_port_to_grpc_server = bind_on_loopback
+
+
+def _wait_for_metrics_agent(port: int) -> None:
+    """Ray's metrics agent (in the dashboard agent) can take tens of seconds to start on a cold
+    machine; a worker that starts first retries it for a bounded time and then drops its metrics
+    for good, so replicas started too early would never be seen by Prometheus. Serve's actors
+    start only once the agent answers."""
+    url, deadline, noted = f"http://127.0.0.1:{port}/metrics", time.monotonic() + METRICS_AGENT_WAIT_S, 0.0
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() - noted > 10:
+            log.warning("waiting for Ray's metrics agent at %s", url)
+            noted = time.monotonic()
+        time.sleep(0.5)
+    log.warning("Ray's metrics agent did not answer at %s within %.0f s: metrics may be missing", url,
+                METRICS_AGENT_WAIT_S)

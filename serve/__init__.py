@@ -7,3 +7,7 @@ model deployment per registry version.
 - model_server.py and lanes.py: the model deployment of one version, batching over engine lanes;
 - launcher.py: deploying the applications on a local Ray (what `asrops serve` uses).
 """
+
+from asrops.raycluster import keep_replica_ports_on_loopback
+
+keep_replica_ports_on_loopback()  # in every replica's process, before its gRPC server starts

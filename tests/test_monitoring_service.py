@@ -295,3 +295,37 @@ def test_every_dashboard_and_alert_expression_finds_data_in_a_real_prometheus(
 
 def _has_data(prometheus: PrometheusClient, query: str) -> bool:
     return any(not math.isnan(s.value) for s in prometheus.query(query))
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket these processes listen on."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            found += [(c.laddr.ip, c.laddr.port, proc.name()) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_every_port_of_the_local_stack_listens_on_loopback_only(service, prometheus, monitor_metrics,
+                                                                 controller_metrics):
+    """Ray (GCS, raylet, object manager, workers, agents, dashboard, Serve's proxy), Prometheus,
+    the monitor's and the controller's metrics: whoever reaches Ray's ports can run code."""
+    import ipaddress
+    import os
+
+    import psutil
+
+    assert httpx.get(f"{service}/readyz").status_code == 200
+    ours = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+    sockets = _listening(ours)
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet", "prometheus"} <= names, names  # the check sees the whole stack
+    exposed = [s for s in sockets if not ipaddress.ip_address(s[0]).is_loopback
+               and not (s[0].startswith("::ffff:") and ipaddress.ip_address(s[0][7:]).is_loopback)]
+    assert not exposed, f"listening beyond loopback: {sorted(exposed)}"
