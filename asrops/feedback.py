@@ -19,10 +19,11 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from asrops.audio_format import SAMPLE_RATE
 from asrops.evaluation import score
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 FEEDBACK = "feedback"
 
 
+TagName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+TagValue = Annotated[str, StringConstraints(max_length=256)]
+
+
 class FeedbackIn(BaseModel):
     """What a client sends to POST /v1/feedback."""
 
@@ -42,7 +47,7 @@ class FeedbackIn(BaseModel):
     """The X-Request-Id of the transcription being corrected."""
     text: str = Field(max_length=20_000)
     """The correct transcript."""
-    tags: dict[str, str] = Field(default_factory=dict, max_length=20)
+    tags: dict[TagName, TagValue] = Field(default_factory=dict, max_length=20)
     """Optional slice tags (accent, domain, device, ...), used to stratify retraining data."""
 
 

@@ -196,6 +196,10 @@ def test_feedback_errors_are_in_the_openai_shape(tmp_path):
     assert "X-Request-Id" in r.json()["error"]["message"]
     r = client.post("/v1/feedback", json={"request_id": "nope"}, headers=auth)
     assert r.status_code == 400 and r.json()["error"]["param"] == "text"
+    # Oversized tags (a 1 MB value, a long name, too many) are refused before anything is stored.
+    for tags in ({"accent": "x" * 1_000_000}, {"k" * 65: "v"}, {f"t{i}": "v" for i in range(21)}):
+        r = client.post("/v1/feedback", json={"request_id": "nope", "text": "x", "tags": tags}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("tags"), r.text
 
 
 def test_feedback_on_a_request_this_ingress_forgot_is_joined_from_the_production_log(tmp_path):
