@@ -53,27 +53,6 @@ def init_ray(settings: Settings) -> None:
     _wait_for_metrics_agent(settings.monitoring.ray_metrics_port)
 
 
-def keep_replica_ports_on_loopback() -> None:
-    """Serve replicas open an inter-deployment gRPC server on every interface (`[::]:0`, written
-    into ray/serve/_private/replica.py); in the local cluster's single-machine mode it is bound to
-    127.0.0.1, the node address, instead. Called where the deployments are defined, so that it
-    runs in each replica's process before the replica starts that server. On a cluster (no
-    single-machine mode) it changes nothing: replicas on other nodes must reach each other."""
-    if any(os.environ.get(k) != v for k, v in LOOPBACK_ONLY.items()):
-        return
-    from ray.serve._private import replica
-
-    bind = replica.add_port_to_grpc_server
-    if getattr(bind, "loopback_only", False):
-        return
-
-    def bind_on_loopback(server, address: str) -> int:
-        return bind(server, address.replace("[::]", "127.0.0.1", 1))
-
-    bind_on_loopback.loopback_only = True
-    replica.add_port_to_grpc_server = bind_on_loopback
-
-
 def _wait_for_metrics_agent(port: int) -> None:
     """Ray's metrics agent (in the dashboard agent) can take tens of seconds to start on a cold
     machine; a worker that starts first retries it for a bounded time and then drops its metrics

@@ -90,6 +90,10 @@ class ServeSettings(BaseModel):
     """Client keys; empty means no auth. Only their sha256 is kept in memory after start."""
     admin_tokens: list[str] = []
     """Tokens for the admin API (/admin/...); empty means the admin API is off (403)."""
+    admin_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve the admin API on its own port, on 127.0.0.1 (each ingress replica tries to bind it:
+    run one ingress replica per node), and not on the client port, which then answers 404 for
+    /admin. None: /admin beside /v1 on the client port, behind the admin tokens."""
     rate_limit_per_s: float | None = Field(default=None, gt=0)
     """Transcriptions per second one client (one API key; all anonymous callers together) may
     start, per ingress replica; more get 429 + Retry-After. None: no rate limit."""

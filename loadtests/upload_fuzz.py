@@ -187,7 +187,7 @@ def fuzz(send: Send, seeds: dict[str, bytes], cases: int, seed: int = 0) -> Coun
 
 
 # --- against a running service ------------------------------------------------------------------
-def _ingress_rss() -> int | None:
+def ingress_rss() -> int | None:
     """Resident bytes of the ingress replica (Ray names its process after the deployment)."""
     import psutil
 
@@ -203,7 +203,7 @@ def chunked_upload_rss(url: str, total_mib: int, api_key: str | None) -> tuple[i
     sampled while it streams."""
     import httpx
 
-    before, peak = _ingress_rss(), 0
+    before, peak = ingress_rss(), 0
 
     def chunks():
         nonlocal peak
@@ -213,7 +213,7 @@ def chunked_upload_rss(url: str, total_mib: int, api_key: str | None) -> tuple[i
         block = b"\0" * (1 << 20)
         for i in range(total_mib):
             if i % 8 == 0:
-                peak = max(peak, _ingress_rss() or 0)
+                peak = max(peak, ingress_rss() or 0)
             yield block
         yield b"\r\n--" + BOUNDARY + b"--\r\n"
 
@@ -224,7 +224,7 @@ def chunked_upload_rss(url: str, total_mib: int, api_key: str | None) -> tuple[i
         status = httpx.post(url + ENDPOINT, content=chunks(), headers=headers, timeout=300).status_code
     except httpx.HTTPError as exc:  # the server may close the connection after answering early
         status = getattr(getattr(exc, "response", None), "status_code", 0) or 0
-    peak = max(peak, _ingress_rss() or 0)
+    peak = max(peak, ingress_rss() or 0)
     return status, (peak - before) / 1e6 if before else None
 
 

@@ -5,9 +5,11 @@ model deployment per registry version.
 - ingress.py: the ingress deployment: routing (routing.py), breakers (breaker.py), fallback,
   shadowing, telemetry (telemetry.py, metrics.py), feedback (feedback.py), admin API (admin.py);
 - model_server.py and lanes.py: the model deployment of one version, batching over engine lanes;
-- launcher.py: deploying the applications on a local Ray (what `asrops serve` uses).
+- launcher.py: deploying the applications on a local Ray (what `asrops serve` uses);
+- ray_shims.py: two changes to Ray Serve's replicas (loopback only, backpressure on bodies).
 """
 
-from asrops.raycluster import keep_replica_ports_on_loopback
+from asrops.serve.ray_shims import bound_request_body_buffer, keep_replica_ports_on_loopback
 
-keep_replica_ports_on_loopback()  # in every replica's process, before its gRPC server starts
+keep_replica_ports_on_loopback()  # in every replica's process, before it serves
+bound_request_body_buffer()

@@ -9,14 +9,14 @@ module only checks the token and maps the request. A concurrent change loses wit
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import BaseModel, Field
 
 from asrops.promotion import rollout
 from asrops.promotion.state import AnalysisState
 from asrops.registry import ModelRegistry
 from asrops.serve.auth import ClientKeys
-from asrops.serve.errors import ADMIN_DISABLED, UNAUTHORIZED, ApiError
+from asrops.serve.errors import ADMIN_DISABLED, UNAUTHORIZED, ApiError, install_error_handlers
 
 
 class CanaryRequest(BaseModel):
@@ -101,3 +101,20 @@ def build_admin(registry: ModelRegistry, admin_tokens: list[str], serving: Calla
         return rollout.abort(registry, who, body.reason)
 
     return router
+
+
+def build_admin_app(router: APIRouter, retry_after_s: int) -> FastAPI:
+    """The admin API alone, for its own port (`serve.admin_port`), with the same error shape."""
+    app = FastAPI(title="asrops admin", docs_url=None, redoc_url=None)
+    install_error_handlers(app, retry_after_s)
+    app.include_router(router)
+    return app
+
+
+async def serve_admin(router: APIRouter, port: int, retry_after_s: int) -> None:
+    """Serve the admin API on 127.0.0.1:`port` until cancelled (a task of the ingress replica)."""
+    import uvicorn
+
+    config = uvicorn.Config(build_admin_app(router, retry_after_s), host="127.0.0.1", port=port,
+                            log_level="warning", lifespan="off")
+    await uvicorn.Server(config).serve()

@@ -23,7 +23,7 @@ from asrops.evaluation import score
 from asrops.feedback import RecentRequests
 from asrops.prodlog import ProductionLogWriter, store_for
 from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState
-from asrops.serve.admin import build_admin
+from asrops.serve.admin import build_admin, serve_admin
 from asrops.serve.api import TranscribeResult, build_api
 from asrops.serve.breaker import CircuitBreaker
 from asrops.serve.errors import INTERNAL, OVERLOADED, UNAVAILABLE, ApiError
@@ -298,6 +298,17 @@ class Ingress:
         ) if log_settings.enabled else None
         self.recent = RecentRequests(log_settings.recent_requests, log_settings.recent_audio_s)
         self._refresher = asyncio.get_event_loop().create_task(self._refresh_forever())
+        if (port := self.settings.serve.admin_port) is not None:
+            self._admin_server = asyncio.get_event_loop().create_task(self._serve_admin(port))
+
+    def _admin_router(self):
+        return build_admin(self.transcriber.registry, self.settings.serve.admin_tokens, self.transcriber.serving)
+
+    async def _serve_admin(self, port: int) -> None:
+        try:
+            await serve_admin(self._admin_router(), port, self.settings.serve.retry_after_s)
+        except (OSError, SystemExit) as exc:  # uvicorn exits when the port is taken (another replica)
+            log.warning("admin API not served on 127.0.0.1:%d by this replica: %s", port, exc)
 
     def __del__(self):
         """Serve calls this on graceful shutdown: write what the production log still holds."""
@@ -317,7 +328,7 @@ class Ingress:
     def __serve_build_asgi_app__(self):
         from ray.serve.context import _get_serve_request_context
 
-        admin = build_admin(self.transcriber.registry, self.settings.serve.admin_tokens, self.transcriber.serving)
+        admin = self._admin_router() if self.settings.serve.admin_port is None else None  # else on its own port
         feedback = FeedbackRecorder(lambda: store_for(self.settings), self.recent, self.metrics,
                                     self.settings.serve.retry_after_s)
         return build_api(self.transcriber, self.settings, lambda: _get_serve_request_context().request_id, admin,

@@ -220,3 +220,22 @@ def test_the_audit_limit_is_bounded(registry):
     assert client.get("/admin/audit?limit=1", headers=auth).status_code == 200
     with pytest.raises(ValueError):
         rollout.read_audit(registry, 0)
+
+
+def test_the_admin_api_on_its_own_port_is_the_same_api_and_the_client_port_has_none(registry):
+    from fastapi.testclient import TestClient
+
+    from asrops.serve.admin import build_admin, build_admin_app
+    from asrops.serve.api import build_api
+    from asrops.settings import Settings
+    from tests.test_api import FakeTranscriber
+
+    admin = TestClient(build_admin_app(build_admin(registry, ["adm-secret"], lambda: {"running": ["v1"]}), 2))
+    auth = {"Authorization": "Bearer adm-secret"}
+    assert admin.post("/admin/rollout/canary", json={"version": "v2", "weight": 10}, headers=auth).status_code == 200
+    r = admin.post("/admin/rollout/canary", json={"version": "v2"}, headers={"Authorization": "Bearer x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert [e.action for e in rollout.read_audit(registry)] == ["deploy_canary"]
+    # With serve.admin_port set, the ingress builds its client app without the admin router.
+    client = TestClient(build_api(FakeTranscriber(), Settings(data_dir="/nonexistent"), admin=None))
+    assert client.get("/admin/rollout", headers=auth).status_code == 404

@@ -169,3 +169,74 @@ def test_hostile_request_ids_get_400_and_the_production_log_keeps_flushing(servi
             break
         time.sleep(1)
     assert "client-chosen-id-1" in ids and not {"../x", "x/../../etc"} & ids
+
+
+def test_a_200_mib_chunked_upload_through_rays_proxy_is_413_without_filling_the_ingress(service):
+    """Ray's replica would pull the whole body into memory whether or not the app reads it
+    (serve/ray_shims.py bounds that); a body the app does read, past that bound, still arrives."""
+    import threading
+    import time
+    from urllib.parse import urlparse
+
+    from loadtests.upload_fuzz import ingress_rss
+    from tests.test_api import _chunked_upload
+
+    before, peak, done = ingress_rss(), 0, threading.Event()
+    assert before, "the ingress replica's process was not found"
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, ingress_rss() or 0)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        status, sent = _chunked_upload(urlparse(service).port, 200 * 2**20, {})
+    finally:
+        done.set()
+        watcher.join()
+    assert status == 413, status
+    # Unbounded, the whole body lands in the ingress (+246 MB measured on a first upload); with
+    # the shim it holds the form it reads (26 MiB) plus what one pull from the proxy brings,
+    # which depends on what the proxy buffered meanwhile (+95 to +98 MB measured on first
+    # uploads): the issue's goal of 100 MB is not yet guaranteed, so this guards the bound only.
+    assert (peak - before) / 1e6 < 160, f"ingress grew by {(peak - before) / 1e6:.0f} MB (sent {sent / 2**20:.0f} MiB)"
+    # 12 MiB the app reads whole (then finds it is no audio): backpressure slows it, never stalls it.
+    r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("big.wav", b"\0" * (12 * 2**20))},
+                   timeout=120)
+    assert r.status_code == 415, r.text
+    assert httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("big.wav", b"\0" * 64)},
+                      timeout=60).status_code == 415
+
+
+def test_the_admin_api_can_have_a_port_of_its_own_on_loopback(service, service_settings):
+    """With serve.admin_port the ingress serves /admin on 127.0.0.1:<port> only: the client port
+    answers 404 there."""
+    import time
+
+    from ray import serve
+
+    from asrops.serve.ingress import ingress_deployment
+    from tests.conftest import ADMIN_TOKEN, free_port
+
+    settings = service_settings.model_copy(deep=True)
+    settings.serve.admin_port = free_port()
+    settings.monitoring.production_log.enabled = False
+    serve.run(ingress_deployment(settings), name="asrops-admin-port", route_prefix="/admin-port-test")
+    admin, auth = f"http://127.0.0.1:{settings.serve.admin_port}", {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = httpx.get(f"{admin}/admin/rollout", headers=auth, timeout=5).status_code
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert status == 200
+        r = httpx.get(f"{admin}/admin/rollout", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{service}/admin-port-test/healthz").status_code == 200
+        assert httpx.get(f"{service}/admin-port-test/admin/rollout", headers=auth).status_code == 404
+    finally:
+        serve.delete("asrops-admin-port")
