@@ -102,10 +102,15 @@ class MotoServer:
         self.proc.terminate()
 
 
+LOCAL_S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
+"""moto accepts any; set so that boto3 never looks for real ones."""
+
+
 def stack_env(work: Path, registry: MotoServer, log_store: MotoServer) -> dict[str, str]:
     return {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         "ASROPS_DATA_DIR": str(work / "data"),
         "ASROPS_REGISTRY__URI": f"s3://{registry.bucket}/registry",
         "ASROPS_REGISTRY__S3_ENDPOINT_URL": registry.url,
@@ -318,6 +323,23 @@ class Faults:
                               reason="fault injection: a tampered artifact")
 
 
+def wait_for_drift_reference(settings, say: Callable[[str], None], timeout_s: float = 900) -> None:
+    """Until the drift monitor has made its reference (on a fresh data directory it transcribes
+    100 synthetic clips through the service): those requests would count against the phases."""
+    from asrops.monitoring.reference import load_reference
+    from asrops.prodlog import store_for
+
+    deadline, noted = time.monotonic() + timeout_s, 0.0
+    while load_reference(store_for(settings)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the drift monitor made no reference")
+        if time.monotonic() - noted > 30:
+            say("waiting for the drift monitor's reference")
+            noted = time.monotonic()
+        time.sleep(2)
+    time.sleep(5)  # its last requests' records
+
+
 def decision_since(registry, since: datetime) -> str:
     from asrops.promotion import rollout
 
@@ -387,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work.resolve()
     shutil.rmtree(work / "data", ignore_errors=True)
+    os.environ.update(LOCAL_S3_CREDENTIALS)
     stores = {"registry": MotoServer("asrops-registry"), "log": MotoServer("asrops-log")}
     os.environ.update(stack_env(work, stores["registry"], stores["log"]))
     from asrops.cli.stack import start_monitoring
@@ -412,9 +435,12 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"reconciler: {type(exc).__name__}: {str(exc)[:200]}")
 
         threading.Thread(target=reconcile, daemon=True).start()
+        wait_for_drift_reference(settings, say)  # its bootstrap sends requests of its own
         clips = load_clips(args.clips)
         say("measuring the maximum throughput (closed loop, 4 clients, 60 s)")
-        rate = 0.8 * max_throughput(url, clips, 60)
+        maximum = max_throughput(url, clips, 60)
+        rate = 0.8 * maximum
+        say(f"maximum {maximum:.2f} requests/s (closed loop, 4 clients)")
         faults = Faults(settings, registry, stores, stack, work, say)
         results = []
         for fault in faults_wanted:
