@@ -26,6 +26,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, StringConstraints
 
 from asrops.audio_format import SAMPLE_RATE
+from asrops.errors import ConflictError
 from asrops.evaluation import score
 from asrops.prodlog import REQUEST_TO_FEEDBACK
 from asrops.registry.store import ObjectStore
@@ -34,6 +35,7 @@ from asrops.request_id import RequestId
 log = logging.getLogger(__name__)
 
 FEEDBACK = "feedback"
+SAVE_RETRIES = 5
 
 
 TagName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -141,12 +143,19 @@ class FeedbackStore:
         """Store `record`; a second correction of the same request replaces the first, which is
         returned (so that live counters can move by the difference)."""
         key = self.key(record.request_id, record.requested_at or record.received_at)
-        try:
-            replaced = FeedbackRecord.model_validate_json(self.store.read_bytes(key)[0])
-        except KeyError:
-            replaced = None
-        self.store.write_bytes(key, record.model_dump_json().encode())
-        return replaced
+        for attempt in range(SAVE_RETRIES + 1):  # compare-and-swap: two at once replace one another in turn
+            try:
+                data, token = self.store.read_bytes(key)
+                replaced = FeedbackRecord.model_validate_json(data)
+            except KeyError:
+                token, replaced = None, None
+            try:
+                self.store.write_if(key, record.model_dump_json().encode(), token)
+                return replaced
+            except ConflictError:
+                if attempt == SAVE_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     def read(self, start: datetime, end: datetime) -> pd.DataFrame:
         """Corrections received in [start, end), one row each (the latest of each request)."""

@@ -542,3 +542,32 @@ def test_an_unknown_request_id_is_answered_from_the_index_without_a_scan(tmp_pat
     assert counting.listings == 0 and counting.reads <= 2  # today's and yesterday's index entry
     known = asyncio.run(recorder.record(FeedbackIn(request_id="r-7", text="a b"), "anonymous"))
     assert (known.model_version, known.word_errors) == ("v0", 0) and counting.listings == 0
+
+
+def test_corrections_of_one_request_at_once_still_count_once(tmp_path):
+    """Saves race on the same key: each sees the one it replaces (compare-and-swap), so the
+    counters' added minus retracted is always what is stored."""
+    import threading
+
+    from asrops.feedback import FeedbackRecord, FeedbackStore
+    from asrops.registry.store import LocalStore
+
+    store, now = FeedbackStore(LocalStore(tmp_path / "log")), datetime.now(UTC)
+    added, retracted, lock = [0], [0], threading.Lock()
+
+    def correct(errors: int) -> None:
+        record = FeedbackRecord(request_id="r-1", received_at=now, model_version="v1", route="stable",
+                                hypothesis="a", reference="b", tags={}, audio_key=None, word_errors=errors,
+                                reference_words=10, requested_at=now)
+        replaced = store.save(record)
+        with lock:
+            added[0] += errors
+            retracted[0] += replaced.word_errors if replaced else 0
+
+    threads = [threading.Thread(target=correct, args=(e,)) for e in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = store.read(now - timedelta(minutes=1), now + timedelta(minutes=1))
+    assert len(stored) == 1 and added[0] - retracted[0] == stored["word_errors"][0]
