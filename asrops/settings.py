@@ -256,6 +256,9 @@ class DatasetSettings(BaseModel):
     to the audio (a mislabel, a truncated file, silence)."""
     min_speech_ratio: float = Field(default=0.1, ge=0, le=1)
     """Share of non-silent frames below this: (nearly) silent audio."""
+    max_client_share: float = Field(default=0.5, gt=0, le=1)
+    """When corrections come from several clients (API keys), none supplies more than this share
+    of a retrain's corrections (its newest are kept): one key cannot make the training data."""
     replay_share: float = Field(default=0.75, ge=0, le=1)
     """Replayed parent examples, as a share of the new training examples (against forgetting)."""
     retention_clips: int = Field(default=40, ge=0)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, Field
 
 from asrops.audio import decode_audio
@@ -218,18 +219,41 @@ def _safe_name(request_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", request_id)[:120] or "request"
 
 
+def cap_per_client(frame: pd.DataFrame, share: float) -> pd.DataFrame:
+    """At most `share` of the corrections from any one client, its newest kept, when there are
+    several clients (with one, there is no one else to be fair to; the retrain trigger's
+    `min_label_clients` decides whether its corrections start a retrain at all)."""
+    if not len(frame):
+        return frame
+    who = frame["client"].fillna("unknown")
+    if who.nunique() < 2:
+        return frame
+    cap = max(1, math.floor(share * len(frame)))
+    newest_first = frame.assign(_who=who).sort_values("received_at", ascending=False)
+    kept = newest_first.groupby("_who", sort=False).head(cap)
+    if dropped := len(frame) - len(kept):
+        counts = who.value_counts()
+        log.info("feedback: %d corrections left out, no client gives more than %d of %d (%.0f %%); by client: %s",
+                 dropped, cap, len(frame), 100 * share, dict(counts[counts > cap]))
+    return kept.drop(columns="_who").sort_values("received_at")
+
+
 def examples_from_feedback(
     store: ObjectStore,
     start: datetime,
     end: datetime,
     out_dir: Path,
     slice_fields: list[str] | None = None,
+    max_client_share: float | None = None,
 ) -> list[Example]:
     """Corrections received in [start, end) that kept their audio: each FLAC is copied from the
     store to `out_dir/audio/<request id>.flac`; slices come from the correction's tags. A
-    correction whose audio is gone is still returned (`validate` counts it as undecodable)."""
-    fields = DatasetSettings().slice_fields if slice_fields is None else slice_fields
-    frame = FeedbackStore(store).read(start, end)
+    correction whose audio is gone is still returned (`validate` counts it as undecodable).
+    With several clients, none gives more than `max_client_share` of them (`cap_per_client`)."""
+    defaults = DatasetSettings()
+    fields = defaults.slice_fields if slice_fields is None else slice_fields
+    share = defaults.max_client_share if max_client_share is None else max_client_share
+    frame = cap_per_client(FeedbackStore(store).read(start, end), share)
     audio_dir = Path(out_dir) / "audio"
     examples, without_audio = [], 0
     for i, row in enumerate(frame.itertuples(index=False), 1):

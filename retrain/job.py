@@ -89,7 +89,8 @@ def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir:
     (the parent's recorded training manifest, if any, and audio it labels itself) and
     retention-only data."""
     fields, by = settings.retrain.dataset.slice_fields, settings.retrain.dataset.hold_out_by
-    new = examples_from_feedback(store_for(settings), since, datetime.now(UTC), work / "feedback", fields)
+    new = examples_from_feedback(store_for(settings), since, datetime.now(UTC), work / "feedback", fields,
+                                 settings.retrain.dataset.max_client_share)
     for manifest in settings.retrain.curated_manifests:
         new += examples_from_manifest(Path(manifest), "curated", fields, by)
     replay = []

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import soundfile as sf
 
@@ -279,3 +280,19 @@ def test_feedback_with_audio_becomes_examples_and_missing_audio_is_counted(data,
     kept, drops = validate(examples, SETTINGS)
     assert [e.id for e in kept] == ["req/1"] and drops.examples["undecodable"] == ["req-3"]
     assert kept[0].audio_sha256 == fingerprint([clip])[0].audio_sha256  # FLAC round trip
+
+
+def test_no_client_supplies_more_than_its_share_of_the_corrections():
+    from asrops.retrain.dataset import cap_per_client
+
+    now = datetime.now(UTC)
+    rows = [{"request_id": f"m-{i}", "client": "mallory", "received_at": now + timedelta(seconds=i)}
+            for i in range(90)]
+    rows += [{"request_id": f"{c}-{i}", "client": c, "received_at": now} for c in "ab" for i in range(5)]
+    kept = cap_per_client(pd.DataFrame(rows), share=0.5)
+    by = kept["client"].value_counts()
+    assert by["mallory"] == 50 and by["a"] == 5 and by["b"] == 5  # 50 % of 100, the newest of its own
+    assert set(kept[kept.client == "mallory"].request_id) == {f"m-{i}" for i in range(40, 90)}
+    # One client alone (anonymous mode): nothing to balance against.
+    alone = pd.DataFrame(rows[:90])
+    assert len(cap_per_client(alone, share=0.5)) == 90
