@@ -323,6 +323,20 @@ class Faults:
                               reason="fault injection: a tampered artifact")
 
 
+def settled_log_records(settings, quiet_s: float = 15.0, timeout_s: float = 300.0) -> Counter[str]:
+    """The record counts once they have not changed for `quiet_s`: the production log has
+    written what its buffer held (every `flush_interval_s`) and Ray has exported the counters
+    (its metrics agent reports every few seconds), so no phase counts another's records."""
+    deadline, last, since = time.monotonic() + timeout_s, None, time.monotonic()
+    while True:
+        now = log_records(settings.monitoring.ray_metrics_port)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s or time.monotonic() > deadline:
+            return now
+        time.sleep(1)
+
+
 def wait_for_drift_reference(settings, say: Callable[[str], None], timeout_s: float = 900) -> None:
     """Until the drift monitor has made its reference (on a fresh data directory it transcribes
     100 synthetic clips through the service): those requests would count against the phases."""
@@ -355,7 +369,7 @@ def run_phase(fault: str, url: str, clips, rate: float, phase_s: float, faults: 
               say: Callable[[str], None]) -> PhaseResult:
     since = datetime.now(UTC)
     faults.before(fault)
-    before = log_records(settings.monitoring.ray_metrics_port)
+    before = settled_log_records(settings)
     with OpenLoopLoad(url, clips, rate, correct=fault == "feedback_store_down") as load:
         time.sleep(phase_s / 3)
         say(f"{fault}: injecting")
@@ -365,12 +379,7 @@ def run_phase(fault: str, url: str, clips, rate: float, phase_s: float, faults: 
         faults.restore(fault)
         time.sleep(phase_s / 3)
     faults.after(fault)
-    deadline = time.monotonic() + 120  # the production log flushes what it buffered once its store is back
-    while True:
-        after = log_records(settings.monitoring.ray_metrics_port) - before
-        if after["written"] + after["dropped"] >= load.sent or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    after = settled_log_records(settings) - before  # what was buffered while the store was down, too
     return PhaseResult(fault=fault, sent=load.sent, statuses=dict(load.statuses), lost=load.lost,
                        retry_after_503=load.retry_after_503, log_written=after["written"],
                        log_dropped=after["dropped"], feedback=dict(load.feedback),

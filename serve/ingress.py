@@ -36,6 +36,10 @@ from asrops.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
+SILENT_APP_BACKOFF_S = 30.0
+"""A model application that did not say its version is not asked again for this long, so that
+it delays no routing change (a rollback included) more than once."""
+
 REPLICA_DEATH_RETRIES = 2
 REPLICA_DIED = (RayActorError, ActorUnavailableError)
 
@@ -56,6 +60,7 @@ class ServeTranscriber:
         self.stats = RoutingStats()
         self._shadow_tasks: set[asyncio.Task] = set()
         self._former_canaries: set[str] = set()
+        self._ask_again_at: dict[str, float] = {}  # model applications that did not say their version
 
     async def refresh(self) -> None:
         """Re-read aliases, rollout state and which version each RUNNING `model-*` application
@@ -79,21 +84,33 @@ class ServeTranscriber:
             if name.startswith("model-") and (
                 app.status == "RUNNING" or (name in self._app_versions and app.status in ("DEPLOYING", "UNHEALTHY")))
         }
-        for name, deployed_at in apps.items():
-            known = self._app_versions.get(name)
-            if known is None or (known[1] != deployed_at and statuses[name].status == "RUNNING"):  # new, or redeployed
-                try:
-                    version = await asyncio.wait_for(_await(serve.get_app_handle(name).version.remote()),
-                                                     self.settings.serve.control_timeout_s)
-                except TimeoutError:
-                    log.warning("model application %s did not say its version within %.0f s; skipped until it "
-                                "does", name, self.settings.serve.control_timeout_s)
-                    continue
-                self._app_versions[name] = (version, deployed_at)
+        now = time.monotonic()
+        to_ask = [name for name, deployed_at in apps.items()
+                  if ((known := self._app_versions.get(name)) is None
+                      or (known[1] != deployed_at and statuses[name].status == "RUNNING"))  # new, or redeployed
+                  and self._ask_again_at.get(name, 0.0) <= now]
+        answers = await asyncio.gather(*(self._version_of(name) for name in to_ask))  # together: one
+        for name, version in zip(to_ask, answers, strict=True):  # silent app delays the others by nothing
+            if version is None:
+                self._ask_again_at[name] = now + SILENT_APP_BACKOFF_S
+            else:
+                self._ask_again_at.pop(name, None)
+                self._app_versions[name] = (version, apps[name])
         self._app_versions = {n: v for n, v in self._app_versions.items() if n in apps}
+        self._ask_again_at = {n: t for n, t in self._ask_again_at.items() if n in apps}
         self._handles = {n: h for n, h in self._handles.items() if n in apps}
         self.apps = {version: name for name, (version, _) in self._app_versions.items()}
         self._export_gauges()
+
+    async def _version_of(self, name: str) -> str | None:
+        """The version a model application serves; None when it does not say so in time."""
+        try:
+            return await asyncio.wait_for(_await(serve.get_app_handle(name).version.remote()),
+                                          self.settings.serve.control_timeout_s)
+        except TimeoutError:
+            log.warning("model application %s did not say its version within %.0f s; asked again in %.0f s",
+                        name, self.settings.serve.control_timeout_s, SILENT_APP_BACKOFF_S)
+            return None
 
     def _export_gauges(self) -> None:
         """Breaker states and the canary's traffic, as gauges (refreshed with the routing view)."""

@@ -22,12 +22,14 @@ QUIET = audio_to_wav_bytes((np.random.default_rng(0).standard_normal(8_000) * 1e
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class FakeVersion:
-    """A stand-in model application: answers `text`, raises, or hangs."""
+    """A stand-in model application: answers `text`, raises, hangs, or (mute) never says its version."""
 
     def __init__(self, version: str, behaviour: str):
         self.version_id, self.behaviour = version, behaviour
 
-    def version(self) -> str:
+    async def version(self) -> str:
+        if self.behaviour == "mute":  # never says which version it is
+            await asyncio.sleep(3600)
         return self.version_id
 
     async def transcribe(self, request) -> ModelReply:

@@ -102,6 +102,28 @@ def test_a_broken_canary_costs_clients_nothing_and_its_breaker_opens(service, ca
     assert time.monotonic() - start < 2.5  # below canary_timeout_s: the hung canary was not asked
 
 
+def test_a_model_application_that_never_says_its_version_delays_no_routing_change(service, canary, registry,
+                                                                                   tmp_path):
+    """The ingress asks each new model application which version it serves; one that never
+    answers is skipped (serve.control_timeout_s) and not asked again for a while, so a new canary
+    still gets its traffic and the mute one gets none."""
+    mute = "test-mute-v1"
+    publish_dummy(registry, mute, tmp_path)
+    serve.run(FakeVersion.bind(mute, "mute"), name=f"model-{mute}", route_prefix=None)
+    try:
+        time.sleep(3)  # the ingress has met it, and asked
+        version = canary("echo", weight=100)  # waits until routable: within 30 s
+        deadline, seen = time.monotonic() + 30, None
+        while time.monotonic() < deadline and seen != version:
+            r = _post(service, "mute-test")
+            assert r.status_code == 200, r.text
+            seen = r.headers["x-model-version"]
+        assert seen == version
+        assert mute not in httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["serving"]["running"]
+    finally:
+        serve.delete(f"model-{mute}")
+
+
 def _stable_replica_pid(service: str) -> int:
     stable = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["view"]["aliases"]["stable"]
     return serve.get_app_handle(f"model-{stable}").info.remote().result(timeout_s=60)["pid"]
