@@ -218,16 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"    reference: {len(reference)} answered requests ({result.statuses})")
     stack = start_monitoring(settings, say)
     registry = ModelRegistry.from_settings(settings)
-    reconciler_stop = threading.Event()
-
-    def reconcile() -> None:
-        while not reconciler_stop.wait(2.0):
-            try:
-                VersionReconciler(settings, registry).step(say)
-            except Exception as exc:  # a failed deploy is retried on the next pass
-                say(f"reconciler: {type(exc).__name__}: {exc}")
-
-    threading.Thread(target=reconcile, daemon=True).start()
+    reconciler_stop = VersionReconciler(settings, registry).in_background(say=say)
     prometheus = PrometheusClient(settings.prometheus_url)
     stable0 = registry.resolve("stable")
     story.mark(f"stack up at {url}; stable is {stable0}")

@@ -30,8 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -43,6 +41,8 @@ from pathlib import Path
 
 import httpx
 from pydantic import BaseModel
+
+from loadtests.local_s3 import LOCAL_S3_CREDENTIALS, MotoServer
 
 ADMIN_TOKEN = "fault-bench-admin"
 FAULTS = ["replica_killed", "canary_raising", "canary_hanging", "registry_down", "log_store_down",
@@ -62,53 +62,6 @@ class PhaseResult(BaseModel):
 
 
 # --- the stack --------------------------------------------------------------------------------
-class MotoServer:
-    """A moto S3 server on 127.0.0.1 that can be paused (SIGSTOP: connections hang, as when a
-    store is unreachable) and resumed with its data."""
-
-    def __init__(self, bucket: str):
-        from loadtests.service_bench import free_port
-
-        self.port, self.bucket = free_port(), bucket
-        exe = Path(sys.executable).parent / "moto_server"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-        self.proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto did not start on {self.url}") from None
-                time.sleep(0.2)
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1").create_bucket(Bucket=bucket)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def pause(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.resume()
-        self.proc.terminate()
-
-
-LOCAL_S3_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-}
-"""moto accepts any; set so that boto3 never looks for real ones."""
-
-
 def stack_env(work: Path, registry: MotoServer, log_store: MotoServer) -> dict[str, str]:
     return {
         "ASROPS_DATA_DIR": str(work / "data"),
@@ -434,16 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         url = run_local(settings, say)
         stack = start_monitoring(settings, say)
         registry = ModelRegistry.from_settings(settings)
-        stop = threading.Event()
-
-        def reconcile() -> None:
-            while not stop.wait(2.0):
-                try:
-                    VersionReconciler(settings, registry).step(say)
-                except Exception as exc:  # a failed deploy (the tampered canary) is retried
-                    say(f"reconciler: {type(exc).__name__}: {str(exc)[:200]}")
-
-        threading.Thread(target=reconcile, daemon=True).start()
+        stop = VersionReconciler(settings, registry).in_background(say=say)  # the tampered canary fails there
         wait_for_drift_reference(settings, say)  # its bootstrap sends requests of its own
         clips = load_clips(args.clips)
         say("measuring the maximum throughput (closed loop, 4 clients, 60 s)")

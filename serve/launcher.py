@@ -4,6 +4,7 @@ application, and the ingress. `asrops serve` and the README's run command use th
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,13 +69,24 @@ class VersionReconciler:
                 serve.delete(name, _blocking=False)
                 self._unreferenced_since.pop(version)
 
-    def run_forever(self, interval_s: float = 2.0, say: Callable[[str], None] = log.info) -> None:
-        while True:
+    def run_forever(self, interval_s: float = 2.0, say: Callable[[str], None] = log.info,
+                    stop: threading.Event | None = None) -> None:
+        """A pass every `interval_s` until `stop` is set (never, without one); a failed pass (a
+        deploy that failed, e.g. a version whose files fail their checksums) is retried."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
             try:
                 self.step(say)
             except Exception:
                 log.exception("version reconciliation failed; retrying in %.0f s", interval_s)
-            time.sleep(interval_s)
+            stop.wait(interval_s)
+
+    def in_background(self, interval_s: float = 2.0, say: Callable[[str], None] = log.info) -> threading.Event:
+        """`run_forever` in a daemon thread; set the returned event to stop it."""
+        stop = threading.Event()
+        threading.Thread(target=self.run_forever, args=(interval_s, say, stop), name="version-reconciler",
+                         daemon=True).start()
+        return stop
 
 
 def deploy_ingress(settings: Settings) -> None:
