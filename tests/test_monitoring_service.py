@@ -145,7 +145,9 @@ def test_stationary_traffic_gives_no_verdict_in_10_windows_and_a_shift_one_withi
         (o.samples, o.result.drift_share if o.result else None) for o in stationary]
 
     shifted = _judge(monitor, settings, drifted_spans)
-    assert "drift" in [o.verdict.state for o in shifted], [(o.samples, o.verdict) for o in shifted]
+    assert "drift" in [o.verdict.state for o in shifted], [  # (each window's drift share and drifted columns)
+        (o.samples, o.result.drift_share if o.result else None,
+         [c.column for c in o.result.columns if c.drifted] if o.result else None, o.verdict) for o in shifted]
     drifted = next(o for o in shifted if o.verdict.state == "drift")
     by_column = {c.column: c for c in drifted.result.columns}
     assert by_column["snr_db"].drifted  # the noise is seen where it is
