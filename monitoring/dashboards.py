@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from asrops.promotion.checks import net_feedback
+
 DASHBOARD_FILE = Path(__file__).resolve().parent / "grafana" / "asrops.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
@@ -69,13 +71,7 @@ _5XX_RATIO = (
     f" / sum by (model_version) (rate(ray_asrops_requests_total[{RATE}]))"
 )
 def _net_feedback(counter: str) -> str:
-    """A feedback counter by version net of retractions (a second correction of a request
-    retracts what the first added; serve/feedback.py), 0 where nothing was retracted."""
-    def by_version(name: str) -> str:
-        return f"sum by (model_version) (increase(ray_asrops_feedback_{name}_total[{RATE}]))"
-
-    zero = f"{by_version('reference_words')} * 0"
-    return f"(({by_version(counter)} or {zero}) - ({by_version('retracted_' + counter)} or {zero}))"
+    return net_feedback(counter, "model_version", selector="", window=RATE)
 
 
 _SLOW_RATIO = (

@@ -32,19 +32,22 @@ FEEDBACK_WORDS_PER_CLIENT = 50
 """Corrected words a client needs in the window to count towards FEEDBACK_CLIENTS."""
 
 
-def _feedback_by_client(metric: str) -> str:
-    """A feedback counter per client, net of retractions (a second correction of a request
-    retracts what the first added; serve/feedback.py), 0 where a client has no such series."""
-    def per_client(name: str) -> str:
-        return f"sum by (client) (increase(ray_asrops_feedback_{name}_total{{{JUDGED}}}[$window]))"
+def net_feedback(counter: str, by: str, selector: str = JUDGED, window: str = "$window") -> str:
+    """A feedback counter summed `by` a label, net of retractions (a second correction of a
+    request retracts what the first added; serve/feedback.py), 0 where nothing was retracted.
+    Also what the dashboard's live-WER panel shows (monitoring/dashboards.py)."""
+    labels = f"{{{selector}}}" if selector else ""
 
-    zero = f"{per_client('reference_words')} * 0"
-    return f"(({per_client(metric)} or {zero}) - ({per_client('retracted_' + metric)} or {zero}))"
+    def summed(name: str) -> str:
+        return f"sum by ({by}) (increase(ray_asrops_feedback_{name}_total{labels}[{window}]))"
+
+    zero = f"{summed('reference_words')} * 0"
+    return f"(({summed(counter)} or {zero}) - ({summed('retracted_' + counter)} or {zero}))"
 
 
-CLIENT_WORDS = _feedback_by_client("reference_words")
+CLIENT_WORDS = net_feedback("reference_words", "client")
 """Corrected words per client."""
-CLIENT_WER = f"{_feedback_by_client('word_errors')} / ({CLIENT_WORDS} > 0)"
+CLIENT_WER = f"{net_feedback('word_errors', 'client')} / ({CLIENT_WORDS} > 0)"
 """Each client's WER over its own corrections."""
 SHADOW_REQUESTS = ('sum(increase(ray_asrops_shadow_disagreement_ratio_count{model_version="$version"}[$window]))'
                    " or vector(0)")
