@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from asrops.settings import Settings
 from loadtests import CHECKOUT_SPEECH
 from loadtests.local_s3 import LOCAL_S3_CREDENTIALS, MotoServer
+from loadtests.service_bench import free_port
 
 
 @pytest.fixture(scope="session")
@@ -71,12 +71,6 @@ def engines(stable_dir) -> dict:
 
 
 ADMIN_TOKEN = "test-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
