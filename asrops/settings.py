@@ -145,6 +145,9 @@ class ServeSettings(BaseModel):
     control_timeout_s: float = Field(default=10.0, gt=0)
     """Longest wait for the registry or a model application during the ingress's refresh; a hung
     one is skipped (and retried on the next refresh) so routing changes and rollbacks go on."""
+    feedback_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest a correction waits on the feedback store before it gets 503 + Retry-After (a hung
+    store must not hold clients for the S3 client's own timeouts and retries, minutes)."""
     breaker: BreakerSettings = BreakerSettings()
 
     @field_validator("api_keys", "admin_tokens")

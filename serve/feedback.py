@@ -36,16 +36,24 @@ REQUEST_NOT_FOUND = ErrorKind(404, "invalid_request_error", "request_not_found",
 
 class FeedbackRecorder:
     def __init__(self, open_store: Callable[[], ObjectStore], recent: RecentRequests,
-                 metrics: IngressMetrics | None = None, retry_after_s: int = 2):
+                 metrics: IngressMetrics | None = None, retry_after_s: int = 2, timeout_s: float = 10.0):
         self._open_store, self.recent, self.metrics = open_store, recent, metrics
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.timeout_s = retry_after_s, timeout_s
 
     async def record(self, feedback: FeedbackIn, client: str) -> FeedbackRecord:
         """`client` is who sends the correction: only the client that made the request may (a
         foreign one is told the id is unknown, so ids of others' requests are not confirmed)."""
         answered = self.recent.get(feedback.request_id)  # read on the event loop, which also writes it
         try:
-            record, replaced = await asyncio.to_thread(self._record, feedback, answered, client)
+            # The thread is not cancelled by the deadline: a correction it still stores is
+            # counted there, and the client's retry replaces it (counted by the difference).
+            record, replaced = await asyncio.wait_for(asyncio.to_thread(self._record, feedback, answered, client),
+                                                      self.timeout_s)
+        except TimeoutError:
+            log.warning("feedback for %s: the feedback store did not answer in %.0f s", feedback.request_id,
+                        self.timeout_s)
+            raise ApiError(UNAVAILABLE, "The feedback store is not answering; retry after the time in Retry-After.",
+                           headers={"Retry-After": str(self.retry_after_s)}) from None
         except LookupError:
             raise ApiError(REQUEST_NOT_FOUND, f"No transcription with request id {feedback.request_id!r} is known "
                            "here: send the X-Request-Id header of a transcription answered in the last day.") from None
@@ -53,7 +61,6 @@ class FeedbackRecorder:
             log.warning("feedback for %s not stored: %s", feedback.request_id, exc)
             raise ApiError(UNAVAILABLE, "The feedback store is unavailable; retry after the time in Retry-After.",
                            headers={"Retry-After": str(self.retry_after_s)}) from None
-        self._count(record, replaced)
         log.info("feedback for %s (version %s, client %s): %d word errors in %d words%s", record.request_id,
                  record.model_version, client, record.word_errors, record.reference_words,
                  " (replaces an earlier correction)" if replaced else "")
@@ -77,7 +84,9 @@ class FeedbackRecorder:
             store.write_bytes(key, audio)
         record = join(feedback, answered, key)
         record.client = client
-        return record, FeedbackStore(store).save(record)
+        replaced = FeedbackStore(store).save(record)
+        self._count(record, replaced)  # here, not after the deadline: stored means counted
+        return record, replaced
 
     @staticmethod
     def _from_index(store: ObjectStore, request_id: str) -> tuple[AnsweredRequest, str | None]:

@@ -347,7 +347,7 @@ class Ingress:
 
         admin = self._admin_router() if self.settings.serve.admin_port is None else None  # else on its own port
         feedback = FeedbackRecorder(lambda: store_for(self.settings), self.recent, self.metrics,
-                                    self.settings.serve.retry_after_s)
+                                    self.settings.serve.retry_after_s, self.settings.serve.feedback_timeout_s)
         return build_api(self.transcriber, self.settings, lambda: _get_serve_request_context().request_id, admin,
                          RequestTelemetry(self.metrics, self.production_log, self.recent), feedback)
 

@@ -388,6 +388,35 @@ def test_feedback_with_its_store_unreachable_is_a_503_with_retry_after(tmp_path)
     assert r.json()["error"]["type"] == "server_error" and "x-request-id" in r.headers
 
 
+def test_feedback_on_a_hung_store_gets_503_within_its_deadline(tmp_path, monkeypatch):
+    """A store that accepts connections and never answers (an S3 server stopped, not gone)
+    must not hold a client for the S3 client's own timeouts and retries: minutes."""
+    import socket
+    import time
+
+    from asrops.feedback import RecentRequests
+    from asrops.registry.store import S3Store
+    from asrops.serve.feedback import FeedbackRecorder
+    from asrops.serve.telemetry import RequestTelemetry
+    from loadtests.local_s3 import LOCAL_S3_CREDENTIALS
+
+    for name, value in LOCAL_S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # the kernel accepts; nobody reads
+        hung_store = S3Store("asrops-feedback", endpoint_url=f"http://127.0.0.1:{hung.getsockname()[1]}")
+        recent = RecentRequests()
+        app = build_api(FakeTranscriber(), Settings(data_dir=tmp_path),
+                        telemetry=RequestTelemetry(None, None, recent),
+                        feedback=FeedbackRecorder(lambda: hung_store, recent, timeout_s=1.0))
+        client = TestClient(app)
+        rid = _post(client).headers["x-request-id"]
+        started = time.monotonic()
+        r = client.post("/v1/feedback", json={"request_id": rid, "text": "hello there"})
+        assert time.monotonic() - started < 5
+    assert r.status_code == 503 and r.headers["retry-after"], r.text
+    assert r.json()["error"]["type"] == "server_error" and "not answering" in r.json()["error"]["message"]
+
+
 def test_a_corrected_requests_audio_outlives_the_sampled_audio_purge(tmp_path):
     """Sampled audio is purged after days; a retrain looks a month back over corrections, so a
     correction's audio is kept apart from it."""
