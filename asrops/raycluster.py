@@ -28,8 +28,10 @@ METRICS_AGENT_WAIT_S = 120.0
 log = logging.getLogger(__name__)
 
 
-def init_ray(settings: Settings) -> None:
-    """Start (or join, with RAY_ADDRESS) Ray."""
+def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray. `worker_setup_hook` (an import path) runs in every
+    worker process Ray starts for this driver's job, Serve's controller and proxy included."""
+    hook = {"worker_process_setup_hook": worker_setup_hook} if worker_setup_hook else {}
     # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own
     # GCS and raylet, a load generator, a log shipper) takes the CPU from our replicas, which
     # are the node's whole purpose. An operator's explicit setting still wins.
@@ -37,7 +39,7 @@ def init_ray(settings: Settings) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):  # a cluster (or, inside a Ray job, the job's own cluster)
-        ray.init(logging_level=logging.WARNING, configure_logging=True)
+        ray.init(logging_level=logging.WARNING, configure_logging=True, runtime_env=hook or None)
         return
     os.environ.update(LOOPBACK_ONLY)  # for the processes Ray starts
     ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which read it when Ray was imported
@@ -48,7 +50,7 @@ def init_ray(settings: Settings) -> None:
         _metrics_export_port=settings.monitoring.ray_metrics_port,
         logging_level=logging.WARNING,
         configure_logging=True,
-        runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}},
+        runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}, **hook},
     )
     _wait_for_metrics_agent(settings.monitoring.ray_metrics_port)
 

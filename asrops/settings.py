@@ -338,7 +338,16 @@ class GateSettings(BaseModel):
     require_heldout_improvement: bool = True
     """The held-out WER difference (candidate - stable) must have its whole interval below 0."""
     max_golden_relative_worsening: float = Field(default=0.02, ge=0)
-    """The golden set's WER may worsen by at most this share of the stable's WER."""
+    """Each golden part's WER (one per golden manifest, judged on its own: a clean synthetic part
+    that improves must not hide a real-speech part that gets worse) may worsen by at most this
+    share of the stable's WER."""
+    max_generalisation_ratio: float = Field(default=0.85, gt=0)
+    """On each generalisation set (the drift's acoustics over sentences in no training text), the
+    candidate's WER must be at most this multiple of the stable's: learning the drift, not the
+    sentences, is what such a set shows."""
+    max_new_runaway_share: float = Field(default=0.01, ge=0, le=1)
+    """Share of all judged items where the candidate may run away (insert many words, or loop on a
+    phrase) while the stable did not. Runaways are few but ruinous, and a WER average hides them."""
     canary_weight: int = Field(default=5, ge=0, le=100)
     """A passing candidate starts as canary at this weight..."""
     shadow_share: float = Field(default=0.0, ge=0, le=1)
@@ -375,6 +384,10 @@ class RetrainSettings(BaseModel):
     """Extra labelled data (manifests in `asrops synth`'s format) every retrain uses."""
     golden_manifests: list[Path] = []
     """The pinned regression set; empty means the core English subset of `speech_data_dir`, when set."""
+    generalisation_manifests: list[Path] = []
+    """Labelled sets of the drift's acoustics over sentences that are in no training text (not in
+    its templates either): the gate's evidence that a retrain learnt the drift, not the sentences
+    (GateSettings.max_generalisation_ratio). At most `golden_clips` rows of each."""
     golden_clips: int = Field(default=100, ge=0)
     """At most this many clips of each golden manifest (0 = all): both versions transcribe them."""
     replay_manifests: list[Path] = []

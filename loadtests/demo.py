@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summary(story: Story, registry, settings, stable0: str, good, bad, dashboard: Path) -> None:
-    manifest = registry.get_manifest(good.canary_version)
-    m = manifest.eval_metrics or {}
+    from asrops.retrain.evaluate import REPORT_JSON, EvaluationReport, summary_lines
+
     report = registry.fetch(good.canary_version) / "reports" / "evaluation.md"
     print("\n=== summary ===")
     print("timeline:")
@@ -317,11 +317,9 @@ def _summary(story: Story, registry, settings, stable0: str, good, bad, dashboar
         print(f"  {line}")
     print(f"retrained version {good.canary_version} (parent {stable0}): {good.phase}; "
           f"bad candidate {bad.canary_version}: {bad.phase}")
-    for key, name in (("heldout", "drifted slice (held-out corrections)"), ("golden", "golden set")):
-        if f"{key}_wer" in m:
-            print(f"  {name}: WER {m[f'{key}_stable_wer']:.2f} % -> {m[f'{key}_wer']:.2f} %, difference 95 % CI "
-                  f"[{m.get(f'{key}_wer_diff_low', float('nan')):+.2f}, "
-                  f"{m.get(f'{key}_wer_diff_high', float('nan')):+.2f}]")
+    evaluation = EvaluationReport.model_validate_json((report.parent / REPORT_JSON).read_text())
+    for line in summary_lines(evaluation):
+        print(f"  {line}")
     print(f"evaluation report: {report}")
     print(f"drift reports: {settings.production_log_uri}/drift-reports/ (open the .html)")
     print(f"dashboard to import into Grafana: {dashboard}; alert rules: monitoring/prometheus/alerts.yml")

@@ -187,33 +187,66 @@ def fuzz(send: Send, seeds: dict[str, bytes], cases: int, seed: int = 0) -> Coun
 
 
 # --- against a running service ------------------------------------------------------------------
-def ingress_rss() -> int | None:
-    """Resident bytes of the ingress replica (Ray names its process after the deployment)."""
+SERVE_PROCESSES = {"ingress": ("ServeReplica", "ingress"), "proxy": ("ProxyActor",)}
+"""What a client's upload passes through, by the words Ray names their processes with."""
+
+
+def serve_rss() -> dict[str, int]:
+    """Resident bytes of the ingress replica and Serve's HTTP proxy on this machine."""
     import psutil
 
+    found: dict[str, int] = {}
     for proc in psutil.process_iter(["name", "cmdline"]):
         name = " ".join(proc.info["cmdline"] or []) or proc.info["name"] or ""
-        if "ServeReplica" in name and "ingress" in name:
-            return proc.memory_info().rss
-    return None
+        for part, words in SERVE_PROCESSES.items():
+            if all(w in name for w in words):
+                try:
+                    found[part] = proc.memory_info().rss
+                except psutil.Error:
+                    pass
+    return found
 
 
-def chunked_upload_rss(url: str, total_mib: int, api_key: str | None) -> tuple[int, float | None]:
-    """Send `total_mib` of a chunked upload; returns the status and the ingress's RSS growth (MB),
-    sampled while it streams."""
+class RssWatch:
+    """Peak RSS growth (MB) of the ingress and the proxy while the `with` block runs, sampled
+    every 50 ms from a thread (the upload itself may block on backpressure)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.before = serve_rss()
+        self.peak = dict(self.before)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.05):
+            for part, rss in serve_rss().items():
+                self.peak[part] = max(self.peak.get(part, 0), rss)
+
+    def __enter__(self) -> RssWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> dict[str, float]:
+        return {part: (self.peak[part] - rss) / 1e6 for part, rss in self.before.items()}
+
+
+def chunked_upload(url: str, total_mib: int, api_key: str | None) -> int:
+    """Send a `total_mib` multipart upload with no Content-Length (chunked); returns the status."""
     import httpx
 
-    before, peak = ingress_rss(), 0
-
     def chunks():
-        nonlocal peak
         head = (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
                 b"Content-Type: audio/wav\r\n\r\n")
         yield head
         block = b"\0" * (1 << 20)
-        for i in range(total_mib):
-            if i % 8 == 0:
-                peak = max(peak, ingress_rss() or 0)
+        for _ in range(total_mib):
             yield block
         yield b"\r\n--" + BOUNDARY + b"--\r\n"
 
@@ -221,11 +254,9 @@ def chunked_upload_rss(url: str, total_mib: int, api_key: str | None) -> tuple[i
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     try:
-        status = httpx.post(url + ENDPOINT, content=chunks(), headers=headers, timeout=300).status_code
+        return httpx.post(url + ENDPOINT, content=chunks(), headers=headers, timeout=300).status_code
     except httpx.HTTPError as exc:  # the server may close the connection after answering early
-        status = getattr(getattr(exc, "response", None), "status_code", 0) or 0
-    peak = max(peak, ingress_rss() or 0)
-    return status, (peak - before) / 1e6 if before else None
+        return getattr(getattr(exc, "response", None), "status_code", 0) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                 *(f"| answered {status} | {n} |" for status, n in sorted(statuses.items())),
                 f"| good request afterwards | {good.status_code} |"]
         if not args.url:  # the ingress is on this machine: its memory can be watched
-            status, grew = chunked_upload_rss(url, 200, args.api_key)
-            rows.append(f"| 200 MiB chunked upload | {status}, ingress RSS +{grew:.0f} MB |" if grew is not None
-                        else f"| 200 MiB chunked upload | {status} (ingress process not found) |")
+            with RssWatch() as watch:
+                status = chunked_upload(url, 200, args.api_key)
+            grew = ", ".join(f"{part} RSS +{mb:.0f} MB" for part, mb in sorted(watch.growth_mb.items()))
+            rows.append(f"| 200 MiB chunked upload | {status}, {grew or 'serve processes not found'} |")
         print("| what | result |\n| --- | --- |\n" + "\n".join(rows))
         return 0 if good.status_code == 200 else 1
 

@@ -1,6 +1,8 @@
 """The evaluation gate: a candidate version is compared with the stable one on the held-out
-split of the new data and on the pinned golden set, and is published only if it is better
-where it was trained to be and no worse where it was not.
+split of the new data, on generalisation sets (the drift over sentences no training text has)
+and on each part of the pinned golden set, and is published only if it is better where it was
+trained to be, carries that to sentences it never saw, is no worse where it was not trained,
+and does not run away (insert or loop) where the stable did not.
 
 Differences are judged with a paired bootstrap over items (both systems scored on the same
 resample), so "better" means the whole confidence interval of the WER difference is below
@@ -227,6 +229,55 @@ class TermComparison(BaseModel):
 
 
 # --- comparison -------------------------------------------------------------------------------
+RUNAWAY_WORD_RATIO = 1.5
+RUNAWAY_EXTRA_WORDS = 3
+"""A hypothesis runs away when it has more than 1.5 x the reference's words + 3 (normalised)..."""
+LOOP_REPEATS = 3
+LOOP_MAX_NGRAM = 4
+"""...or says one phrase of 1-4 words 3 times in a row where the reference does not."""
+RUNAWAY_EXAMPLES = 5
+
+
+def _longest_loop(words: list[str]) -> int:
+    """Most consecutive repeats of any 1..LOOP_MAX_NGRAM-word phrase in `words`."""
+    best = 1
+    for n in range(1, LOOP_MAX_NGRAM + 1):
+        for start in range(len(words) - 2 * n + 1):
+            repeats, at = 1, start + n
+            while words[at : at + n] == words[start : start + n] and at + n <= len(words):
+                repeats, at = repeats + 1, at + n
+            best = max(best, repeats)
+    return best
+
+
+def runs_away(reference: str, hypothesis: str) -> bool:
+    """Whisper's worst failures on a fine-tune: hallucinated words past the audio, or a loop."""
+    ref, hyp = normalize_english(reference).split(), normalize_english(hypothesis).split()
+    if len(hyp) > RUNAWAY_WORD_RATIO * len(ref) + RUNAWAY_EXTRA_WORDS:
+        return True
+    return _longest_loop(hyp) >= LOOP_REPEATS > _longest_loop(ref)
+
+
+class RunawayComparison(BaseModel):
+    """Items where each system runs away (`runs_away`), and where only the candidate does."""
+
+    items: int
+    stable: int
+    candidate: int
+    new: int
+    """Items where the candidate runs away and the stable does not."""
+    examples: list[str] = []
+    """Audio of a few of the new ones."""
+
+
+def compare_runaways(candidate: list[ItemResult], stable: list[ItemResult]) -> RunawayComparison:
+    c = [runs_away(r.reference, r.hypothesis) for r in candidate]
+    s = [runs_away(r.reference, r.hypothesis) for r in stable]
+    new = [r.audio for r, ci, si in zip(candidate, c, s) if ci and not si]
+    return RunawayComparison(items=len(c), stable=sum(s), candidate=sum(c), new=len(new),
+                             examples=new[:RUNAWAY_EXAMPLES])
+
+
 class Comparison(BaseModel):
     """Both systems on one set of items; differences are candidate - stable, in points."""
 
@@ -247,6 +298,8 @@ class SetComparison(BaseModel):
     """Slice field -> value -> comparison."""
     numbers: TermComparison
     proper_nouns: TermComparison
+    runaways: RunawayComparison | None = None
+    """None in reports written before runaways were counted."""
     bootstrap_samples: int
     confidence: float
     seed: int
@@ -316,6 +369,7 @@ def compare(
             stable=TermAccuracy.of(s_terms.proper_nouns_found, s_terms.proper_nouns),
             candidate=TermAccuracy.of(c_terms.proper_nouns_found, c_terms.proper_nouns),
         ),
+        runaways=compare_runaways(candidate_results, stable_results),
         bootstrap_samples=settings.bootstrap_samples,
         confidence=settings.confidence,
         seed=seed,
@@ -352,9 +406,9 @@ def _heldout_check(heldout: SetComparison, settings: GateSettings) -> tuple[bool
 def _golden_check(golden: SetComparison, settings: GateSettings) -> tuple[bool, str]:
     o, margin = golden.overall, settings.max_golden_relative_worsening
     limit = o.stable.wer * (1 + margin)
-    change = f"Golden ({golden.name}) {_wer_change(golden)}"
+    change = f"Golden part {golden.name}: {_wer_change(golden)}"
     if o.n == 0:
-        return False, f"{change}: no scored items, so holding the golden set cannot be shown."
+        return False, f"{change}: no scored items, so holding it cannot be shown."
     relative = o.wer_diff / o.stable.wer if o.stable.wer else (0.0 if o.wer_diff <= 0 else float("inf"))
     held = o.candidate.wer <= limit + 1e-9
     verdict = "within" if held else "beyond"
@@ -373,11 +427,41 @@ def _golden_check(golden: SetComparison, settings: GateSettings) -> tuple[bool, 
     return held, text + "."
 
 
-def gate(heldout: SetComparison, golden: SetComparison, settings: GateSettings) -> GateDecision:
-    """Pass when the held-out WER improves with the whole interval below zero (if required) and
-    the golden WER worsens by at most `max_golden_relative_worsening` of the stable's.
-    No data is a failed check, never a pass."""
-    checks = [_heldout_check(heldout, settings), _golden_check(golden, settings)]
+def _generalisation_check(general: SetComparison, settings: GateSettings) -> tuple[bool, str]:
+    o, most = general.overall, settings.max_generalisation_ratio
+    change = f"Generalisation ({general.name}: the drift over sentences no training text has) {_wer_change(general)}"
+    if o.n == 0:
+        return False, f"{change}: no scored items, so generalising cannot be shown."
+    ratio = o.candidate.wer / o.stable.wer if o.stable.wer else (1.0 if o.candidate.wer == 0 else float("inf"))
+    if ratio <= most + 1e-9:
+        return True, f"{change}: {ratio:.2f} x the stable's WER, within the required {most:.2f} x."
+    return False, f"{change}: {ratio:.2f} x the stable's WER, above the required {most:.2f} x."
+
+
+def _runaway_check(sets: Sequence[SetComparison], settings: GateSettings) -> tuple[bool, str]:
+    counted = [c.runaways for c in sets if c.runaways is not None]
+    items, new = sum(r.items for r in counted), sum(r.new for r in counted)
+    allowed = int(settings.max_new_runaway_share * items)
+    examples = [e for r in counted for e in r.examples][:RUNAWAY_EXAMPLES]
+    text = (f"Runaways (more than {RUNAWAY_WORD_RATIO:g} x the reference's words + {RUNAWAY_EXTRA_WORDS}, or a "
+            f"phrase {LOOP_REPEATS} times in a row): candidate {sum(r.candidate for r in counted)}, stable "
+            f"{sum(r.stable for r in counted)} of {items} items; {new} where only the candidate runs away, "
+            f"{allowed} allowed ({settings.max_new_runaway_share:.1%})")
+    if new > allowed:
+        return False, f"{text}: too many (e.g. {', '.join(examples)})."
+    return True, text + "."
+
+
+def gate(heldout: SetComparison, golden: Sequence[SetComparison], settings: GateSettings,
+         generalisation: Sequence[SetComparison] = ()) -> GateDecision:
+    """Pass when the held-out WER improves with the whole interval below zero (if required),
+    each generalisation set's WER is at most `max_generalisation_ratio` x the stable's, each
+    golden part's WER worsens by at most `max_golden_relative_worsening` of the stable's, and the
+    candidate runs away where the stable did not on at most `max_new_runaway_share` of all items.
+    No data is a failed check, never a pass: a gate without a golden part fails."""
+    checks = [_heldout_check(heldout, settings), *(_generalisation_check(g, settings) for g in generalisation)]
+    checks += [_golden_check(g, settings) for g in golden] or [(False, "No golden set: forgetting cannot be judged.")]
+    checks.append(_runaway_check([heldout, *generalisation, *golden], settings))
     reasons = [text for ok, text in checks if not ok] + [text for ok, text in checks if ok]
     return GateDecision(passed=all(ok for ok, _ in checks), reasons=reasons)
 
@@ -391,13 +475,30 @@ class EvaluationReport(BaseModel):
     candidate_version: str
     stable_version: str
     heldout: SetComparison
-    golden: SetComparison
+    golden: list[SetComparison]
+    """One per golden part (manifest), each judged on its own."""
+    generalisation: list[SetComparison] = []
     decision: GateDecision
     gate: GateSettings
     """The thresholds the decision was taken with."""
     engine: str | None = None
     started_at: datetime = Field(default_factory=_now)
     finished_at: datetime = Field(default_factory=_now)
+
+
+def summary_lines(report: EvaluationReport) -> list[str]:
+    """One line per judged set (held-out, each generalisation set, each golden part): what a
+    person reads first."""
+    named = [("held-out", report.heldout), *(("generalisation", c) for c in report.generalisation),
+             *(("golden part", c) for c in report.golden)]
+    lines = []
+    for kind, c in named:
+        o = c.overall
+        ratio = f" = {o.candidate.wer / o.stable.wer:.2f} x" if o.stable.wer else ""
+        interval = f", {c.confidence:.0%} CI {_interval_cell(o.interval)}" if o.interval else ""
+        lines.append(f"{kind} {c.name}: WER {o.stable.wer:.2f} % -> {o.candidate.wer:.2f} %{ratio} "
+                     f"({o.wer_diff:+.2f} points{interval}, {o.n} clips)")
+    return lines
 
 
 REPORT_JSON = "evaluation.json"
@@ -436,6 +537,13 @@ def _accuracy_cell(a: TermAccuracy) -> str:
     return "—" if a.accuracy is None else f"{a.found}/{a.total} ({a.accuracy:.1f} %)"
 
 
+def _runaway_line(r: RunawayComparison | None) -> list[str]:
+    if r is None:
+        return []
+    line = f"Runaways: stable {r.stable}, candidate {r.candidate} of {r.items} items; candidate only: {r.new}"
+    return [line + (f" ({', '.join(_cell(e) for e in r.examples)})" if r.examples else "") + ".", ""]
+
+
 def _set_markdown(title: str, c: SetComparison) -> list[str]:
     lines = [
         f"## {title}: {c.name}",
@@ -462,6 +570,7 @@ def _set_markdown(title: str, c: SetComparison) -> list[str]:
         f"| numbers | {_accuracy_cell(c.numbers.stable)} | {_accuracy_cell(c.numbers.candidate)} |",
         f"| proper nouns | {_accuracy_cell(c.proper_nouns.stable)} | {_accuracy_cell(c.proper_nouns.candidate)} |",
         "",
+        *_runaway_line(c.runaways),
     ]
     return lines
 
@@ -477,11 +586,14 @@ def format_markdown(report: EvaluationReport) -> str:
         "",
         (
             f"Gate: held-out improvement {'required' if report.gate.require_heldout_improvement else 'not required'}; "
-            f"golden WER may worsen by at most {report.gate.max_golden_relative_worsening:.1%} relative. "
+            f"generalisation WER at most {report.gate.max_generalisation_ratio:.2f} x the stable's; "
+            f"each golden part's WER may worsen by at most {report.gate.max_golden_relative_worsening:.1%} relative; "
+            f"candidate-only runaways at most {report.gate.max_new_runaway_share:.1%} of items. "
             f"Evaluated {report.started_at:%Y-%m-%d %H:%M:%S %Z} to {report.finished_at:%Y-%m-%d %H:%M:%S %Z}."
         ),
         "",
         *_set_markdown("Held-out set", report.heldout),
-        *_set_markdown("Golden set", report.golden),
+        *(line for g in report.generalisation for line in _set_markdown("Generalisation set", g)),
+        *(line for g in report.golden for line in _set_markdown("Golden part", g)),
     ]
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from asrops.retrain.dataset import (
 )
 from asrops.retrain.evaluate import (
     EvaluationReport,
+    SetComparison,
     compare,
     gate,
     transcribe_manifest,
@@ -64,23 +65,45 @@ class RetrainOutcome(BaseModel):
     seconds: float
 
 
-def prepare_golden(settings: Settings, out_dir: Path) -> list[Path]:
-    """The pinned regression set as manifests of absolute paths, at most `golden_clips` rows
-    each: the configured manifests, else the core English subset of the real speech beside the
-    checkout (when present)."""
+class EvalSet(BaseModel):
+    """One set the gate judges on its own, as a manifest of absolute paths."""
+
+    name: str
+    manifest: Path
+
+
+def _capped_sets(manifests: list[tuple[str, Path, Callable | None]], cap: int, out_dir: Path) -> list[EvalSet]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = []
+    for i, (name, manifest, keep) in enumerate(manifests):
+        items = load_manifest(manifest, filter=keep)[: cap or None]
+        rows = ({**(item.model_extra or {}), "audio": item.audio, "text": item.text} for item in items)
+        sets.append(EvalSet(name=name, manifest=write_rows(out_dir / f"{i}-{manifest.parent.name}.jsonl", rows)))
+    return sets
+
+
+def prepare_golden(settings: Settings, out_dir: Path) -> list[EvalSet]:
+    """The pinned regression set's parts, at most `golden_clips` rows each: the configured
+    manifests, else the core English subset of the real speech beside the checkout (when
+    present). Each part is judged on its own."""
     speech = settings.speech_manifest
     configured = [Path(p) for p in settings.retrain.golden_manifests]
     if not configured and speech:
         configured = [speech]
-    # The real speech's manifest also lists other languages and styles: its core English subset.
-    sources = [(p, core_english_filter if speech and p.resolve() == speech.resolve() else None) for p in configured]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (manifest, keep) in enumerate(sources):
-        items = load_manifest(manifest, filter=keep)[: settings.retrain.golden_clips or None]
-        rows = ({**(item.model_extra or {}), "audio": item.audio, "text": item.text} for item in items)
-        paths.append(write_rows(out_dir / f"golden-{i}-{manifest.parent.name}.jsonl", rows))
-    return paths
+
+    def part(manifest: Path) -> tuple[str, Path, Callable | None]:
+        if speech and manifest.resolve() == speech.resolve():  # it also lists other languages and styles
+            return "real English speech", manifest, core_english_filter
+        return manifest.parent.name, manifest, None
+
+    return _capped_sets([part(p) for p in configured], settings.retrain.golden_clips, out_dir)
+
+
+def prepare_generalisation(settings: Settings, out_dir: Path) -> list[EvalSet]:
+    """The configured generalisation sets (the drift over sentences no training text has), at
+    most `golden_clips` rows each."""
+    manifests = [Path(p) for p in settings.retrain.generalisation_manifests]
+    return _capped_sets([(p.parent.name, p, None) for p in manifests], settings.retrain.golden_clips, out_dir)
 
 
 def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir: Path,
@@ -132,22 +155,29 @@ def _serving_engine(settings: Settings, model_dir: Path):
                        settings.retrain.train.threads or settings.engine.threads)
 
 
+class Comparisons(BaseModel):
+    heldout: SetComparison
+    generalisation: list[SetComparison]
+    golden: list[SetComparison]
+
+
 def _evaluate(settings: Settings, candidate_dir: Path, stable_dir: Path, data: BuiltDataset,
-              golden_paths: list[Path], say: Callable[[str], None]):
+              golden: list[EvalSet], generalisation: list[EvalSet], say: Callable[[str], None]) -> Comparisons:
     """Both versions on the engine that serves them (`engine.kind`), so the gate judges what
     clients would get (and onnx-int8 evaluates about twice as fast as torch on a CPU)."""
     engines = {name: _serving_engine(settings, d) for name, d in (("stable", stable_dir), ("candidate", candidate_dir))}
-
-    def run(name: str, manifest: Path):
-        say(f"evaluating {name} on {manifest.name}")
-        # logs its own progress
-        return transcribe_manifest(engines[name], manifest, batch_size=settings.engine.offline_batch_size)
-
-    heldout = {n: run(n, data.test) for n in engines}
-    golden = {n: [r for manifest in golden_paths for r in run(n, manifest)] for n in engines}
     g = settings.retrain.gate
-    return compare(heldout["candidate"], heldout["stable"], g, "held-out new data"), \
-        compare(golden["candidate"], golden["stable"], g, "golden regression set")
+
+    def compared(name: str, manifest: Path) -> SetComparison:
+        results = {}
+        for version, engine in engines.items():
+            say(f"evaluating {version} on {name} ({manifest.name})")  # each logs its own progress
+            results[version] = transcribe_manifest(engine, manifest, batch_size=settings.engine.offline_batch_size)
+        return compare(results["candidate"], results["stable"], g, name)
+
+    return Comparisons(heldout=compared("held-out new data", data.test),
+                       generalisation=[compared(s.name, s.manifest) for s in generalisation],
+                       golden=[compared(s.name, s.manifest) for s in golden])
 
 
 def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str], None] = log.info,
@@ -162,12 +192,15 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
     stable_dir = registry.fetch(parent)
     since = datetime.now(UTC) - timedelta(days=settings.retrain.feedback_lookback_days)
     new, replay, retention = gather_examples(settings, work, since, stable_dir, say)
-    golden_paths = prepare_golden(settings, work / "golden")
+    golden_sets = prepare_golden(settings, work / "golden")
+    general_sets = prepare_generalisation(settings, work / "generalisation")
     fields, by = settings.retrain.dataset.slice_fields, settings.retrain.dataset.hold_out_by
-    golden = [e for p in golden_paths for e in examples_from_manifest(p, "golden", fields, by)]
+    # Both kinds of judged set are kept out of training (their audio, groups and sentences).
+    judged = [e for judged_set in (*golden_sets, *general_sets)
+              for e in examples_from_manifest(judged_set.manifest, "golden", fields, by)]
     say(f"data: {len(new)} new labelled examples, {len(replay)} replayable, {len(retention)} retention-only, "
-        f"{len(golden)} golden")
-    data = build_dataset(new, golden, replay, settings.retrain.dataset, work / "data", retention)
+        f"{len(judged)} golden or generalisation")
+    data = build_dataset(new, judged, replay, settings.retrain.dataset, work / "data", retention)
     say(f"data report: {data.report_md}")
 
     train = run_training(TrainJob(
@@ -183,10 +216,11 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
     say("exporting the candidate to ONNX (what it will be served as)")
     candidate_dir = build_version_dir(train.output_dir, work / "version", say)
     eval_started = datetime.now(UTC)
-    heldout, golden_cmp = _evaluate(settings, candidate_dir, stable_dir, data, golden_paths, say)
-    decision = gate(heldout, golden_cmp, settings.retrain.gate)
-    report = EvaluationReport(candidate_version=f"{job} (unpublished)", stable_version=parent, heldout=heldout,
-                              golden=golden_cmp, decision=decision, gate=settings.retrain.gate,
+    compared = _evaluate(settings, candidate_dir, stable_dir, data, golden_sets, general_sets, say)
+    decision = gate(compared.heldout, compared.golden, settings.retrain.gate, compared.generalisation)
+    report = EvaluationReport(candidate_version=f"{job} (unpublished)", stable_version=parent,
+                              heldout=compared.heldout, generalisation=compared.generalisation,
+                              golden=compared.golden, decision=decision, gate=settings.retrain.gate,
                               engine=settings.engine.kind, started_at=eval_started, finished_at=datetime.now(UTC))
     json_path, md_path = write_report(report, work / "evaluation")
     for line in decision.reasons:
@@ -234,7 +268,9 @@ def _publish_and_deploy(settings: Settings, registry: ModelRegistry, candidate_d
 def _manifest_metrics(report: EvaluationReport) -> dict[str, float]:
     """The gate's headline figures, kept in the version's manifest."""
     out = {}
-    for name, compared in (("heldout", report.heldout), ("golden", report.golden)):
+    named = [("heldout", report.heldout), *((f"generalisation_{i}", c) for i, c in enumerate(report.generalisation)),
+             *((f"golden_{i}", c) for i, c in enumerate(report.golden))]
+    for name, compared in named:
         overall = compared.overall
         out[f"{name}_wer"] = overall.candidate.wer
         out[f"{name}_cer"] = overall.candidate.cer

@@ -6,7 +6,8 @@ model deployment per registry version.
   shadowing, telemetry (telemetry.py, metrics.py), feedback (feedback.py), admin API (admin.py);
 - model_server.py and lanes.py: the model deployment of one version, batching over engine lanes;
 - launcher.py: deploying the applications on a local Ray (what `asrops serve` uses);
-- ray_shims.py: two changes to Ray Serve's replicas (loopback only, backpressure on bodies).
+- ray_shims.py: three changes to Ray Serve (replicas on loopback only, backpressure on bodies in
+  the replica and the proxy).
 """
 
 from asrops.serve.ray_shims import bound_request_body_buffer, keep_replica_ports_on_loopback

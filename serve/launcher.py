@@ -17,6 +17,7 @@ from asrops.raycluster import init_ray
 from asrops.registry import ModelRegistry
 from asrops.serve.ingress import ingress_deployment
 from asrops.serve.model_server import model_app_name, model_deployment
+from asrops.serve.ray_shims import WORKER_SETUP_HOOK
 from asrops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ INGRESS_APP = "asrops"
 
 def start_ray(settings: Settings) -> None:
     """Ray, and Serve's HTTP proxy on the configured host and port."""
-    init_ray(settings)
+    init_ray(settings, WORKER_SETUP_HOOK)
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
 
 
@@ -129,7 +130,7 @@ def run_config(settings: Settings, config_path: Path, say: Callable[[str], None]
     from ray.serve.schema import ServeDeploySchema
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(config_path.read_text()))
-    init_ray(settings)
+    init_ray(settings, WORKER_SETUP_HOOK)
     from ray.serve._private.api import (
         serve_start,  # what `serve run CONFIG` itself calls
     )

@@ -1,7 +1,9 @@
-"""Two changes to Ray Serve's replicas that Ray has no setting for, made when this package is
-imported (so in every replica's process, before a replica serves). Each relies on a private part
-of Ray Serve; tests/test_service.py checks both through a running service, so an upgrade of Ray
-that breaks one fails there.
+"""Three changes to Ray Serve that Ray has no setting for. The replicas' two are made when this
+package is imported (so in every replica's process, before a replica serves); the proxy's is
+made by `install`, which the launcher gives Ray as its worker setup hook (the proxy's process
+never imports this package otherwise). Each relies on a private part of Ray Serve;
+tests/test_service.py checks them through a running service, so an upgrade of Ray that breaks
+one fails there.
 
 - Loopback: a replica opens an inter-deployment gRPC server on every interface (`[::]:0` in
   ray/serve/_private/replica.py). In the local cluster's single-machine mode
@@ -11,17 +13,33 @@ that breaks one fails there.
   ray/serve/_private/http_util.py): a 200 MiB upload that the ingress refuses after 26 MiB
   still flowed whole into its memory. Here the pull waits while more than
   RECEIVE_BUFFER_BYTES of body wait unread, so the body arrives as the application reads it.
+- The proxy's side of the same: the proxy reads a request's body from the client into its own
+  unbounded queue (`HTTPProxy.proxy_asgi_receive` in ray/serve/_private/proxy.py), and the
+  replica's every pull takes all of it at once. Here the proxy stops reading from the client
+  while more than RECEIVE_BUFFER_BYTES wait in that queue, so the client's sending is held back
+  by TCP instead of the proxy's and the replica's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterable
 
 from asrops.raycluster import LOOPBACK_ONLY
 
 RECEIVE_BUFFER_BYTES = 4 * 2**20
-"""Body bytes a replica holds for a request beyond what the application has read."""
+"""Body bytes a replica (and the proxy) holds for a request beyond what the application has read."""
+PROXY_DRAIN_POLL_S = 0.005
+WORKER_SETUP_HOOK = "asrops.serve.ray_shims.install"
+"""Ray's `worker_process_setup_hook`: run in every worker process Ray starts for the service."""
+
+
+def install() -> None:
+    """All three, in whichever of Ray's processes this runs."""
+    keep_replica_ports_on_loopback()
+    bound_request_body_buffer()
+    bound_proxy_body_buffer()
 
 
 def keep_replica_ports_on_loopback() -> None:
@@ -93,3 +111,33 @@ def bound_request_body_buffer() -> None:
     ASGIReceiveProxy.__init__ = bounded_init
     ASGIReceiveProxy.queue = property(queue)
     ASGIReceiveProxy.bounded = True
+
+
+def _body_bytes(messages: Iterable) -> int:
+    return sum(len(m.get("body", b"")) for m in messages if isinstance(m, dict) and m.get("type") == "http.request")
+
+
+def bound_proxy_body_buffer() -> None:
+    from ray.serve._private.proxy import HTTPProxy
+
+    if getattr(HTTPProxy, "bounded", False):
+        return
+
+    async def proxy_asgi_receive(self, receive, queue):
+        # Ray's loop (same messages, same close), reading from the client only while the queue
+        # has room. The queue is drained by the replica's pulls; polling keeps Ray's queue as is.
+        try:
+            while True:
+                while _body_bytes(queue._message_queue) > RECEIVE_BUFFER_BYTES and not queue._closed:
+                    await asyncio.sleep(PROXY_DRAIN_POLL_S)
+                msg = await receive()
+                await queue(msg)
+                if msg["type"] == "http.disconnect":
+                    return None
+                if msg["type"] == "websocket.disconnect":
+                    return msg["code"]
+        finally:
+            queue.close()
+
+    HTTPProxy.proxy_asgi_receive = proxy_asgi_receive
+    HTTPProxy.bounded = True

@@ -21,6 +21,7 @@ from asrops.retrain.evaluate import (
     number_tokens,
     paired_bootstrap,
     proper_noun_tokens,
+    runs_away,
     term_counts,
     transcribe_manifest,
     write_report,
@@ -31,9 +32,12 @@ WORDS = ["apple", "river", "stone", "cloud", "garden", "window", "basket", "cand
 REFERENCE = " ".join(WORDS)  # ten words that the normaliser leaves alone
 
 
+SUBSTITUTES = ["pebble", "feather", "lantern", "harbour", "violin", "saddle", "marble", "orchard", "pillow", "tunnel"]
+
+
 def _with_errors(k: int) -> str:
-    """REFERENCE with its first `k` words substituted: exactly k word errors."""
-    return " ".join(["pebble"] * k + WORDS[k:])
+    """REFERENCE with its first `k` words substituted (by distinct words): exactly k word errors."""
+    return " ".join(SUBSTITUTES[:k] + WORDS[k:])
 
 
 def _item(i: int, hypothesis: str, reference: str = REFERENCE, **slices: str) -> ItemResult:
@@ -210,26 +214,27 @@ def _golden(extra_errors: int) -> SetComparison:
 def test_gate_passes_a_clearly_better_candidate_that_holds_golden():
     heldout = _heldout(better=True)
     assert heldout.overall.interval.high < 0
-    decision = gate(heldout, _golden(0), SETTINGS)
+    decision = gate(heldout, [_golden(0)], SETTINGS)
     assert decision.passed, decision.reasons
-    assert len(decision.reasons) == 2
+    assert len(decision.reasons) == 3  # held-out, the golden part, runaways
     assert "below zero" in decision.reasons[0] and "-18.00 points" in decision.reasons[0]
     assert "10.00 %" in decision.reasons[1] and "within" in decision.reasons[1]
+    assert decision.reasons[2].startswith("Runaways") and "0 where only the candidate" in decision.reasons[2]
     # 1 % relative worsening is inside the 2 % margin.
-    assert gate(heldout, _golden(1), SETTINGS).passed
+    assert gate(heldout, [_golden(1)], SETTINGS).passed
 
 
 def test_gate_fails_a_candidate_that_worsens_golden_by_three_percent():
     golden = _golden(3)  # 10.00 % -> 10.30 %: +3 % relative, margin 2 %
     assert golden.overall.candidate.wer == pytest.approx(10.3)
-    decision = gate(_heldout(better=True), golden, SETTINGS)
+    decision = gate(_heldout(better=True), [golden], SETTINGS)
     assert not decision.passed
     first = decision.reasons[0]  # failed checks come first
-    assert first.startswith("Golden") and "+3.0% relative" in first and "beyond" in first
+    assert first.startswith("Golden part golden") and "+3.0% relative" in first and "beyond" in first
     assert "10.20 %" in first  # the limit: 10 % x 1.02
     # A looser margin lets the same candidate through.
     assert gate(
-        _heldout(better=True), golden, SETTINGS.model_copy(update={"max_golden_relative_worsening": 0.05})
+        _heldout(better=True), [golden], SETTINGS.model_copy(update={"max_golden_relative_worsening": 0.05})
     ).passed
 
 
@@ -237,21 +242,78 @@ def test_gate_fails_when_the_heldout_interval_includes_zero():
     heldout = _heldout(better=False)
     interval = heldout.overall.interval
     assert heldout.overall.wer_diff < 0 and interval.low < 0 < interval.high  # better, but not surely
-    decision = gate(heldout, _golden(0), SETTINGS)
+    decision = gate(heldout, [_golden(0)], SETTINGS)
     assert not decision.passed
     assert decision.reasons[0].startswith("Held-out") and "not established" in decision.reasons[0]
     assert f"{interval.high:+.2f}" in decision.reasons[0]
     # Without the requirement, the same comparison passes.
     relaxed = SETTINGS.model_copy(update={"require_heldout_improvement": False})
-    assert gate(heldout, _golden(0), relaxed).passed
+    assert gate(heldout, [_golden(0)], relaxed).passed
 
 
 def test_gate_fails_on_no_data():
     empty = compare([], [], SETTINGS, "empty")
     assert empty.overall.n == 0 and empty.overall.interval is None
-    decision = gate(empty, empty, SETTINGS)
+    decision = gate(empty, [empty], SETTINGS, [empty])
     assert not decision.passed
-    assert all("no scored items" in reason for reason in decision.reasons)
+    failed = decision.reasons[:3]
+    assert all("no scored items" in reason for reason in failed), failed
+    assert not gate(_heldout(better=True), [], SETTINGS).passed  # no golden set: forgetting unjudged
+
+
+def test_each_golden_part_is_judged_on_its_own():
+    """A clean synthetic part that improves must not hide a real-speech part that gets worse,
+    though the two together are within the margin."""
+    synthetic = compare(_results([0] * 100), _results([1] * 100), SETTINGS, "clean synthetic")  # 10 % -> 0 %
+    real = compare(_results([2 if i < 5 else 1 for i in range(100)]), _results([1] * 100), SETTINGS, "real speech")
+    both = compare(_results([0] * 100 + [2 if i < 5 else 1 for i in range(100)]), _results([1] * 200), SETTINGS, "")
+    assert both.overall.wer_diff < 0  # together: better
+    decision = gate(_heldout(better=True), [synthetic, real], SETTINGS)
+    assert not decision.passed
+    assert decision.reasons[0].startswith("Golden part real speech") and "+5.0% relative" in decision.reasons[0]
+    assert any(r.startswith("Golden part clean synthetic") and "within" in r for r in decision.reasons[1:])
+
+
+def test_generalisation_sets_need_the_candidate_well_below_the_stable():
+    heldout, golden = _heldout(better=True), [_golden(0)]
+    stable = _results([2] * 100)  # 20 %
+    for candidate_errors, passes in ((1, True), (2, False)):  # 10 % (0.50 x) passes; 20 % (1.00 x) fails
+        general = compare(_results([candidate_errors] * 100), stable, SETTINGS, "same drift, new sentences")
+        decision = gate(heldout, golden, SETTINGS, [general])
+        assert decision.passed is passes, decision.reasons
+        line = next(r for r in decision.reasons if r.startswith("Generalisation"))
+        assert f"{candidate_errors * 10 / 20:.2f} x" in line and "0.85 x" in line
+    near = compare(_results([2 if i < 90 else 1 for i in range(100)]), stable, SETTINGS, "near")  # 0.95 x
+    assert not gate(heldout, golden, SETTINGS, [near]).passed
+
+
+def test_runs_away_flags_inserted_words_and_loops_not_ordinary_errors():
+    assert not runs_away(REFERENCE, _with_errors(4))
+    assert not runs_away(REFERENCE, REFERENCE + " and then")  # a few extra words
+    assert runs_away(REFERENCE, REFERENCE + " " + " ".join(SUBSTITUTES))  # 20 words for 10
+    assert runs_away(REFERENCE, "apple river stone cloud garden window the end the end the end")  # a loop
+    assert runs_away("hello there", "thank you thank you thank you")
+    assert not runs_away("no no no not now", "no no no not now")  # the speaker repeats, the model does not
+    assert not runs_away(REFERENCE, "")
+
+
+def test_gate_fails_a_candidate_that_runs_away_where_the_stable_did_not():
+    stable = _results([1] * 100)
+    looping = [r.model_copy(update={"hypothesis": r.hypothesis + " we will we will we will"}) if i < 3 else r
+               for i, r in enumerate(_results([1] * 100))]
+    golden = compare(looping, stable, SETTINGS, "golden")
+    assert golden.runaways.new == 3 and golden.runaways.examples == ["/clips/0.wav", "/clips/1.wav", "/clips/2.wav"]
+    # A margin on WER wide enough for 3 items' inserted words (10 % -> 11.8 %) does not let them through.
+    relaxed = SETTINGS.model_copy(update={"max_golden_relative_worsening": 0.25})
+    decision = gate(_heldout(better=True), [golden], relaxed)
+    assert not decision.passed and decision.reasons[0].startswith("Runaways"), decision.reasons
+    assert "3 where only the candidate runs away, 2 allowed" in decision.reasons[0]
+    assert "/clips/0.wav" in decision.reasons[0]
+    assert sum(r.startswith("Runaways") for r in decision.reasons) == 1 and decision.reasons[1].startswith("Held-out")
+    # One in 300 judged items is within the 1 % allowed; the stable's own runaways do not count.
+    one = compare(looping[:1] + stable[1:], stable, SETTINGS, "golden")
+    assert gate(_heldout(better=True), [one, _golden(0)], relaxed).passed
+    assert compare(stable, looping, SETTINGS, "golden").runaways.new == 0
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -266,8 +328,8 @@ def _report() -> EvaluationReport:
         candidate_version="v0002",
         stable_version="v0001",
         heldout=heldout,
-        golden=golden,
-        decision=gate(heldout, golden, SETTINGS),
+        golden=[golden],
+        decision=gate(heldout, [golden], SETTINGS),
         gate=SETTINGS,
         engine="onnx-int8",
     )
@@ -283,7 +345,7 @@ def test_markdown_report_shows_decision_and_every_slice(tmp_path):
     for reason in report.decision.reasons:
         assert f"- {reason}" in md
     lines = md.splitlines()
-    for comparison in (report.heldout, report.golden):
+    for comparison in (report.heldout, *report.golden):
         assert f": {comparison.name}" in md
         for field, by_value in comparison.slices.items():
             for value, c in by_value.items():
@@ -344,3 +406,12 @@ def test_transcribe_manifest_batches_and_scores(tmp_path: Path):
     assert [r.slices for r in results[3:5]] == [{"accent": "uk"}, {"accent": "us"}]  # "domain": no row has it
     assert [r.counts.word_errors for r in results[:4]] == [0, 1, 0, 1]
     assert results[1].wer == pytest.approx(10.0)
+
+
+def test_summary_has_a_line_per_judged_set():
+    from asrops.retrain.evaluate import summary_lines
+
+    lines = summary_lines(_report())
+    assert len(lines) == 2
+    assert lines[0].startswith("held-out heldout: WER 20.00 % -> 5.00 % = 0.25 x (-15.00 points, 95% CI [")
+    assert lines[1].startswith("golden part golden: WER 10.00 % -> 10.30 % = 1.03 x")

@@ -82,7 +82,7 @@ def test_a_retrain_survives_a_killed_worker_and_publishes_a_canary_with_its_repo
         assert outcome.passed and outcome.published
         manifest = registry.get_manifest(outcome.published)
         assert manifest.parent == outcome.parent and manifest.data_fingerprint
-        assert {"heldout_wer", "golden_wer", "golden_stable_wer"} <= set(manifest.eval_metrics)
+        assert {"heldout_wer", "golden_0_wer", "golden_0_stable_wer"} <= set(manifest.eval_metrics)
         files = {f.path for f in manifest.files}
         assert {"reports/evaluation.md", "reports/data.md", "model.safetensors", "onnx/int8/encoder_model.onnx"} \
             <= files, files
