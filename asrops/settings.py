@@ -489,9 +489,17 @@ class AnalysisSpec(BaseModel):
     max_weight: int | None = Field(default=None, ge=1, le=100)
     threshold: int = Field(default=3, ge=1)
     """Failed checks (intervals with a failing check) that roll the canary back."""
-    min_requests: float = Field(default=20, ge=0)
-    """Requests the canary must have had in the window (shadow copies, in the shadow phase);
-    fewer is a failed check: a canary is never promoted on no evidence."""
+    min_requests: float = Field(default=20, ge=1)
+    """Requests the canary must have had in the window (shadow copies, in the shadow phase) for
+    its checks to say anything: with 20, a p95 latency is the second-largest request rather than
+    the largest, and an error ratio of 0 still bounds the true one below 15 % (95 %, the rule of
+    three); fewer requests also leave the logprob average to a handful of clips. Fewer is an
+    inconclusive interval: the canary holds its weight, neither advancing nor failing, so a
+    canary is never promoted, nor rolled back, on no evidence. Size the steps and the window so
+    that request rate x weight x window reaches this."""
+    max_inconclusive: int = Field(default=10, ge=1)
+    """Inconclusive intervals in a row (too few requests) after which the canary is rolled back:
+    traffic too thin to judge it within that time."""
     shadow: ShadowPhase | None = None
     init_timeout_s: float = Field(default=600.0, gt=0)
     """A canary that has had no request this long after its rollout began is rolled back."""

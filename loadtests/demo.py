@@ -67,11 +67,12 @@ def demo_env(data_dir: Path, replay: Path, golden: Path) -> dict[str, str]:
         # The retrain's defaults (lr 2e-5, 75 % replay, the forgetting guard) with 40 steps
         # instead of 60, for the demo's time budget.
         "ASROPS_RETRAIN__TRAIN__MAX_STEPS": "40",
-        "ASROPS_PROMOTION__ANALYSIS__INTERVAL_S": "15",
-        "ASROPS_PROMOTION__ANALYSIS__WINDOW_S": "30",
+        # The analysis's default evidence (20 canary requests a window, AnalysisSpec.min_requests):
+        # at the demo's 2 requests/s, a 60-s window holds 30 at 25 % and 60 at 50 %.
+        "ASROPS_PROMOTION__ANALYSIS__INTERVAL_S": "20",
+        "ASROPS_PROMOTION__ANALYSIS__WINDOW_S": "60",
         "ASROPS_PROMOTION__ANALYSIS__STEP_WEIGHTS": "[25, 50]",
         "ASROPS_PROMOTION__ANALYSIS__THRESHOLD": "3",
-        "ASROPS_PROMOTION__ANALYSIS__MIN_REQUESTS": "5",
         "ASROPS_PROMOTION__ANALYSIS__INIT_TIMEOUT_S": "300",
     }
 
@@ -317,6 +318,9 @@ def _summary(story: Story, registry, settings, stable0: str, good, bad, dashboar
         print(f"  {line}")
     print(f"retrained version {good.canary_version} (parent {stable0}): {good.phase}; "
           f"bad candidate {bad.canary_version}: {bad.phase}")
+    print("  its analysis:")
+    for decision in good.history:
+        print(f"    {decision.at:%H:%M:%S} {decision.action} at {decision.weight} %: {decision.reason}")
     evaluation = EvaluationReport.model_validate_json((report.parent / REPORT_JSON).read_text())
     for line in summary_lines(evaluation):
         print(f"  {line}")

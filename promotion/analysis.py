@@ -1,5 +1,5 @@
-"""The judgement of one analysis interval: enough canary requests, then every check that applies
-to the phase, each against its range (absolute, or relative to the stable's value of the same
+"""The judgement of one analysis interval: enough canary requests (else it is inconclusive), then
+every check that applies to the phase, each against its range (absolute, or relative to the stable's value of the same
 query). No data, NaN, infinity or a Prometheus that cannot answer fail a check, never pass it.
 The spec is configuration (`AnalysisSpec` in asrops/settings.py); the queries are in checks.py.
 """
@@ -34,6 +34,8 @@ class Judgement(BaseModel):
     requests: float | None
     passed: bool
     reason: str
+    inconclusive: bool = False
+    """Too few requests to judge: not passed, and not a failed check either."""
     checks: list[CheckResult] = []
 
 
@@ -93,8 +95,9 @@ def judge(query: Query, spec: AnalysisSpec, canary: str, stable: str | None, sha
         requests = query(render_query(SHADOW_REQUESTS if shadow else LIVE_REQUESTS, canary, window))
         if not _usable(requests) or requests < spec.min_requests:
             what = "shadow copies" if shadow else "requests"
-            return Judgement(at=now, requests=requests, passed=False,
-                             reason=f"too few {what} for {canary} in {window}: {requests} < {spec.min_requests:g}")
+            return Judgement(at=now, requests=requests, passed=False, inconclusive=True,
+                             reason=f"too few {what} for {canary} in {window} to judge it: {requests} < "
+                                    f"{spec.min_requests:g}")
         results = [run_check(query, c, canary, stable, window) for c in checks_of(spec) if c.applies(shadow)]
     except QueryFailed as exc:
         return Judgement(at=now, requests=None, passed=False, reason=f"Prometheus cannot answer: {exc}")

@@ -43,6 +43,14 @@ def describe(decision: Decision) -> str:
         f"; checks: {checks}" if checks else "")
 
 
+
+def _evidence(judgement) -> str:
+    """What a passed interval rested on: how many requests, which checks ran and which waited."""
+    ran = [c.name for c in judgement.checks if c.passed is not None]
+    skipped = [c.name for c in judgement.checks if c.passed is None]
+    return (f"all checks in range on {judgement.requests:.0f} requests ({', '.join(ran) or 'none'}"
+            + (f"; not yet judged: {', '.join(skipped)}" if skipped else "") + ")")
+
 class PromotionController:
     def __init__(self, registry: ModelRegistry, spec: AnalysisSpec, query: Query,
                  metrics: ControllerMetrics | None = None, clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
@@ -163,6 +171,15 @@ class PromotionController:
         if state.phase == Phase.INITIALIZING:
             return self._initialize(state, token, shadow, now)
         state.last = judge(self.query, self.spec, state.canary_version, state.stable_version, shadow, now)
+        if state.last.inconclusive:
+            state.inconclusive += 1
+            why = f"inconclusive {state.inconclusive}/{self.spec.max_inconclusive} in a row: {state.last.reason}"
+            if state.inconclusive >= self.spec.max_inconclusive:
+                state.phase = Phase.FAILED
+                return self._commit(state, token, "rollback", f"{why}; traffic too thin to judge the canary", now,
+                                    lambda d: self._rollback(state, d.reason))
+            return self._commit(state, token, "check-inconclusive", f"{why}; holding {state.weight} %", now)
+        state.inconclusive = 0
         if not state.last.passed:
             state.failed_checks += 1
             why = f"failed checks {state.failed_checks}/{self.spec.threshold}: {state.last.reason}"
@@ -177,10 +194,11 @@ class PromotionController:
         if state.step + 1 < len(self.weights):
             state.step += 1
             state.weight, state.shadow_share = self.weights[state.step], 0.0
-            return self._commit(state, token, "advance", f"all checks in range; step {state.step + 1}/"
+            return self._commit(state, token, "advance", f"{_evidence(state.last)}; step {state.step + 1}/"
                                 f"{len(self.weights)}", now, lambda d: self._apply_traffic(state, d.reason))
         state.phase = Phase.PROMOTING
-        decision = self._decide(state, "promote", f"the last step ({state.weight} %) passed", now)
+        decision = self._decide(state, "promote", f"the last step ({state.weight} %) passed: {_evidence(state.last)}",
+                                now)
         token = self._save(state, token)
         if token is None:
             return None

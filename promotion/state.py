@@ -37,7 +37,7 @@ class Phase(StrEnum):
 class Decision(BaseModel):
     at: AwareDatetime
     action: str
-    """start, check-failed, advance, promote, rollback, pause, resume, abort, ..."""
+    """start, check-failed, check-inconclusive, advance, promote, rollback, pause, resume, abort, ..."""
     phase: Phase
     weight: int
     reason: str
@@ -60,6 +60,8 @@ class AnalysisState(BaseModel):
     shadow_share: float = 0.0
     shadow_passed: int = 0
     failed_checks: int = 0
+    inconclusive: int = 0
+    """Inconclusive intervals in a row (too few requests)."""
     started_at: AwareDatetime | None = None
     last_check_at: AwareDatetime | None = None
     last: Judgement | None = None

@@ -69,9 +69,9 @@ def test_out_of_range_no_data_nan_and_infinity_each_fail(key, value, why):
 
 
 @pytest.mark.parametrize("requests", [None, 3.0, math.nan])
-def test_too_few_requests_fails_before_any_check(requests):
+def test_too_few_requests_is_inconclusive_before_any_check(requests):
     j = judge(table(GOOD, requests=requests), SPEC, "canary", "stable", shadow=False, now=NOW)
-    assert not j.passed and "too few requests" in j.reason and j.checks == []
+    assert not j.passed and j.inconclusive and "too few requests" in j.reason and j.checks == []
 
 
 def test_an_unreachable_prometheus_fails_the_interval():
@@ -147,11 +147,11 @@ def rollout_registry(tmp_path):
     return registry
 
 
-def _controller(registry, values: dict):
+def _controller(registry, values: dict, max_inconclusive: int = 10):
     from asrops.promotion.controller import PromotionController
 
     spec = AnalysisSpec(interval_s=10, window_s=60, step_weights=[10, 50], threshold=2, min_requests=10,
-                        checks=[ERRORS])
+                        checks=[ERRORS], max_inconclusive=max_inconclusive)
 
     def query(promql: str) -> float | None:
         if "requests_total" in promql and "5.." not in promql and "/" not in promql:
@@ -208,3 +208,27 @@ def test_a_canary_removed_by_hand_ends_the_analysis_and_the_same_version_can_be_
     assert _run(controller, clock, 1) == ["ended@10"]
     rollout.deploy_canary(rollout_registry, "v-canary", 0, 0.0, "ops", "again")
     assert _run(controller, clock, 1) == ["start@10"]
+
+
+def test_thin_traffic_holds_the_canary_neither_promoting_nor_failing_it_then_rolls_it_back(rollout_registry):
+    """Too few requests in a window say nothing about the canary: it holds its weight. Enough
+    requests again and it goes on; too many thin intervals in a row and it is rolled back."""
+    from asrops.promotion import rollout
+
+    values = {"requests": 50.0, "err:canary": 0.0, "err:stable": 0.0}
+    controller, clock = _controller(rollout_registry, values, max_inconclusive=3)
+    rollout.deploy_canary(rollout_registry, "v-canary", 0, 0.0, "tests", "test")
+    assert _run(controller, clock, 2) == ["start@10", "initialized@10"]
+    values["requests"] = 4.0  # below min_requests: the error ratio of 4 requests proves nothing
+    assert _run(controller, clock, 2) == ["check-inconclusive@10", "check-inconclusive@10"]
+    state = rollout.read_analysis(rollout_registry)
+    assert state.failed_checks == 0 and state.weight == 10 and state.inconclusive == 2
+    assert rollout.current(rollout_registry).rollout.canary_weight == 10
+    values["requests"] = 50.0
+    assert _run(controller, clock, 1) == ["advance@50"]
+    assert rollout.read_analysis(rollout_registry).inconclusive == 0  # counted in a row
+    values["requests"] = 0.0
+    assert _run(controller, clock, 3) == ["check-inconclusive@50", "check-inconclusive@50", "rollback@50"]
+    state = rollout.read_analysis(rollout_registry)
+    assert state.phase == "failed" and "too thin" in state.history[-1].reason
+    assert rollout.current(rollout_registry).aliases.stable == "v-stable"
