@@ -318,9 +318,6 @@ def _summary(story: Story, registry, settings, stable0: str, good, bad, dashboar
         print(f"  {line}")
     print(f"retrained version {good.canary_version} (parent {stable0}): {good.phase}; "
           f"bad candidate {bad.canary_version}: {bad.phase}")
-    print("  its analysis:")
-    for decision in good.history:
-        print(f"    {decision.at:%H:%M:%S} {decision.action} at {decision.weight} %: {decision.reason}")
     evaluation = EvaluationReport.model_validate_json((report.parent / REPORT_JSON).read_text())
     for line in summary_lines(evaluation):
         print(f"  {line}")
