@@ -18,6 +18,7 @@ from asrops.synth.generate import PRESETS, SynthRow, SynthSpec, generate, plan
 from asrops.synth.text import (
     DOMAINS,
     TEMPLATES,
+    UNSEEN,
     sentence_count,
     shared_templates,
     split_templates,
@@ -67,6 +68,27 @@ def test_split_templates_is_disjoint_and_plans_respect_it():
     assert {r["template"] for r in train_rows} <= set(train)
     assert shared_templates(train_rows, test_rows) == set()
     assert shared_templates(train_rows, rows(train, 1))
+
+
+def test_unseen_sentences_fit_no_template_and_each_is_spoken_once_before_twice():
+    """A generalisation set is only evidence if no template could have produced its sentences."""
+    import re
+
+    patterns = [re.compile(re.sub(r"\\\{[a-z]+\d?\\\}", ".+", re.escape(t.pattern)), re.IGNORECASE)
+                for t in TEMPLATES.values()]
+    rendered = TEMPLATES["medical-06"].render(np.random.default_rng(3))
+    assert any(p.fullmatch(rendered) for p in patterns)  # a template's sentence is caught
+    for t in UNSEEN.values():
+        assert not any(p.fullmatch(t.pattern) for p in patterns), t.pattern
+        assert t.render(np.random.default_rng(0)) == t.pattern
+    spec = SynthSpec(n=48, voices=["en-gb-scotland", "en-029"], domains=["medical", "numbers"], unseen_text=True)
+    clips = plan(spec)
+    assert {c.template for c in clips} <= set(UNSEEN)
+    for domain in ("medical", "numbers"):
+        texts = [c.text for c in clips if c.domain == domain]
+        assert len(texts) == 24 and len(set(texts)) == 24, domain  # 24 sentences each: no repeat
+    with pytest.raises(ValueError, match="unknown template ids"):
+        SynthSpec(unseen_text=True, template_ids=["medical-01"])
 
 
 # --- spec --------------------------------------------------------------------------------

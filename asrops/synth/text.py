@@ -153,6 +153,105 @@ _PATTERNS: dict[Domain, tuple[str, ...]] = {
     ),
 }
 
+_UNSEEN_PATTERNS: dict[Domain, tuple[str, ...]] = {
+    "medical": (
+        "Her blood pressure dropped sharply during the night shift.",
+        "Keep the wound dry and change the bandage every morning.",
+        "The surgeon wants a second opinion before the operation.",
+        "Check his oxygen level again in 15 minutes.",
+        "She is allergic to penicillin and to shellfish.",
+        "The lab results came back normal except for the iron level.",
+        "Bring the wheelchair to the side entrance of the clinic.",
+        "He has not eaten anything since the procedure.",
+        "The child needs 2 more vaccinations before school starts.",
+        "Ask the pharmacy whether the tablets can be crushed.",
+        "Her heart rate stayed above 110 for most of the evening.",
+        "The stitches can come out after 10 days.",
+        "Please record every dose on the chart by the bed.",
+        "The family would like to speak with the consultant tomorrow.",
+        "His cough has improved but he still feels tired.",
+        "Wash your hands before touching the drip line.",
+        "The ambulance is bringing in 3 patients from the motorway crash.",
+        "She should avoid lifting anything heavy for 6 weeks.",
+        "The scan showed a small fracture in the left wrist.",
+        "Monitor his temperature closely while the infection clears.",
+        "The physiotherapist will visit the ward after lunch.",
+        "Her sugar levels are much better since the diet changed.",
+        "Send the tissue sample to the laboratory for analysis.",
+        "He feels a sharp pain when he breathes in deeply.",
+    ),
+    "numbers": (
+        "The stadium holds 52,000 fans on match days.",
+        "Fold the paper 7 times and cut along the crease.",
+        "A dozen eggs cost 4 dollars at the corner shop.",
+        "The bridge is 870 meters long and 30 meters high.",
+        "We planted 36 trees along the northern fence.",
+        "The recipe needs 3 cups of flour and 2 spoons of sugar.",
+        "Only 19 of the 25 students passed the final exam.",
+        "The ship carried 1,800 containers across the ocean.",
+        "Multiply 12 by 11 and subtract 9 from the result.",
+        "The marathon route passes 14 bridges and 5 parks.",
+        "Our team scored 87 points in the second half.",
+        "The hotel has 240 rooms on 16 floors.",
+        "Each bottle holds 750 milliliters of juice.",
+        "The printer jammed after 63 pages.",
+        "The farm produces 5,000 liters of milk every week.",
+        "Divide the 48 cookies equally among 6 children.",
+        "The elevator can carry at most 8 people.",
+        "There are 365 steps to the top of the tower.",
+        "The tank was refilled with 55 gallons of fuel.",
+        "Her phone battery lasted 31 hours on one charge.",
+        "The museum received 9,400 visitors over the holiday.",
+        "Cut the rope into 4 pieces of equal length.",
+        "The library lent out 1,150 books last month.",
+        "The orchestra has 72 musicians and 1 conductor.",
+    ),
+    "general": (
+        "The old clock in the hallway stopped ticking last winter.",
+        "She painted the fence a bright shade of yellow.",
+        "Nobody remembered to water the plants on the balcony.",
+        "The children built a sandcastle near the pier.",
+        "He always reads the newspaper before breakfast.",
+        "A gentle breeze carried the smell of fresh bread.",
+        "The neighbours are planning a party in the courtyard.",
+        "My grandmother knits scarves for the whole village.",
+        "The lake froze early and the ducks flew south.",
+        "They missed the last ferry and slept at the harbour.",
+        "The cat knocked a glass of milk off the table.",
+        "We found an old map inside the wooden chest.",
+    ),
+    "finance": (
+        "The bank approved the mortgage after a long review.",
+        "Keep every receipt for the tax return.",
+        "The budget for the new kitchen ran out quickly.",
+        "Our pension fund lost value during the recession.",
+        "He borrowed money from his brother to start the bakery.",
+        "The auditors found a mistake in the spring accounts.",
+        "Prices at the supermarket went up again this week.",
+        "She negotiated a better salary before signing the contract.",
+        "The shop only accepts cash on weekends.",
+        "Exchange the remaining euros at the airport counter.",
+        "The startup raised enough funding to hire 4 engineers.",
+        "Our electricity bill doubled over the winter.",
+    ),
+    "commands": (
+        "Turn down the heating in the bedroom.",
+        "Read me the latest message from my sister.",
+        "Lock the front door and switch off the porch light.",
+        "Remind me to call the plumber after work.",
+        "Skip this song and play something calmer.",
+        "Open the curtains in the living room.",
+        "Add washing powder to the shopping list.",
+        "Start a timer for 25 minutes.",
+        "Show me the photos from the beach trip.",
+        "Pause the podcast until I get back.",
+        "Increase the volume on the kitchen speaker.",
+        "Cancel my alarm for tomorrow morning.",
+    ),
+}
+"""Sentences written to judge generalisation: in no template above and sharing none's pattern,
+never to be trained on (SynthSpec.unseen_text). Integers as digits, like the templates."""
+
 
 @dataclass(frozen=True)
 class Template:
@@ -191,12 +290,18 @@ TEMPLATES: dict[str, Template] = {
     for domain, patterns in _PATTERNS.items()
     for k, pattern in enumerate(patterns, 1)
 }
+UNSEEN: dict[str, Template] = {
+    f"{domain}-unseen-{k:02d}": Template(f"{domain}-unseen-{k:02d}", domain, sentence)
+    for domain, sentences in _UNSEEN_PATTERNS.items()
+    for k, sentence in enumerate(sentences, 1)
+}
+"""The unseen sentences as one-sentence templates (no slots), each its own group."""
 
 
-def templates_for(domain: Domain, template_ids: list[str] | None = None) -> list[Template]:
+def templates_for(domain: Domain, template_ids: list[str] | None = None, unseen: bool = False) -> list[Template]:
     return [
         t
-        for t in TEMPLATES.values()
+        for t in (UNSEEN if unseen else TEMPLATES).values()
         if t.domain == domain and (template_ids is None or t.id in template_ids)
     ]
 
