@@ -380,23 +380,26 @@ class RetrainSettings(BaseModel):
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
     trigger: TriggerSettings = TriggerSettings()
-    curated_manifests: list[Path] = []
+    curated_manifests: list[str] = []
     """Extra labelled data (manifests in `asrops synth`'s format) every retrain uses."""
-    golden_manifests: list[Path] = []
-    """The pinned regression set; empty means the core English subset of `speech_data_dir`, when set."""
-    generalisation_manifests: list[Path] = []
+    golden_manifests: list[str] = []
+    """The pinned regression set, one part per entry; empty means the core English subset of
+    `speech_data_dir`, when set. Like every manifest setting here: a clip manifest's path, or
+    `registry:<name>[@<version>]`, a dataset kept in the registry (`asrops data import`), which
+    is what a cluster uses: nothing lies beside the code there."""
+    generalisation_manifests: list[str] = []
     """Labelled sets of the drift's acoustics over sentences that are in no training text (not in
     its templates either): the gate's evidence that a retrain learnt the drift, not the sentences
     (GateSettings.max_generalisation_ratio). At most `golden_clips` rows of each."""
     golden_clips: int = Field(default=100, ge=0)
     """At most this many clips of each golden manifest (0 = all): both versions transcribe them."""
-    replay_manifests: list[Path] = []
+    replay_manifests: list[str] = []
     """The parent's training data (and other known-good data) replayed against forgetting."""
-    self_label_manifests: list[Path] = []
+    self_label_manifests: list[str] = []
     """Known-good audio (its `text` is ignored) that the parent transcribes at retrain time; the
     clips it decodes as one segment join the replay pool with its own transcripts as labels, so
     training keeps the parent's behaviour on that audio (self-distillation against forgetting)."""
-    retention_manifests: list[Path] = []
+    retention_manifests: list[str] = []
     """Known-good data never trained on, only transcribed while training to pick a checkpoint
     that has not forgotten it (beside `dataset.retention_clips` of the replay data). Keep it
     apart from the golden set, which judges the result."""

@@ -27,6 +27,7 @@ from asrops.models.importer import build_version_dir
 from asrops.prodlog import store_for
 from asrops.promotion import rollout
 from asrops.registry import ModelRegistry
+from asrops.registry.datasets import REF_PREFIX, DatasetStore, is_dataset_ref
 from asrops.registry.manifest import new_version_id
 from asrops.retrain.dataset import (
     BuiltDataset,
@@ -82,28 +83,35 @@ def _capped_sets(manifests: list[tuple[str, Path, Callable | None]], cap: int, o
     return sets
 
 
+def _named(ref: str | Path, datasets: DatasetStore) -> tuple[str, Path]:
+    """A manifest setting as (the name reports give it, a local manifest)."""
+    manifest = datasets.resolve(ref)
+    return (str(ref).removeprefix(REF_PREFIX) if is_dataset_ref(ref) else manifest.parent.name), manifest
+
+
 def prepare_golden(settings: Settings, out_dir: Path) -> list[EvalSet]:
     """The pinned regression set's parts, at most `golden_clips` rows each: the configured
-    manifests, else the core English subset of the real speech beside the checkout (when
-    present). Each part is judged on its own."""
-    speech = settings.speech_manifest
-    configured = [Path(p) for p in settings.retrain.golden_manifests]
+    manifests (or registry datasets), else the core English subset of the real speech beside
+    the checkout (when present). Each part is judged on its own."""
+    speech, datasets = settings.speech_manifest, DatasetStore.from_settings(settings)
+    configured = [_named(ref, datasets) for ref in settings.retrain.golden_manifests]
     if not configured and speech:
-        configured = [speech]
+        configured = [("real English speech", speech)]
 
-    def part(manifest: Path) -> tuple[str, Path, Callable | None]:
+    def part(name: str, manifest: Path) -> tuple[str, Path, Callable | None]:
         if speech and manifest.resolve() == speech.resolve():  # it also lists other languages and styles
             return "real English speech", manifest, core_english_filter
-        return manifest.parent.name, manifest, None
+        return name, manifest, None
 
-    return _capped_sets([part(p) for p in configured], settings.retrain.golden_clips, out_dir)
+    return _capped_sets([part(*named) for named in configured], settings.retrain.golden_clips, out_dir)
 
 
 def prepare_generalisation(settings: Settings, out_dir: Path) -> list[EvalSet]:
     """The configured generalisation sets (the drift over sentences no training text has), at
     most `golden_clips` rows each."""
-    manifests = [Path(p) for p in settings.retrain.generalisation_manifests]
-    return _capped_sets([(p.parent.name, p, None) for p in manifests], settings.retrain.golden_clips, out_dir)
+    datasets = DatasetStore.from_settings(settings)
+    named = [_named(ref, datasets) for ref in settings.retrain.generalisation_manifests]
+    return _capped_sets([(name, manifest, None) for name, manifest in named], settings.retrain.golden_clips, out_dir)
 
 
 def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir: Path,
@@ -112,20 +120,22 @@ def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir:
     (the parent's recorded training manifest, if any, and audio it labels itself) and
     retention-only data."""
     fields, by = settings.retrain.dataset.slice_fields, settings.retrain.dataset.hold_out_by
+    datasets = DatasetStore.from_settings(settings)
     new = examples_from_feedback(store_for(settings), since, datetime.now(UTC), work / "feedback", fields,
                                  settings.retrain.dataset.max_client_share)
-    for manifest in settings.retrain.curated_manifests:
-        new += examples_from_manifest(Path(manifest), "curated", fields, by)
+    for ref in settings.retrain.curated_manifests:
+        new += examples_from_manifest(datasets.resolve(ref), "curated", fields, by)
     replay = []
-    for manifest in settings.retrain.replay_manifests:
-        replay += examples_from_manifest(Path(manifest), "replay", fields, by)
-    for i, manifest in enumerate(settings.retrain.self_label_manifests):
-        out = work / "self-labelled" / f"{i}-{Path(manifest).stem}.jsonl"
-        labelled = self_label(settings, parent_dir, Path(manifest), out, say)
+    for ref in settings.retrain.replay_manifests:
+        replay += examples_from_manifest(datasets.resolve(ref), "replay", fields, by)
+    for i, ref in enumerate(settings.retrain.self_label_manifests):
+        name, manifest = _named(ref, datasets)
+        out = work / "self-labelled" / f"{i}-{name}.jsonl"
+        labelled = self_label(settings, parent_dir, manifest, out, say)
         replay += examples_from_manifest(labelled, "self_labelled", fields, by)
     retention = []
-    for manifest in settings.retrain.retention_manifests:
-        retention += examples_from_manifest(Path(manifest), "retention", fields, by)
+    for ref in settings.retrain.retention_manifests:
+        retention += examples_from_manifest(datasets.resolve(ref), "retention", fields, by)
     return new, replay, retention
 
 

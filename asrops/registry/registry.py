@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -55,11 +55,11 @@ def hash_file(path: Path) -> tuple[int, str]:
     return path.stat().st_size, digest.hexdigest()
 
 
-def verify_dir(root: Path, manifest: VersionManifest) -> None:
+def verify_dir(root: Path, manifest: VerifiedTree) -> None:
     """Raise ChecksumMismatchError unless `root` holds exactly the manifest's files, byte for byte."""
     expected = {f.path: f for f in manifest.files}
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    where = f"version {manifest.id!r} ({root})"
+    where = f"{manifest.id!r} ({root})"
     if missing := sorted(expected.keys() - present):
         raise ChecksumMismatchError(f"{where}: file {missing[0]!r} is missing")
     if unexpected := sorted(present - expected.keys()):
@@ -73,6 +73,44 @@ def verify_dir(root: Path, manifest: VersionManifest) -> None:
         if (digest := hash_file(path)[1]) != entry.sha256:
             raise ChecksumMismatchError(
                 f"{where}: file {entry.path!r} has sha256 {digest}, the manifest says {entry.sha256}")
+
+
+class VerifiedTree(Protocol):
+    """What a stored tree's manifest tells `verify_dir`: its name and its files."""
+
+    id: str
+    files: list[FileEntry]
+
+
+def fetch_tree(store: ObjectStore, prefix: str, manifest: VerifiedTree, target: Path) -> Path:
+    """The files under `prefix` as a local directory, verified against `manifest` on every call:
+    in place for a local store, else downloaded into `target` (a partial copy renamed into place,
+    so readers never see half a tree)."""
+    in_place = store.local_path(prefix)
+    if in_place is not None:
+        verify_dir(in_place, manifest)
+        return in_place
+    if target.exists():
+        verify_dir(target, manifest)
+        return target
+    partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex}")
+    try:
+        for entry in manifest.files:
+            store.download_file(f"{prefix}/{entry.path}", partial / entry.path)
+        verify_dir(partial, manifest)
+        try:
+            os.rename(partial, target)
+            logger.info("fetched %s into %s", manifest.id, target)
+            return target
+        except OSError:
+            if not target.exists():
+                raise
+    except KeyError as exc:
+        raise ChecksumMismatchError(f"{manifest.id!r}: file {exc.args[0]!r} is missing from the store") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    verify_dir(target, manifest)  # a concurrent fetch renamed its copy first
+    return target
 
 
 class ModelRegistry:
@@ -165,34 +203,7 @@ class ModelRegistry:
         """A local directory with the version's files, every file's sha256 verified on every call
         (local store: in place; S3: through `cache_dir/<id>`, which is re-verified too)."""
         manifest = self.get_manifest(name)
-        prefix = _version_prefix(manifest.id)
-        in_place = self.store.local_path(f"{prefix}/files")
-        if in_place is not None:
-            verify_dir(in_place, manifest)
-            return in_place
-        target = self.cache_dir / manifest.id
-        if target.exists():
-            verify_dir(target, manifest)
-            return target
-        partial = self.cache_dir / f"{manifest.id}.partial-{uuid.uuid4().hex}"
-        try:
-            for entry in manifest.files:
-                self.store.download_file(f"{prefix}/files/{entry.path}", partial / entry.path)
-            verify_dir(partial, manifest)
-            try:
-                os.rename(partial, target)
-                logger.info("fetched %s into %s", manifest.id, target)
-                return target
-            except OSError:
-                if not target.exists():
-                    raise
-        except KeyError as exc:
-            raise ChecksumMismatchError(
-                f"version {manifest.id!r}: file {exc.args[0]!r} is missing from the store") from None
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-        verify_dir(target, manifest)  # a concurrent fetch renamed its copy first
-        return target
+        return fetch_tree(self.store, f"{_version_prefix(manifest.id)}/files", manifest, self.cache_dir / manifest.id)
 
     def _exists(self, version_id: str) -> bool:
         return bool(VERSION_ID_RE.match(version_id)) and self.store.exists(
