@@ -1,5 +1,13 @@
 """A local S3 (moto's standalone server, a separate process speaking HTTP on 127.0.0.1) for the
-benchmarks and the test suite: the S3 paths run against a real endpoint, never AWS."""
+benchmarks and the test suite: the S3 paths run against a real endpoint, never AWS.
+
+`python -m loadtests.local_s3 -H 127.0.0.1 -p PORT` runs moto's server with one correction:
+S3 checks a conditional write's precondition (If-Match, If-None-Match) atomically with the
+write, while moto checks and then writes, so two concurrent compare-and-swap writes through its
+threaded server could both succeed (a lost update the registry's CAS relies on S3 to prevent;
+it made a concurrency test fail about once in fifty runs). One lock around moto's object writes
+and deletes makes it as strict as S3.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +30,8 @@ class MotoServer:
         from loadtests.service_bench import free_port
 
         self.port, self.bucket = free_port(), bucket
-        exe = Path(sys.executable).parent / "moto_server"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-        self.proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(self.port)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.local_s3", "-H", "127.0.0.1", "-p",
+                                      str(self.port)], cwd=Path(__file__).resolve().parent.parent,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
@@ -63,3 +70,25 @@ LOCAL_S3_CREDENTIALS = {
 """moto accepts any; set so that boto3 never looks for real ones."""
 
 
+def atomic_conditional_writes() -> None:
+    """Serialise moto's object writes and deletes, so that a precondition and its write are one step."""
+    import threading
+
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    for name in ("put_object", "delete_object"):
+        method = getattr(S3Response, name)
+
+        def locked(self, *args, _method=method, **kwargs):
+            with lock:
+                return _method(self, *args, **kwargs)
+
+        setattr(S3Response, name, locked)
+
+
+if __name__ == "__main__":
+    from moto.server import main
+
+    atomic_conditional_writes()
+    main()
