@@ -415,3 +415,15 @@ def test_summary_has_a_line_per_judged_set():
     assert len(lines) == 2
     assert lines[0].startswith("held-out heldout: WER 20.00 % -> 5.00 % = 0.25 x (-15.00 points, 95% CI [")
     assert lines[1].startswith("golden part golden: WER 10.00 % -> 10.30 % = 1.03 x")
+
+
+def test_the_drift_scenario_reports_each_sets_mean_and_spread_over_its_runs():
+    from asrops.retrain.scenario import ScenarioRun, spread_lines
+
+    runs = [ScenarioRun(seed=21 + i, ratios={"held-out": h, "generalisation: new sentences": g, "golden: real": r},
+                        met=False, gate_passed=True, summary=[]) for i, (h, g, r) in
+            enumerate([(0.6, 0.9, 1.01), (0.5, 0.8, 1.0), (0.7, 1.0, 1.03)])]
+    table = {line.split(" | ")[0].lstrip("| "): line for line in spread_lines(runs) if line.startswith("| ")}
+    assert "| 0.600 | 0.500 .. 0.700 | <= 0.7 |" in table["held-out"]
+    assert "| 0.900 | 0.800 .. 1.000 | <= 0.85 |" in table["generalisation: new sentences"]
+    assert "| 1.013 | 1.000 .. 1.030 | <= 1.02 |" in table["golden: real"]
