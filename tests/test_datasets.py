@@ -4,10 +4,8 @@ the retrain job use them."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import soundfile as sf
@@ -19,18 +17,9 @@ from asrops.registry.datasets import DatasetStore
 from asrops.settings import Settings
 
 
-@pytest.fixture(params=["local", "s3"])
-def settings(request, tmp_path, monkeypatch) -> Settings:
-    for name in ("ASROPS_REGISTRY__URI", "ASROPS_REGISTRY__S3_ENDPOINT_URL", "ASROPS_REGISTRY__CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ASROPS_DATA_DIR", str(tmp_path / "data"))
-    if request.param == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
-        bucket = f"asrops-data-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-        monkeypatch.setenv("ASROPS_REGISTRY__URI", f"s3://{bucket}/models")
-        monkeypatch.setenv("ASROPS_REGISTRY__S3_ENDPOINT_URL", endpoint)
-    return Settings()
+@pytest.fixture
+def settings(registry_settings) -> Settings:
+    return registry_settings
 
 
 def _manifest(root: Path, n: int = 3) -> Path:

@@ -10,7 +10,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import pytest
 
 from asrops.errors import (
@@ -35,19 +34,10 @@ from asrops.settings import Settings
 FILES = ("model.bin", "config.json", "tokenizer/vocab.txt")
 
 
-@pytest.fixture(params=["local", "s3"])
-def registry(request, tmp_path, monkeypatch) -> ModelRegistry:
-    """A fresh registry built from env settings, the way the services build theirs."""
-    for name in ("ASROPS_REGISTRY__URI", "ASROPS_REGISTRY__S3_ENDPOINT_URL", "ASROPS_REGISTRY__CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("ASROPS_DATA_DIR", str(tmp_path / "data"))
-    if request.param == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
-        bucket = f"asrops-test-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-        monkeypatch.setenv("ASROPS_REGISTRY__URI", f"s3://{bucket}/models")
-        monkeypatch.setenv("ASROPS_REGISTRY__S3_ENDPOINT_URL", endpoint)
-    return ModelRegistry.from_settings(Settings())
+@pytest.fixture
+def registry(registry_settings) -> ModelRegistry:
+    """A fresh registry (local, then S3) built from env settings, the way the services build theirs."""
+    return ModelRegistry.from_settings(registry_settings)
 
 
 def make_model(root: Path, seed: int) -> Path:
