@@ -231,6 +231,10 @@ class DriftSettings(BaseModel):
 class MonitoringSettings(BaseModel):
     monitor_port: int = 9464
     """Where the drift monitor serves its /metrics."""
+    metrics_host: str = "127.0.0.1"
+    """The address the drift monitor and the promotion controller serve /metrics on: loopback on
+    one machine (the local Prometheus is there); 0.0.0.0 in a pod, where the Prometheus Operator
+    scrapes the pod's address (k8s/: a NetworkPolicy admits only Prometheus)."""
     prometheus_port: int = 9090
     prometheus_binary: str = "prometheus"
     """Debian's `prometheus` package; `asrops serve` starts one unless `prometheus_enabled` is false."""

@@ -35,9 +35,10 @@ def controller() -> None:
 
     settings = setup()
     metrics = ControllerMetrics()
-    start_http_server(settings.promotion.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    host = settings.monitoring.metrics_host
+    start_http_server(settings.promotion.metrics_port, addr=host, registry=metrics.registry)
     say(f"promotion controller: Prometheus {settings.prometheus_url}, metrics on "
-        f"http://127.0.0.1:{settings.promotion.metrics_port}/metrics")
+        f"http://{host}:{settings.promotion.metrics_port}/metrics")
     query = prometheus_query(PrometheusClient(settings.prometheus_url))
     PromotionController(registry_of(settings), settings.promotion.spec(), query, metrics
                         ).run_forever(settings.promotion.poll_s)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from asrops import __version__
-from asrops.cli import bench, controller, data, models, monitor, retrain, rollout, serve, synth, transcribe
+from asrops.cli import bench, controller, data, k8s, models, monitor, retrain, rollout, serve, synth, transcribe
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Versioned speech recognition: serve, watch, retrain.")
@@ -25,6 +25,7 @@ app.command("controller")(controller.controller)
 app.add_typer(monitor.drift_app, name="drift")
 app.command("simulate")(monitor.simulate)
 app.add_typer(retrain.app, name="retrain")
+app.add_typer(k8s.app, name="k8s")
 app.add_typer(data.app, name="data")
 
 

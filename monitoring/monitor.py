@@ -148,8 +148,8 @@ class DriftMonitor:
                      self.settings.production_log.audio_retention_days)
 
     def run_forever(self, say: Callable[[str], None] = log.info) -> None:
-        start_http_server(self.settings.monitor_port, addr="127.0.0.1", registry=self.metrics.registry)
-        say(f"drift monitor: metrics on 127.0.0.1:{self.settings.monitor_port}/metrics, "
+        start_http_server(self.settings.monitor_port, addr=self.settings.metrics_host, registry=self.metrics.registry)
+        say(f"drift monitor: metrics on {self.settings.metrics_host}:{self.settings.monitor_port}/metrics, "
             f"one window every {self.settings.drift.window_s:.0f} s")
         while True:
             time.sleep(self.settings.drift.window_s)

@@ -6,11 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-# espeak-ng, flite: synthetic speech (asrops synth, tests). ffmpeg: handy for users; PyAV
-# bundles its own codecs, so decoding does not depend on it. prometheus (with promtool): the
-# local metrics server `asrops serve` starts and the tests query. chromium: the tests render
-# the drift report in a headless browser.
-APT_PACKAGES=(espeak-ng flite ffmpeg prometheus chromium)
+# What asrops needs at run time (espeak-ng, flite, ffmpeg), listed in scripts/apt-packages.txt,
+# which the images read too. Then what only a machine needs: prometheus (with promtool), the
+# local metrics server `asrops serve` starts and the tests query; chromium: the tests render the
+# drift report in a headless browser.
+mapfile -t APT_PACKAGES < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' scripts/apt-packages.txt)
+APT_PACKAGES+=(prometheus chromium)
 "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c "import ensurepip" 2>/dev/null || APT_PACKAGES+=(python3-venv)
 
 missing=()
@@ -34,13 +35,10 @@ stamp=.venv/.asrops-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "==> pip install (first time: a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  # The CPU build of torch first: a later unpinned 'torch' requirement is then satisfied
-  # and pip does not fetch a multi-GB CUDA build.
-  .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
   extras="test"
   command -v nvidia-smi >/dev/null 2>&1 && extras="test,gpu"
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  # torch first, then asrops: the same script the images (k8s/images/) run.
+  bash scripts/install-python.sh .venv/bin/python -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
 echo "==> setup done: $(.venv/bin/asrops --version 2>/dev/null || echo asrops)"

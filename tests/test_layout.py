@@ -25,10 +25,11 @@ FOLDER_OF = {"asrops": "asrops", **SETUPTOOLS["package-dir"]}
 """Top-level package name -> repository folder."""
 
 RANK = {"asrops": 0, "asrops.promotion": 1, "asrops.monitoring": 2, "asrops.serve": 3, "asrops.retrain": 3,
-        "asrops.cli": 4}
+        "asrops.k8s": 4, "asrops.cli": 5}
 """What may import what: a part imports only parts of a lower rank (and itself). Promotion and
 monitoring sit on the core; monitoring reads promotion's queries (to check every PromQL the
-product ships), never the other way round. Serve and retrain never import each other."""
+product ships), never the other way round. Serve and retrain never import each other. k8s
+renders manifests from what serve and monitoring ship; only the CLI sits above it."""
 
 
 def _part_of(module: str) -> str:
