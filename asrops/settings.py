@@ -119,6 +119,10 @@ class ServeSettings(BaseModel):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
     """Autoscaling bounds per model version; one replica per 2 cores is right on CPU."""
+    model_num_gpus: float | None = Field(default=None, ge=0, le=1)
+    """GPUs Ray reserves per model replica. None: a whole one when the cluster has GPUs at deploy
+    time, else none. A fraction (0.3) lets stable, canary and fallback share one GPU, and asks
+    for it even when no GPU node is up yet (an autoscaling cluster then starts one)."""
     model_num_cpus: float = Field(default=0.5, gt=0)
     """CPUs Ray reserves per model replica. Half a CPU lets a 2-core node hold stable, canary
     and fallback side by side; the engine's threads (engine.threads) decide what it really uses."""

@@ -122,14 +122,17 @@ def model_deployment(version_id: str, settings: Settings):
             "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
         },
-        ray_actor_options={"num_cpus": s.model_num_cpus, "num_gpus": 1 if _gpus_present() else 0},
+        ray_actor_options={"num_cpus": s.model_num_cpus, "num_gpus": _num_gpus(s.model_num_gpus)},
     ).bind(version_id, settings.model_dump_json())
 
 
-def _gpus_present() -> bool:
+def _num_gpus(configured: float | None) -> float:
+    """The setting, else a whole GPU when the cluster has one now."""
+    if configured is not None:
+        return configured
     import ray
 
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
 
 
 def build_model_app(args: dict) -> serve.Application:
