@@ -32,20 +32,26 @@ def moto_endpoint() -> Iterator[str]:
 def registry_settings(request, tmp_path, monkeypatch) -> Settings:
     """Settings from the environment, the way the services build theirs, with a fresh registry:
     a local directory, then a bucket on the moto server."""
-    import uuid
-
-    import boto3
-
     for name in ("ASROPS_REGISTRY__URI", "ASROPS_REGISTRY__S3_ENDPOINT_URL", "ASROPS_REGISTRY__CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ASROPS_DATA_DIR", str(tmp_path / "data"))
     if request.param == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
-        bucket = f"asrops-test-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        endpoint, bucket = new_moto_bucket(request)
         monkeypatch.setenv("ASROPS_REGISTRY__URI", f"s3://{bucket}/models")
         monkeypatch.setenv("ASROPS_REGISTRY__S3_ENDPOINT_URL", endpoint)
     return Settings()
+
+
+def new_moto_bucket(request) -> tuple[str, str]:
+    """(endpoint, bucket): a fresh bucket on the session's moto server."""
+    import uuid
+
+    import boto3
+
+    endpoint = request.getfixturevalue("moto_endpoint")
+    bucket = f"asrops-test-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return endpoint, bucket
 
 
 SPEECH_DIR = Settings().speech_data_dir or CHECKOUT_SPEECH

@@ -4,10 +4,8 @@ audio with retention, and a failing store that neither blocks nor loses the call
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
-import boto3
 import numpy as np
 import pytest
 
@@ -16,6 +14,7 @@ from asrops.features import audio_features, transcript_features, vocabulary_of
 from asrops.prodlog import FinishedRequest, ProductionLogReader, ProductionLogWriter, store_for
 from asrops.registry.store import LocalStore
 from asrops.settings import ProductionLogSettings, Settings
+from tests.conftest import new_moto_bucket
 
 RNG = np.random.default_rng(0)
 
@@ -61,9 +60,7 @@ def store(request, tmp_path, monkeypatch):
     """The log store as the service opens it from settings: a directory, or S3 (moto over HTTP)."""
     monkeypatch.setenv("ASROPS_DATA_DIR", str(tmp_path / "data"))
     if request.param == "s3":
-        endpoint = request.getfixturevalue("moto_endpoint")
-        bucket = f"asrops-log-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        endpoint, bucket = new_moto_bucket(request)
         monkeypatch.setenv("ASROPS_MONITORING__PRODUCTION_LOG__URI", f"s3://{bucket}/prodlog")
         monkeypatch.setenv("ASROPS_MONITORING__PRODUCTION_LOG__S3_ENDPOINT_URL", endpoint)
     return store_for(Settings())
