@@ -1,6 +1,7 @@
 """The judgement of one analysis interval: enough canary requests (else it is inconclusive), then
-every check that applies to the phase, each against its range (absolute, or relative to the stable's value of the same
-query). No data, NaN, infinity or a Prometheus that cannot answer fail a check, never pass it.
+every check that applies to the phase, each against its range (absolute, or relative to the
+stable's value of the same query). No data, NaN, infinity or a Prometheus that cannot answer
+fail a check, never pass it.
 The spec is configuration (`AnalysisSpec` in asrops/settings.py); the queries are in checks.py.
 """
 

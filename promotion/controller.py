@@ -43,13 +43,13 @@ def describe(decision: Decision) -> str:
         f"; checks: {checks}" if checks else "")
 
 
-
 def _evidence(judgement) -> str:
     """What a passed interval rested on: how many requests, which checks ran and which waited."""
     ran = [c.name for c in judgement.checks if c.passed is not None]
     skipped = [c.name for c in judgement.checks if c.passed is None]
     return (f"all checks in range on {judgement.requests:.0f} requests ({', '.join(ran) or 'none'}"
             + (f"; not yet judged: {', '.join(skipped)}" if skipped else "") + ")")
+
 
 class PromotionController:
     def __init__(self, registry: ModelRegistry, spec: AnalysisSpec, query: Query,

@@ -254,7 +254,7 @@ def test_retrains_go_to_the_clusters_jobs_api_and_gpus_scale_from_zero(objects, 
     assert gpu["minReplicas"] == 0 and gpu["replicas"] == 0 and gpu["maxReplicas"] >= 1
     assert settings["ASROPS_RETRAIN__TRAIN__USE_GPU"] == "yes"  # asks for a GPU that is not up yet
     share = float(settings["ASROPS_SERVE__MODEL_NUM_GPUS"])  # stable, canary and fallback on one GPU
-    assert 0 < share and 3 * share <= 1
+    assert share > 0 and 3 * share <= 1
     pod = gpu["template"]["spec"]
     ray = pod["containers"][0]
     assert ray["resources"]["limits"]["nvidia.com/gpu"] == 1
