@@ -178,6 +178,8 @@ def test_the_controller_steps_through_every_weight_then_promotes(rollout_registr
     rollout.deploy_canary(rollout_registry, "v-canary", 0, 0.0, "tests", "test")
     actions = _run(controller, clock, 5)
     assert actions == ["start@10", "initialized@10", "advance@50", "promoted@50"], actions
+    advance = next(d for d in rollout.read_analysis(rollout_registry).history if d.action == "advance")
+    assert "all checks in range on 50 requests (errors)" in advance.reason  # what the step rested on
     aliases = rollout_registry.read_aliases().value
     assert (aliases.stable, aliases.fallback, aliases.canary) == ("v-canary", "v-stable", None)
 
