@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from asrops.engines.types import Transcription
+
+
+def usage(t: Transcription) -> dict:
+    """OpenAI's usage for audio models billed by duration: whole seconds, rounded up."""
+    return {"type": "duration", "seconds": math.ceil(t.duration_s)}
 
 
 def _clock(seconds: float, decimal: str) -> str:
@@ -33,7 +39,7 @@ def to_vtt(t: Transcription) -> str:
 
 
 def to_json(t: Transcription) -> dict:
-    return {"text": t.text}
+    return {"text": t.text, "usage": usage(t)}
 
 
 def to_verbose_json(t: Transcription) -> dict:
@@ -57,6 +63,7 @@ def to_verbose_json(t: Transcription) -> dict:
             }
             for s in t.segments
         ],
+        "usage": usage(t),
     }
 
 

@@ -113,6 +113,33 @@ def _options(response_format: str, language: str | None, temperature: float, pro
     )
 
 
+FORM_FIELDS = frozenset({"file", "model", "language", "prompt", "response_format", "temperature",
+                         "timestamp_granularities[]"})
+"""The transcription form fields this service honours."""
+NOT_HONOURED = {
+    "stream": "streaming is not supported yet; send stream=false (or leave it out) for one JSON answer.",
+    "include[]": "logprobs are for the gpt-4o transcription models; leave it out.",
+    "chunking_strategy": "audio is cut into 30-s windows here; leave it out or send 'auto'.",
+    "known_speaker_names[]": "speaker names are for diarization models; leave them out.",
+    "known_speaker_references[]": "speaker references are for diarization models; leave them out.",
+}
+"""Fields OpenAI's transcription API defines that this service does not honour, with why; each is
+refused with a 400 naming it, except for a value that asks for what is done anyway."""
+HONOURED_ANYWAY = {"stream": {"false", "False", "0"}, "chunking_strategy": {"auto"}}
+
+
+def _check_fields(names: set[str], values: dict[str, str]) -> None:
+    """Refuse what would otherwise be ignored: a client asking for streaming must not get one
+    JSON body as if it had not asked."""
+    for name in sorted(names - FORM_FIELDS):
+        if name in NOT_HONOURED:
+            if values.get(name) in HONOURED_ANYWAY.get(name, set()):
+                continue
+            raise ApiError(INVALID_VALUE, f"{name} is not supported: {NOT_HONOURED[name]}", name)
+        raise ApiError(INVALID_VALUE, f"{name!r} is not a field of the transcription API; the fields are "
+                       f"{', '.join(sorted(FORM_FIELDS | set(NOT_HONOURED)))}.", name)
+
+
 def _render(result: Transcription, response_format: str, headers: dict) -> Response:
     body = WRITERS[response_format](result)
     if isinstance(body, dict):
@@ -210,6 +237,8 @@ def build_api(
         temperature: Annotated[float, Form()] = 0.0,
         timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
     ):
+        form = await request.form()  # parsed once already, for the fields above
+        _check_fields(set(form.keys()), {k: v for k, v in form.items() if isinstance(v, str)})
         options = _options(response_format, language, temperature, prompt, timestamp_granularities, settings)
         # An X-Model-Version header pins a version or alias, like `model` does (for testing).
         name = request.headers.get("x-model-version") or ("stable" if model == OPENAI_MODEL_ALIAS else model)

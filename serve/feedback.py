@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from asrops.feedback import (
@@ -32,6 +33,8 @@ from asrops.serve.metrics import IngressMetrics
 log = logging.getLogger(__name__)
 
 REQUEST_NOT_FOUND = ErrorKind(404, "invalid_request_error", "request_not_found", "request_id")
+STORE_THREADS = 4
+"""Feedback store calls at once; more wait their turn (within the deadline)."""
 
 
 class FeedbackRecorder:
@@ -39,6 +42,10 @@ class FeedbackRecorder:
                  metrics: IngressMetrics | None = None, retry_after_s: int = 2, timeout_s: float = 10.0):
         self._open_store, self.recent, self.metrics = open_store, recent, metrics
         self.retry_after_s, self.timeout_s = retry_after_s, timeout_s
+        # Store calls get threads of their own: on a hung store each waits out the S3 client's
+        # timeouts (minutes), and in the event loop's shared pool they would starve the audio
+        # decoding of every transcription.
+        self._threads = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="feedback-store")
 
     async def record(self, feedback: FeedbackIn, client: str) -> FeedbackRecord:
         """`client` is who sends the correction: only the client that made the request may (a
@@ -47,8 +54,8 @@ class FeedbackRecorder:
         try:
             # The thread is not cancelled by the deadline: a correction it still stores is
             # counted there, and the client's retry replaces it (counted by the difference).
-            record, replaced = await asyncio.wait_for(asyncio.to_thread(self._record, feedback, answered, client),
-                                                      self.timeout_s)
+            stored = asyncio.get_running_loop().run_in_executor(self._threads, self._record, feedback, answered, client)
+            record, replaced = await asyncio.wait_for(stored, self.timeout_s)
         except TimeoutError:
             log.warning("feedback for %s: the feedback store did not answer in %.0f s", feedback.request_id,
                         self.timeout_s)

@@ -4,8 +4,10 @@ stands in for the model applications (the real ones are exercised in test_servic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -66,10 +68,28 @@ def test_keys_are_required_when_configured_and_compared_by_hash():
     assert client.get("/v1/models").status_code == 401
     assert fake.calls == []  # nothing reached the model
     ok = _post(client, {"Authorization": "Bearer sk-right"})
-    assert ok.status_code == 200 and ok.json() == {"text": "Hello there."}
+    assert ok.status_code == 200 and ok.json() == {"text": "Hello there.", "usage": {"type": "duration", "seconds": 1}}
     assert fake.calls[0][3] == ClientKeys.client_id("sk-right") != "sk-right"
     keys = ClientKeys.from_plain(["sk-right"])
     assert b"sk-right" not in b"".join(keys.digests) and keys.check("sk-right") and not keys.check("sk-righ")
+
+
+def test_openai_fields_not_honoured_are_refused_by_name_never_ignored():
+    """A client that asks for streaming (the SDK's stream=True) must not get one JSON body as if it
+    had not asked; what is done anyway (stream=false, chunking_strategy=auto) is accepted."""
+    client, fake = _client()
+    for field, value in (("stream", "true"), ("include[]", "logprobs"), ("chunking_strategy", '{"type": "server_vad"}'),
+                         ("known_speaker_names[]", "ann"), ("speaker", "x")):
+        r = _post(client, **{field: value})
+        assert r.status_code == 400, (field, r.text)
+        error = r.json()["error"]
+        assert error["param"] == field and error["type"] == "invalid_request_error", error
+        assert field.removesuffix("[]") in error["message"] or "not a field" in error["message"], error
+    assert fake.calls == []  # refused before any decoding
+    for field, value in (("stream", "false"), ("chunking_strategy", "auto")):
+        assert _post(client, **{field: value}).status_code == 200, field
+    verbose = _post(client, response_format="verbose_json").json()
+    assert verbose["usage"] == {"type": "duration", "seconds": 1} and verbose["duration"] == 1.0
 
 
 def test_no_keys_means_open_and_anonymous_callers_are_routed_per_request():
@@ -339,23 +359,10 @@ def _chunked_upload(port: int, total_bytes: int, headers: dict[str, str], chunk:
 def test_a_chunked_upload_past_the_limit_is_cut_off_with_413_and_an_unkeyed_one_gets_401_unread():
     """On a real HTTP server (uvicorn on loopback): the key is checked before the body is read,
     and a chunked body is cut off at the limit, not read to its end."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from tests.conftest import free_port
-
     settings = Settings(data_dir="/nonexistent")
     settings.serve.api_keys = ["sk-1"]
     counting = _Counting(build_api(FakeTranscriber(), settings))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(counting, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
+    with _uvicorn(counting) as port:
         status, _ = _chunked_upload(port, 200 << 20, {})
         assert status == 401 and counting.pulled == 0
         status, sent = _chunked_upload(port, 200 << 20, {"Authorization": "Bearer sk-1"})
@@ -363,6 +370,26 @@ def test_a_chunked_upload_past_the_limit_is_cut_off_with_413_and_an_unkeyed_one_
         limit = settings.audio.max_upload_bytes
         assert counting.pulled <= limit + (3 << 20), f"{counting.pulled >> 20} MiB pulled"
         assert sent < 200 << 20  # the server answered before the client had sent it all
+
+
+@contextlib.contextmanager
+def _uvicorn(app):
+    """`app` on a real HTTP server (uvicorn, one event loop, as in a replica) on loopback; yields its port."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield port
     finally:
         server.should_exit = True
         thread.join(10)
@@ -388,11 +415,13 @@ def test_feedback_with_its_store_unreachable_is_a_503_with_retry_after(tmp_path)
     assert r.json()["error"]["type"] == "server_error" and "x-request-id" in r.headers
 
 
-def test_feedback_on_a_hung_store_gets_503_within_its_deadline(tmp_path, monkeypatch):
-    """A store that accepts connections and never answers (an S3 server stopped, not gone)
-    must not hold a client for the S3 client's own timeouts and retries: minutes."""
+def test_feedback_on_a_hung_store_gets_503_within_its_deadline_and_transcriptions_go_on(tmp_path, monkeypatch):
+    """A store that accepts connections and never answers (an S3 server stopped, not gone) must
+    not hold a client for the S3 client's own timeouts and retries (minutes), and the calls left
+    waiting on it must not take the threads that decode every transcription's audio."""
     import socket
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     from asrops.feedback import RecentRequests
     from asrops.registry.store import S3Store
@@ -402,19 +431,29 @@ def test_feedback_on_a_hung_store_gets_503_within_its_deadline(tmp_path, monkeyp
 
     for name, value in LOCAL_S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
-    with socket.create_server(("127.0.0.1", 0)) as hung:  # the kernel accepts; nobody reads
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as hung:  # the kernel accepts; nobody reads
         hung_store = S3Store("asrops-feedback", endpoint_url=f"http://127.0.0.1:{hung.getsockname()[1]}")
         recent = RecentRequests()
-        app = build_api(FakeTranscriber(), Settings(data_dir=tmp_path),
-                        telemetry=RequestTelemetry(None, None, recent),
+        app = build_api(FakeTranscriber(), Settings(data_dir=tmp_path), telemetry=RequestTelemetry(None, None, recent),
                         feedback=FeedbackRecorder(lambda: hung_store, recent, timeout_s=1.0))
-        client = TestClient(app)
-        rid = _post(client).headers["x-request-id"]
-        started = time.monotonic()
-        r = client.post("/v1/feedback", json={"request_id": rid, "text": "hello there"})
-        assert time.monotonic() - started < 5
-    assert r.status_code == 503 and r.headers["retry-after"], r.text
-    assert r.json()["error"]["type"] == "server_error" and "not answering" in r.json()["error"]["message"]
+        with _uvicorn(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            def transcribe() -> httpx.Response:
+                return http.post("/v1/audio/transcriptions", files={"file": ("a.wav", WAV, "audio/wav")})
+
+            rid = transcribe().headers["x-request-id"]
+
+            def correct(_) -> tuple[int, float, str]:
+                started = time.monotonic()
+                r = http.post("/v1/feedback", json={"request_id": rid, "text": "hello there"})
+                return r.status_code, time.monotonic() - started, r.headers.get("retry-after", "")
+
+            with ThreadPoolExecutor(12) as pool:  # more than the event loop's default thread pool
+                answers = list(pool.map(correct, range(12)))
+            assert all(status == 503 and retry for status, _, retry in answers), answers
+            assert max(seconds for _, seconds, _ in answers) < 5, answers
+            started = time.monotonic()
+            assert transcribe().status_code == 200
+            assert time.monotonic() - started < 5  # decoding was not queued behind the hung store calls
 
 
 def test_a_corrected_requests_audio_outlives_the_sampled_audio_purge(tmp_path):
