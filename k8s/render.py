@@ -12,6 +12,7 @@ each:
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -161,12 +162,30 @@ def write() -> list[Path]:
     return changed
 
 
-def _kubectl() -> str:
+MIN_KUSTOMIZE = (4, 0)
+"""kubectl's embedded kustomize must know Components (kubectl 1.21 and later bring v4 or newer;
+Debian 12's kubernetes-client 1.20 brings v2, which does not)."""
+
+
+def kustomize_version(kubectl: str) -> tuple[int, ...] | None:
+    """The kustomize inside `kubectl` (`kubectl version --client` names it), None if it names none."""
+    out = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True, timeout=30).stdout
+    found = re.search(r"Kustomize Version:\s*v?(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in found.groups()) if found else None
+
+
+def render_tool() -> str:
+    """kubectl, when it can render the overlays; else KubectlMissing saying what to install."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise KubectlMissing("kubectl is not on PATH: `asrops k8s render` runs `kubectl kustomize`. Install kubectl "
                              "(https://kubernetes.io/docs/tasks/tools/), or run `asrops k8s generate` and then "
                              "`kustomize build k8s/overlays/<overlay>` with a kustomize of your own.")
+    version = kustomize_version(kubectl)
+    if version is None or version < MIN_KUSTOMIZE:
+        raise KubectlMissing(f"{kubectl} brings kustomize {'.'.join(map(str, version or ())) or '< 4'}; the overlays "
+                             "use kustomize Components (kustomize 4 or newer, kubectl 1.21 or newer): install a newer "
+                             "kubectl (https://kubernetes.io/docs/tasks/tools/).")
     return kubectl
 
 
@@ -177,7 +196,7 @@ def render(overlay: str) -> str:
         raise ValueError(f"overlay {overlay!r}: choose one of {', '.join(OVERLAYS)}")
     if not (K8S_DIR / "base" / "kustomization.yaml").exists():
         raise FileNotFoundError(f"{K8S_DIR} holds no manifests: they are rendered from a checkout (pip install -e .)")
-    kubectl = _kubectl()
+    kubectl = render_tool()
     with tempfile.TemporaryDirectory(prefix="asrops-k8s-") as tmp:
         root = Path(tmp) / "k8s"
         shutil.copytree(K8S_DIR, root, ignore=shutil.ignore_patterns("*.py", "__pycache__", "images", "*.md"))
