@@ -5,6 +5,7 @@ data), so a test can put a real server behind it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -52,25 +53,30 @@ def write_config(
     ray_sd_files: list[str] | None = None,
     extra_targets: dict[str, list[str]] | None = None,
 ) -> Path:
-    """Write `out_dir/prometheus.yml` scraping Ray's nodes (found through Ray's service-discovery
-    file), the drift monitor, the promotion controller, and any `extra_targets` (job name -> `host:port` list)."""
+    """Write `out_dir/prometheus.yml` scraping Ray (the local cluster's node on its metrics port;
+    with RAY_ADDRESS or `ray_sd_files`, the nodes Ray's service-discovery file lists), the drift
+    monitor, the promotion controller, and any `extra_targets` (job name -> `host:port` list)."""
     interval = _duration(settings.monitoring.scrape_interval_s)
-    scrape_configs: list[dict] = [
-        {
-            "job_name": RAY_JOB,
+    if ray_sd_files is None and not os.environ.get("RAY_ADDRESS"):
+        # The local cluster (asrops/raycluster.py) is this machine's one node, exporting on the
+        # port we gave it. Ray's service-discovery file is no guide to it: it lies at a fixed
+        # path (/tmp/ray) that any other Ray started on the machine rewrites with its own port,
+        # after which every ray_asrops_* series went missing (it failed the suite that way).
+        ray_targets: dict = {"static_configs": [{"targets": [f"127.0.0.1:{settings.monitoring.ray_metrics_port}"]}]}
+    else:
+        ray_targets = {
             # Ray rewrites the file as nodes come and go; it may not exist yet when we start,
             # so re-read it often rather than rely on a watch of a missing directory.
-            "file_sd_configs": [
-                {"files": list(ray_sd_files or [RAY_SD_FILE]), "refresh_interval": "10s"}
-            ],
-            # This Prometheus runs beside a local Ray, whose nodes are all this machine: scrape
-            # them on loopback whatever address Ray advertises (a cluster uses the Prometheus
-            # Operator's PodMonitor instead, see k8s/).
+            "file_sd_configs": [{"files": list(ray_sd_files or [RAY_SD_FILE]), "refresh_interval": "10s"}],
+            # This Prometheus runs beside Ray, on this machine: scrape on loopback whatever
+            # address Ray advertises (a cluster uses the Prometheus Operator's PodMonitor, k8s/).
             "relabel_configs": [{
                 "source_labels": ["__address__"], "regex": r".*:(\d+)",
                 "target_label": "__address__", "replacement": "127.0.0.1:$1",
             }],
-        },
+        }
+    scrape_configs: list[dict] = [
+        {"job_name": RAY_JOB, **ray_targets},
         {
             "job_name": MONITOR_JOB,
             "static_configs": [{"targets": [f"127.0.0.1:{settings.monitoring.monitor_port}"]}],

@@ -243,11 +243,18 @@ def test_write_config_is_valid_for_promtool(promtool: str, tmp_path: Path) -> No
     assert config["global"]["scrape_interval"] == "2500ms"
     assert config["rule_files"] == [str(ALERT_RULES_FILE)] and Path(config["rule_files"][0]).is_absolute()
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+    # The local cluster's own node, on the port it was given: not Ray's service-discovery file,
+    # which any other Ray on the machine rewrites with its own port.
+    assert jobs["ray"]["static_configs"][0]["targets"] == [f"127.0.0.1:{settings.monitoring.ray_metrics_port}"]
+    assert "file_sd_configs" not in jobs["ray"]
     assert jobs["asrops-monitor"]["static_configs"][0]["targets"] == ["127.0.0.1:9999"]
     assert jobs["fixture"]["static_configs"][0]["targets"] == ["127.0.0.1:1234"]
     result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+    joined = yaml.safe_load(write_config(settings, tmp_path, ray_sd_files=["/tmp/ray/x.json"]).read_text())
+    ray = next(job for job in joined["scrape_configs"] if job["job_name"] == "ray")
+    assert ray["file_sd_configs"][0]["files"] == ["/tmp/ray/x.json"]  # a cluster's nodes, as Ray lists them
 
     fast = Settings(monitoring=MonitoringSettings(scrape_interval_s=0.2))
     assert yaml.safe_load(write_config(fast, tmp_path).read_text())["global"]["scrape_interval"] == "1s"
