@@ -290,6 +290,13 @@ class Comparison(BaseModel):
     interval: Interval | None = None
     """Bootstrap interval on `wer_diff`; None for slices under MIN_SLICE_ITEMS_FOR_INTERVAL items."""
 
+    @property
+    def wer_ratio(self) -> float:
+        """Candidate WER / stable WER: 1 when both are 0, infinite when only the stable's is."""
+        if self.stable.wer:
+            return self.candidate.wer / self.stable.wer
+        return 1.0 if self.candidate.wer == 0 else float("inf")
+
 
 class SetComparison(BaseModel):
     name: str
@@ -432,7 +439,7 @@ def _generalisation_check(general: SetComparison, settings: GateSettings) -> tup
     change = f"Generalisation ({general.name}: the drift over sentences no training text has) {_wer_change(general)}"
     if o.n == 0:
         return False, f"{change}: no scored items, so generalising cannot be shown."
-    ratio = o.candidate.wer / o.stable.wer if o.stable.wer else (1.0 if o.candidate.wer == 0 else float("inf"))
+    ratio = o.wer_ratio
     if ratio <= most + 1e-9:
         return True, f"{change}: {ratio:.2f} x the stable's WER, within the required {most:.2f} x."
     return False, f"{change}: {ratio:.2f} x the stable's WER, above the required {most:.2f} x."
@@ -494,7 +501,7 @@ def summary_lines(report: EvaluationReport) -> list[str]:
     lines = []
     for kind, c in named:
         o = c.overall
-        ratio = f" = {o.candidate.wer / o.stable.wer:.2f} x" if o.stable.wer else ""
+        ratio = f" = {o.wer_ratio:.2f} x" if o.stable.wer else ""
         interval = f", {c.confidence:.0%} CI {_interval_cell(o.interval)}" if o.interval else ""
         lines.append(f"{kind} {c.name}: WER {o.stable.wer:.2f} % -> {o.candidate.wer:.2f} %{ratio} "
                      f"({o.wer_diff:+.2f} points{interval}, {o.n} clips)")

@@ -188,9 +188,9 @@ def run_once(args, seed: int, work: Path, common: CommonSets) -> ScenarioRun:
         ray.shutdown()  # the next run starts its own, with its own data directory
 
     report = EvaluationReport.model_validate_json(outcome.evaluation_json.read_text())
-    ratios = {"held-out": _ratio(report.heldout),
-              **{f"generalisation: {g.name}": _ratio(g) for g in report.generalisation},
-              **{f"golden: {g.name}": _ratio(g) for g in report.golden}}
+    ratios = {"held-out": report.heldout.overall.wer_ratio,
+              **{f"generalisation: {g.name}": g.overall.wer_ratio for g in report.generalisation},
+              **{f"golden: {g.name}": g.overall.wer_ratio for g in report.golden}}
     met = outcome.passed and all(value <= GOALS[name.split(":")[0]] + 1e-9 for name, value in ratios.items())
     summary = [
         *summary_lines(report),
@@ -204,11 +204,6 @@ def run_once(args, seed: int, work: Path, common: CommonSets) -> ScenarioRun:
     for line in summary:
         say(line)
     return ScenarioRun(seed=seed, ratios=ratios, met=met, gate_passed=outcome.passed, summary=summary)
-
-
-def _ratio(compared) -> float:
-    o = compared.overall
-    return o.candidate.wer / o.stable.wer if o.stable.wer else (1.0 if o.candidate.wer == 0 else float("inf"))
 
 
 def _guard_line(guard) -> str:
