@@ -42,9 +42,10 @@ def synth(
         help="Comma-separated template ids (e.g. medical-01) to draw from; default all of the domains'.")] = None,
     seed: Annotated[Optional[int], typer.Option(
         help="Random seed; the same spec and seed give the same clips (default 0).")] = None,
-    unseen_text: Annotated[Optional[bool], typer.Option(
-        "--unseen-text", help="Speak the sentences kept for judging generalisation (in no template) instead "
-        "of templates: with a drift's preset, a generalisation set (retrain.generalisation_manifests).")] = None,
+    text: Annotated[Optional[str], typer.Option(
+        help="What is spoken: templates (default); unseen, the sentences kept for judging generalisation (in "
+        "no template): with a drift's preset, a generalisation set (retrain.generalisation_manifests); broad, "
+        "everyday sentences in neither, to train on some acoustics.")] = None,
 ) -> None:
     """Generate labelled synthetic speech (espeak-ng/flite) and a manifest for `asrops eval`."""
     from asrops.synth import PRESETS, SynthSpec, generate
@@ -55,7 +56,7 @@ def synth(
     given = {
         "n": n, "voices": "all" if voices == "all" else _csv(voices), "accents": _csv(accents),
         "noise": noise, "telephone": telephone, "mulaw": mulaw, "domains": _csv(domains),
-        "template_ids": _csv(templates), "seed": seed, "unseen_text": unseen_text,
+        "template_ids": _csv(templates), "seed": seed, "text": text,
     }  # fmt: skip
     given = {k: v for k, v in given.items() if v is not None}  # unset: keep the preset's
     if rate is not None:

@@ -16,6 +16,7 @@ from asrops.clip_manifest import read_rows as load_rows
 from asrops.synth import effects
 from asrops.synth.generate import PRESETS, SynthRow, SynthSpec, generate, plan
 from asrops.synth.text import (
+    BROAD,
     DOMAINS,
     TEMPLATES,
     UNSEEN,
@@ -70,25 +71,46 @@ def test_split_templates_is_disjoint_and_plans_respect_it():
     assert shared_templates(train_rows, rows(train, 1))
 
 
-def test_unseen_sentences_fit_no_template_and_each_is_spoken_once_before_twice():
-    """A generalisation set is only evidence if no template could have produced its sentences."""
+def _template_patterns() -> list:
     import re
 
-    patterns = [re.compile(re.sub(r"\\\{[a-z]+\d?\\\}", ".+", re.escape(t.pattern)), re.IGNORECASE)
-                for t in TEMPLATES.values()]
+    return [re.compile(re.sub(r"\\\{[a-z]+\d?\\\}", ".+", re.escape(t.pattern)), re.IGNORECASE)
+            for t in TEMPLATES.values()]
+
+
+def test_broad_sentences_are_in_no_template_nor_the_unseen_set_and_repeats_change_voice():
+    """What a retrain speaks in a drift's acoustics must teach no sentence shape the corrections
+    or the generalisation set have; a sentence said twice is said by another voice."""
+    patterns = _template_patterns()
+    unseen = {t.pattern.lower() for t in UNSEEN.values()}
+    sentences = [t.pattern for t in BROAD.values()]
+    assert len(set(sentences)) == len(sentences) >= 200
+    for sentence in sentences:
+        assert not any(p.fullmatch(sentence) for p in patterns), sentence
+        assert sentence.lower() not in unseen, sentence
+    clips = plan(SynthSpec(n=300, voices=["en-gb-scotland", "en-029"], text="broad", seed=7))
+    assert {c.template for c in clips} <= set(BROAD)
+    assert len({c.text for c in clips}) == 200  # every sentence before any twice
+    assert len({(c.text, c.voice.name) for c in clips}) == 300  # and a repeat in the other voice
+
+
+def test_unseen_sentences_fit_no_template_and_each_is_spoken_once_before_twice():
+    """A generalisation set is only evidence if no template could have produced its sentences."""
+
+    patterns = _template_patterns()
     rendered = TEMPLATES["medical-06"].render(np.random.default_rng(3))
     assert any(p.fullmatch(rendered) for p in patterns)  # a template's sentence is caught
     for t in UNSEEN.values():
         assert not any(p.fullmatch(t.pattern) for p in patterns), t.pattern
         assert t.render(np.random.default_rng(0)) == t.pattern
-    spec = SynthSpec(n=48, voices=["en-gb-scotland", "en-029"], domains=["medical", "numbers"], unseen_text=True)
+    spec = SynthSpec(n=48, voices=["en-gb-scotland", "en-029"], domains=["medical", "numbers"], text="unseen")
     clips = plan(spec)
     assert {c.template for c in clips} <= set(UNSEEN)
     for domain in ("medical", "numbers"):
         texts = [c.text for c in clips if c.domain == domain]
         assert len(texts) == 24 and len(set(texts)) == 24, domain  # 24 sentences each: no repeat
     with pytest.raises(ValueError, match="unknown template ids"):
-        SynthSpec(unseen_text=True, template_ids=["medical-01"])
+        SynthSpec(text="unseen", template_ids=["medical-01"])
 
 
 # --- spec --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from asrops.audio import SAMPLE_RATE, audio_to_wav_bytes
 from asrops.clip_manifest import write_rows
 from asrops.synth import effects
-from asrops.synth.text import DOMAINS, TEMPLATES, UNSEEN, Domain, templates_for
+from asrops.synth.text import DOMAINS, POOLS, Domain, TextPool, templates_for
 from asrops.synth.voices import ACCENTS, CATALOGUE, Voice, installed_voices, synthesize
 
 TTS_WORKERS = 2
@@ -51,9 +51,11 @@ class SynthSpec(BaseModel):
     seed: int = 0
     template_ids: list[str] | None = None
     """Only these templates (see `split_templates`); None allows all of the domains'."""
-    unseen_text: bool = False
-    """Speak the sentences written to judge generalisation (`text.UNSEEN`: in no template)
-    instead of the templates: a set of some acoustics over text no retrain has seen."""
+    text: TextPool = "templates"
+    """What is spoken: the templates; "unseen", the sentences written to judge generalisation
+    (`text.UNSEEN`: in no template), a set of some acoustics over text no retrain has seen; or
+    "broad", everyday sentences in neither (`text.BROAD`), to train on some acoustics without
+    teaching a sentence shape."""
 
     @field_validator("voices")
     @classmethod
@@ -81,10 +83,10 @@ class SynthSpec(BaseModel):
     @model_validator(mode="after")
     def _templates_exist(self):
         if self.template_ids is not None:
-            unknown = sorted(set(self.template_ids) - set(UNSEEN if self.unseen_text else TEMPLATES))
+            unknown = sorted(set(self.template_ids) - set(POOLS[self.text]))
             if unknown:
                 raise ValueError(f"unknown template ids {unknown}")
-        if not any(templates_for(d, self.template_ids, self.unseen_text) for d in self.domains):
+        if not any(templates_for(d, self.template_ids, self.text) for d in self.domains):
             raise ValueError("no template of the chosen domains is in template_ids")
         return self
 
@@ -150,16 +152,17 @@ def plan(spec: SynthSpec, voices: list[Voice] | None = None) -> list[Clip]:
     """The clips `generate` will make, without synthesising anything. Voices rotate every clip
     and domains every round of voices, so small sets still cover every voice x domain pair."""
     voices = voices or spec.selected_voices()  # generate() passes the installed ones
-    domains = [d for d in spec.domains if templates_for(d, spec.template_ids, spec.unseen_text)]
+    domains = [d for d in spec.domains if templates_for(d, spec.template_ids, spec.text)]
     clips = []
     for i in range(spec.n):
         rng = np.random.default_rng([spec.seed, i])
         domain = domains[(i // len(voices)) % len(domains)]
-        candidates = templates_for(domain, spec.template_ids, spec.unseen_text)
-        if spec.unseen_text:  # few fixed sentences: each once before any twice, in a seeded order
+        candidates = templates_for(domain, spec.template_ids, spec.text)
+        if spec.text != "templates":  # fixed sentences: each once before any twice, in a seeded order
             order = np.random.default_rng([spec.seed, len(candidates)]).permutation(len(candidates))
             nth = (i // (len(voices) * len(domains))) * len(voices) + i % len(voices)  # of this domain's clips
-            template = candidates[int(order[nth % len(candidates)])]
+            cycle, k = divmod(nth, len(candidates))  # a repeat moves one on: another voice says it
+            template = candidates[int(order[(k + cycle) % len(candidates)])]
         else:
             template = candidates[int(rng.integers(len(candidates)))]
         clips.append(

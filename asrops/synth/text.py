@@ -19,6 +19,9 @@ from typing import Literal
 import numpy as np
 
 Domain = Literal["commands", "medical", "finance", "numbers", "general"]
+TextPool = Literal["templates", "unseen", "broad"]
+"""Where a clip's sentence comes from: the templates (slots filled), the sentences kept for
+judging generalisation, or broad everyday text for training on a drift's acoustics."""
 DOMAINS: tuple[Domain, ...] = ("commands", "medical", "finance", "numbers", "general")
 
 SLOTS: dict[str, tuple[str, ...]] = {
@@ -250,7 +253,224 @@ _UNSEEN_PATTERNS: dict[Domain, tuple[str, ...]] = {
     ),
 }
 """Sentences written to judge generalisation: in no template above and sharing none's pattern,
-never to be trained on (SynthSpec.unseen_text). Integers as digits, like the templates."""
+never to be trained on (SynthSpec.text = "unseen"). Integers as digits, like the templates."""
+
+
+_BROAD_SENTENCES: dict[Domain, tuple[str, ...]] = {
+    "medical": (
+        "The doctor listened to his chest and asked him to cough.",
+        "Drink plenty of water and rest for a few days.",
+        "The waiting room was full of parents with sick children.",
+        "Her knee swelled up after the long walk down the hill.",
+        "The dentist found 2 small holes in his back teeth.",
+        "Take one tablet with food every morning and evening.",
+        "The hospital opened a new wing for older patients.",
+        "He twisted his ankle while running for the bus.",
+        "The nurse wrapped a warm blanket around the old man.",
+        "A fever usually breaks after a good night of sleep.",
+        "The pharmacist explained how to use the inhaler.",
+        "She wears glasses only when she reads small print.",
+        "The clinic closes early on public holidays.",
+        "Regular exercise lowers the risk of heart disease.",
+        "The midwife visited the new mother twice that week.",
+        "He needs crutches until the bone has healed.",
+        "The cream should be rubbed gently into the skin.",
+        "Too much salt is bad for your kidneys.",
+        "The patient asked for a glass of cold water.",
+        "Flu season usually starts when the weather turns cold.",
+        "Her hearing has got worse over the last few years.",
+        "The emergency doctor worked through the whole weekend.",
+        "Wear a mask if you have a sore throat.",
+        "The scanner is on the second floor.",
+        "He felt dizzy after standing up too quickly.",
+        "The ward sister keeps a list of every visitor.",
+        "Babies need to be weighed at every check up.",
+        "The bruise on her arm turned purple overnight.",
+        "A healthy diet includes fruit and green vegetables.",
+        "The optician said his eyes were perfectly fine.",
+        "The old man takes his pills with a cup of tea.",
+        "She could not sleep because of the noise in the corridor.",
+        "The new vaccine is stored in a special fridge.",
+        "His sore back kept him away from work for a week.",
+        "The first aid kit is kept under the kitchen sink.",
+        "Sunburn can be soothed with cool water and aloe.",
+        "The hospital car park charges by the hour.",
+        "He breathes more easily since he gave up smoking.",
+        "The nurse measured the baby's head with a soft tape.",
+        "Most colds clear up on their own within a week.",
+    ),
+    "numbers": (
+        "The school has 14 classrooms and 2 small gyms.",
+        "She ran 5 kilometers before the sun came up.",
+        "The pizza was cut into 8 equal slices.",
+        "Our flat is on the top floor of the tower.",
+        "He counted 27 red cars on the way home.",
+        "The garden is 20 meters wide and 45 meters long.",
+        "Add 3 eggs and 200 grams of butter to the bowl.",
+        "The concert hall has 1,200 seats.",
+        "It takes 40 minutes to drive to the coast.",
+        "The twins turned 9 last Saturday.",
+        "The shop sold 320 umbrellas during the storm.",
+        "There are 52 cards in a normal deck.",
+        "The plane flew at 10,000 meters above the clouds.",
+        "She has read 17 books since the summer.",
+        "The bakery makes 600 loaves every night.",
+        "Our street has 33 houses on each side.",
+        "The jar holds 250 sweets of different colours.",
+        "The river rose by 2 meters after the rain.",
+        "He paid 15 dollars for a pair of socks.",
+        "The class collected 4,000 bottle caps for the project.",
+        "A week has 7 days and a year has 12 months.",
+        "The parade lasted 3 hours and had 60 floats.",
+        "The ladder reaches a height of 6 meters.",
+        "We drove 450 miles in 2 days.",
+        "The chess club meets with 18 members every Tuesday.",
+        "Each box contains 24 pencils and 6 erasers.",
+        "The coffee machine makes 90 cups a day.",
+        "The test has 50 questions and lasts 1 hour.",
+        "She saved 300 dollars for the new bicycle.",
+        "The old tree is nearly 200 years old.",
+        "The bus stops at 12 villages along the valley.",
+        "Fill the bucket with 10 liters of warm water.",
+        "The team won 21 games and lost only 4.",
+        "The cinema shows 5 different films tonight.",
+        "A spider has 8 legs and most insects have 6.",
+        "The room needs 3 more lamps and 1 big rug.",
+        "The road climbs 900 meters in 7 sharp bends.",
+        "He answered 46 emails before lunch.",
+        "The choir sang 13 songs in the church.",
+        "The zoo has 2 elephants and 11 monkeys.",
+    ),
+    "general": (
+        "The sun set behind the hills and the sky turned orange.",
+        "My brother plays the guitar in a small band.",
+        "We walked along the beach and collected shells.",
+        "The train was late because of snow on the tracks.",
+        "She forgot her umbrella at the cafe again.",
+        "The museum has a famous painting of a sailing ship.",
+        "Our dog barks at every bird in the garden.",
+        "He fixed the broken chair with glue and a nail.",
+        "The market sells fresh fish every Friday morning.",
+        "They spent the holiday camping in the mountains.",
+        "The teacher wrote the answer on the blackboard.",
+        "I left my keys on the kitchen table.",
+        "The wind blew the leaves across the empty road.",
+        "My sister is learning to speak Japanese.",
+        "The football match was cancelled because of the storm.",
+        "We watched a film about whales last night.",
+        "The baker puts seeds on top of every loaf.",
+        "A tall man in a grey coat opened the gate.",
+        "The village hall needs a new roof.",
+        "The children laughed at the clown's big shoes.",
+        "He drinks his coffee without milk or sugar.",
+        "The bridge was painted red a few years ago.",
+        "We could hear the sea from our bedroom window.",
+        "The farmer drove his tractor into the muddy field.",
+        "The bookshop on the corner closed last spring.",
+        "She sang quietly while she washed the dishes.",
+        "Please close the window before you go to bed.",
+        "The boat drifted slowly towards the island.",
+        "My uncle tells the same joke at every wedding.",
+        "The park is full of people when the sun is out.",
+        "A small bird built a nest above our front door.",
+        "The students cheered when the exams were over.",
+        "The candles flickered as the door opened.",
+        "He repaired his bicycle in the garage.",
+        "The fog was so thick that we could not see the road.",
+        "Our neighbour grows tomatoes in his greenhouse.",
+        "The kettle whistled on the stove.",
+        "She wrote a long letter to her best friend.",
+        "The photographs from the trip are on my laptop.",
+        "The restaurant by the river serves excellent soup.",
+    ),
+    "finance": (
+        "The shop offers a discount to students on Mondays.",
+        "He keeps his savings in a box under the bed.",
+        "The company hired a new manager for the sales team.",
+        "Rent in the city centre has become very expensive.",
+        "She paid for the groceries with her debit card.",
+        "The cash machine outside the bank is broken.",
+        "Our insurance covers damage from floods and fire.",
+        "The accountant checks the books every quarter.",
+        "He lost his wallet on the way to the station.",
+        "The price of petrol fell slightly this month.",
+        "They split the bill equally at the end of the meal.",
+        "The factory cut costs by saving energy at night.",
+        "Small businesses struggled during the long winter.",
+        "She asked the bank for a loan to buy a van.",
+        "The market stall only takes coins and notes.",
+        "The new tax rules start at the beginning of April.",
+        "He compared the prices of 3 different phones.",
+        "The shareholders met to discuss the annual results.",
+        "Tickets for the show are cheaper if you book early.",
+        "The landlord raised the rent without any warning.",
+        "Our family keeps a budget for food and heating.",
+        "The coins in the fountain are given to charity.",
+        "She earns extra money by teaching piano at weekends.",
+        "The bank sends a statement at the end of every month.",
+        "The shop refunded the money for the broken toaster.",
+        "Investors were nervous after the sudden drop in prices.",
+        "He saves a little money from every pay cheque.",
+        "The charity raised enough to build a new well.",
+        "The restaurant added a service charge to the bill.",
+        "Credit card fees can add up very quickly.",
+        "The shop assistant counted the change twice.",
+        "The bakery doubled its profits after it moved.",
+        "We are saving up for a holiday by the sea.",
+        "The bank manager explained the new savings plan.",
+        "The old coins turned out to be worth a lot.",
+        "She checks her account on her phone every evening.",
+        "The council spends most of its money on schools.",
+        "The company pays its workers on the last Friday.",
+        "He sold his old car to a neighbour.",
+        "Prices usually go up just before the holidays.",
+    ),
+    "commands": (
+        "Turn on the lights in the hallway.",
+        "Ring my mother and put her on speaker.",
+        "Some quiet music in the kitchen would be nice.",
+        "Tell me how long it takes to walk to the park.",
+        "Set the oven to 180 degrees.",
+        "Send a message to the team that I am running late.",
+        "Find a good Italian restaurant near the station.",
+        "Wake me up early tomorrow morning.",
+        "Turn the television off in 30 minutes.",
+        "What is the weather like at the seaside today.",
+        "Put bread and milk on my shopping list.",
+        "Close the garage door and turn on the alarm.",
+        "Read the news headlines out loud.",
+        "Play the next episode of my favourite show.",
+        "Find my phone and make it ring.",
+        "Book a taxi to the airport for early tomorrow.",
+        "Translate good morning into Spanish.",
+        "Dim the lights in the dining room.",
+        "Remind me to water the plants on Sunday.",
+        "Show me the way to the nearest petrol station.",
+        "Turn up the fan in the bedroom.",
+        "Write down that the meeting moved to Thursday.",
+        "Stop the music and turn on the radio.",
+        "Tell me a short story about a dragon.",
+        "Order more coffee beans from the usual shop.",
+        "Check if the back door is locked.",
+        "Set the thermostat to 21 degrees.",
+        "Take a photo when everyone is ready.",
+        "Play the sound of rain for 1 hour.",
+        "Call the office and say I am ill today.",
+        "Switch the washing machine to a cold wash.",
+        "Find the recipe for banana bread.",
+        "Switch every light in the house off.",
+        "Read my calendar for next week.",
+        "Call the vet and book a check up for the dog.",
+        "Repeat the last thing you said.",
+        "Share my location with my brother.",
+        "Open the garage and switch on the outside lights.",
+        "Mute the speaker in the living room.",
+        "Tell me when the next train leaves for the city.",
+    ),
+}
+"""Broad everyday text, sharing no sentence or pattern with the templates or the unseen
+sentences: what a retrain speaks in a drift's acoustics so that it learns the acoustics, not a
+sentence shape (SynthSpec.text="broad")."""
 
 
 @dataclass(frozen=True)
@@ -296,12 +516,20 @@ UNSEEN: dict[str, Template] = {
     for k, sentence in enumerate(sentences, 1)
 }
 """The unseen sentences as one-sentence templates (no slots), each its own group."""
+BROAD: dict[str, Template] = {
+    f"{domain}-broad-{k:02d}": Template(f"{domain}-broad-{k:02d}", domain, sentence)
+    for domain, sentences in _BROAD_SENTENCES.items()
+    for k, sentence in enumerate(sentences, 1)
+}
+"""The broad sentences as one-sentence templates, each its own group."""
+POOLS: dict[TextPool, dict[str, Template]] = {"templates": TEMPLATES, "unseen": UNSEEN, "broad": BROAD}
 
 
-def templates_for(domain: Domain, template_ids: list[str] | None = None, unseen: bool = False) -> list[Template]:
+def templates_for(domain: Domain, template_ids: list[str] | None = None,
+                  pool: TextPool = "templates") -> list[Template]:
     return [
         t
-        for t in (UNSEEN if unseen else TEMPLATES).values()
+        for t in POOLS[pool].values()
         if t.domain == domain and (template_ids is None or t.id in template_ids)
     ]
 
