@@ -401,6 +401,11 @@ class RetrainSettings(BaseModel):
     (GateSettings.max_generalisation_ratio). At most `golden_clips` rows of each."""
     golden_clips: int = Field(default=100, ge=0)
     """At most this many clips of each golden manifest (0 = all): both versions transcribe them."""
+    acoustic_manifests: list[str] = []
+    """The drift's acoustics (its voices, noise, channel, rate) speaking broad text that shares
+    no sentence shape with the corrections, e.g. `asrops synth --preset drift-accent-noise --text
+    broad`: trained on only, never held out. What teaches a retrain the acoustics rather than
+    the sentences its corrections happen to repeat."""
     replay_manifests: list[str] = []
     """The parent's training data (and other known-good data) replayed against forgetting."""
     self_label_manifests: list[str] = []

@@ -40,7 +40,7 @@ from asrops.textnorm import normalize_english
 
 log = logging.getLogger(__name__)
 
-Source = Literal["feedback", "curated", "replay", "self_labelled", "retention", "golden"]
+Source = Literal["feedback", "curated", "acoustic", "replay", "self_labelled", "retention", "golden"]
 SplitName = Literal["train", "validation", "test"]
 DropReason = Literal[
     "empty_transcript", "undecodable", "duration_out_of_bounds", "silent", "clipping", "low_snr",
@@ -505,8 +505,10 @@ def build_dataset(
     settings: DatasetSettings,
     out_dir: Path,
     retention: list[Example] = (),
+    acoustic: list[Example] = (),
 ) -> BuiltDataset:
-    """Validate the new data, drop what the golden set already holds, split it, then add replayed
+    """Validate the new data, drop what the golden set already holds, split it, add the validated
+    `acoustic` examples (the drift's acoustics over broad text) to training only, then add replayed
     examples (`replay_share` x the new training examples, drawn stratified from `replay` only:
     golden clips are evaluated on, never trained on). A retention set is kept apart first:
     `retention_clips` of the replay pool (at most half of it) plus the validated `retention`
@@ -515,7 +517,7 @@ def build_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = settings.slice_fields
-    counts_in = dict(Counter(e.source for e in [*new, *replay, *retention, *golden]))
+    counts_in = dict(Counter(e.source for e in [*new, *acoustic, *replay, *retention, *golden]))
     notes: list[str] = []
 
     kept, drops = validate(new, settings)
@@ -525,6 +527,9 @@ def build_dataset(
     splits = split(fresh, settings)
     held_out = [*splits.validation, *splits.test, *golden]
     train = remove_contamination(splits.train, held_out, drops)  # groups are disjoint already
+    acoustic_kept, acoustic_drops = validate(list(acoustic), settings)
+    drops.merge(acoustic_drops)
+    train += remove_contamination(acoustic_kept, held_out, drops)
 
     replay_kept, replay_drops = validate(replay, settings)
     drops.merge(replay_drops)

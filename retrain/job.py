@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -114,17 +115,31 @@ def prepare_generalisation(settings: Settings, out_dir: Path) -> list[EvalSet]:
     return _capped_sets([(name, manifest, None) for name, manifest in named], settings.retrain.golden_clips, out_dir)
 
 
+@dataclass
+class Gathered:
+    """A retrain's labelled data before validation and splitting, by what it may be used for."""
+
+    new: list[Example]
+    """Feedback corrections and curated clips: trained on and held out (by group)."""
+    acoustic: list[Example]
+    """The drift's acoustics over broad text: trained on only."""
+    replay: list[Example]
+    retention: list[Example]
+
+
 def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir: Path,
-                    say: Callable[[str], None] = log.info) -> tuple[list[Example], list[Example], list[Example]]:
-    """New labelled data (feedback with audio since `since`, curated manifests), replay data
-    (the parent's recorded training manifest, if any, and audio it labels itself) and
-    retention-only data."""
+                    say: Callable[[str], None] = log.info) -> Gathered:
+    """New labelled data (feedback with audio since `since`, curated manifests), the drift's
+    acoustics over broad text, replay data (the parent's recorded training manifest, if any, and
+    audio it labels itself) and retention-only data."""
     fields, by = settings.retrain.dataset.slice_fields, settings.retrain.dataset.hold_out_by
     datasets = DatasetStore.from_settings(settings)
     new = examples_from_feedback(store_for(settings), since, datetime.now(UTC), work / "feedback", fields,
                                  settings.retrain.dataset.max_client_share)
     for ref in settings.retrain.curated_manifests:
         new += examples_from_manifest(datasets.resolve(ref), "curated", fields, by)
+    acoustic = [e for ref in settings.retrain.acoustic_manifests
+                for e in examples_from_manifest(datasets.resolve(ref), "acoustic", fields, by)]
     replay = []
     for ref in settings.retrain.replay_manifests:
         replay += examples_from_manifest(datasets.resolve(ref), "replay", fields, by)
@@ -136,7 +151,7 @@ def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir:
     retention = []
     for ref in settings.retrain.retention_manifests:
         retention += examples_from_manifest(datasets.resolve(ref), "retention", fields, by)
-    return new, replay, retention
+    return Gathered(new=new, acoustic=acoustic, replay=replay, retention=retention)
 
 
 def self_label(settings: Settings, parent_dir: Path, manifest: Path, out: Path, say: Callable[[str], None]) -> Path:
@@ -201,16 +216,18 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
 
     stable_dir = registry.fetch(parent)
     since = datetime.now(UTC) - timedelta(days=settings.retrain.feedback_lookback_days)
-    new, replay, retention = gather_examples(settings, work, since, stable_dir, say)
+    gathered = gather_examples(settings, work, since, stable_dir, say)
     golden_sets = prepare_golden(settings, work / "golden")
     general_sets = prepare_generalisation(settings, work / "generalisation")
     fields, by = settings.retrain.dataset.slice_fields, settings.retrain.dataset.hold_out_by
     # Both kinds of judged set are kept out of training (their audio, groups and sentences).
     judged = [e for judged_set in (*golden_sets, *general_sets)
               for e in examples_from_manifest(judged_set.manifest, "golden", fields, by)]
-    say(f"data: {len(new)} new labelled examples, {len(replay)} replayable, {len(retention)} retention-only, "
+    say(f"data: {len(gathered.new)} new labelled examples, {len(gathered.acoustic)} of the drift's acoustics, "
+        f"{len(gathered.replay)} replayable, {len(gathered.retention)} retention-only, "
         f"{len(judged)} golden or generalisation")
-    data = build_dataset(new, judged, replay, settings.retrain.dataset, work / "data", retention)
+    data = build_dataset(gathered.new, judged, gathered.replay, settings.retrain.dataset, work / "data",
+                         gathered.retention, acoustic=gathered.acoustic)
     say(f"data report: {data.report_md}")
 
     train = run_training(TrainJob(

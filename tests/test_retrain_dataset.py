@@ -237,6 +237,24 @@ def test_retention_only_examples_are_validated_and_never_in_the_golden_set(data)
 
 
 @needs_tts
+def test_acoustic_clips_are_trained_on_only_and_never_what_is_judged(data, tmp_path):
+    """The drift's acoustics over broad text: validated, trained on, never held out (held-out
+    data is the corrections'), counted for the replay share, and a judged clip among them dropped."""
+    broad = generate(SynthSpec(n=8, voices=["en-us", "kal"], domains=["commands", "general"], seed=6,
+                               text="broad"), tmp_path / "acoustic")
+    acoustic = examples_from_manifest(broad, "acoustic")
+    judged = data["golden"][0].model_copy(update={"id": "acoustic-golden", "source": "acoustic"})
+    built = build(data["new"], data["golden"], data["replay"], SETTINGS, tmp_path / "out", acoustic=[*acoustic, judged])
+    train = _read(built.train)
+    assert {r["id"] for r in train if r["source"] == "acoustic"} == {e.id for e in acoustic}
+    assert not [r for r in _read(built.validation) + _read(built.test) if r["source"] == "acoustic"]
+    assert built.report.counts_in["acoustic"] == 9
+    assert built.report.drops.by_source["acoustic"]["contamination"] == 1
+    learnt = [r for r in train if r["source"] in ("curated", "acoustic")]
+    assert built.report.replay.requested == round(SETTINGS.replay_share * len(learnt))
+
+
+@needs_tts
 def test_report_files_say_what_was_dropped_and_round_trip(built):
     assert DataReport.model_validate_json(built.report_json.read_text()) == built.report
     md = built.report_md.read_text()
