@@ -290,8 +290,9 @@ class DatasetSettings(BaseModel):
 class TrainSettings(BaseModel):
     """Fine-tuning the parent version (retrain/train.py), on Ray Train."""
 
-    learning_rate: float = Field(default=2e-5, gt=0)
-    """Small on purpose: 1e-4 made tiny.en memorise templates and forget general English."""
+    learning_rate: float = Field(default=1e-4, gt=0)
+    """For the encoder's top layers (the default recipe below). When the decoder learns, use
+    about 2e-5: at 1e-4 tiny.en's decoder memorised the templates and forgot general English."""
     max_steps: int = Field(default=60, ge=1)
     batch_size: int = Field(default=16, ge=1)
     warmup_steps: int = Field(default=3, ge=0)
@@ -299,12 +300,18 @@ class TrainSettings(BaseModel):
     """Decay after warmup."""
     max_grad_norm: float = Field(default=1.0, gt=0)
     freeze_encoder: bool = True
-    """Freeze the whole encoder (on CPU its outputs are then computed once per clip and cached)."""
+    """Freeze the encoder (on CPU its outputs are then computed once per clip and cached), but
+    for its top `train_encoder_top_layers` layers."""
+    train_encoder_top_layers: int = Field(default=2, ge=0, le=32)
+    """With freeze_encoder on: the top N encoder layers (and its final norm) learn all the same;
+    the frozen layers' output is cached once per clip instead of the encoder's (no augmentation
+    on the fly then: the acoustics come from the data)."""
     freeze_encoder_layers: int = Field(default=0, ge=0)
     """With freeze_encoder off: freeze the convolutions and the first N encoder layers."""
-    train_decoder: Literal["all", "cross_attention"] = "all"
-    """What of the decoder learns: all of it, or only its cross-attention (how it reads the
-    audio), leaving its language model (self-attention, MLPs, embeddings) as the parent's."""
+    train_decoder: Literal["all", "cross_attention", "none"] = "none"
+    """What of the decoder learns: all of it, only its cross-attention (how it reads the audio,
+    leaving its language model, self-attention, MLPs and embeddings, as the parent's), or none of
+    it (the parent's decoder exactly: a retrain then cannot learn sentences, only acoustics)."""
     lora: bool = False
     """Train LoRA adapters (peft) on the attention projections instead of whole weights."""
     lora_rank: int = Field(default=8, ge=1)
@@ -329,7 +336,8 @@ class TrainSettings(BaseModel):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    """On GPU: bf16 where supported, else fp16; always fp32 on CPU."""
+    """On GPU: bf16 where supported, else fp16; on CPU: bf16 where the CPU computes it natively
+    (AVX512-BF16, AMX), else fp32."""
     max_failures: int = Field(default=2, ge=0)
     """Worker failures Ray Train recovers from (resuming from the last checkpoint)."""
     threads: int = Field(default=0, ge=0)

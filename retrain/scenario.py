@@ -6,7 +6,7 @@ stable's WER on the generalisation set (the same drift speaking sentences in no 
 no worse than 2 % relative on each golden part (the real speech beside the checkout; the
 original clean synthetic slice).
 
-    python -m asrops.retrain.scenario [--work DIR] [--labelled 300] [--seeds 3]
+    python -m asrops.retrain.scenario [--work DIR] [--labelled 300] [--acoustic 300] [--seeds 3]
 
 Runs the retrain once per seed (each with its own drifted clips and generalisation set; the clean
 replay, retention and golden sets are shared) and prints, per judged set, the candidate/stable
@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from asrops.clip_manifest import write_rows
 from asrops.settings import Settings
 from asrops.synth import PRESETS, generate, split_templates
+from asrops.synth.text import DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="clean synthetic clips replayed in training")
     parser.add_argument("--generalisation", type=int, default=48,
                         help="clips of the drift speaking sentences in no template (the generalisation set)")
+    parser.add_argument("--acoustic", type=int, default=300,
+                        help="clips of the drift's acoustics speaking broad text (retrain.acoustic_manifests)")
     parser.add_argument("--golden-clean", type=int, default=60, help="clean synthetic clips in the golden set")
     parser.add_argument("--golden-real", type=int, default=60, help="real speech clips in the golden set")
     parser.add_argument("--retention-clean", type=int, default=40,
@@ -146,11 +149,16 @@ def run_once(args, seed: int, work: Path, common: CommonSets) -> ScenarioRun:
     started = time.monotonic()
     drifted = generate(DRIFT.model_copy(update={"n": args.labelled, "seed": seed}), work / "drifted", say)
     general = generate(DRIFT.model_copy(update={"n": args.generalisation, "seed": seed + 1000,
-                                                "unseen_text": True}), work / "generalisation", say)
+                                                "text": "unseen"}), work / "generalisation", say)
+    # Every domain's broad sentences: the drift's own domains alone would repeat a few dozen.
+    acoustic = generate(DRIFT.model_copy(update={"n": args.acoustic, "seed": seed + 2000, "text": "broad",
+                                                 "domains": list(DOMAINS)}), work / "acoustic", say) \
+        if args.acoustic else None
     from asrops.raycluster import init_ray
 
     settings = Settings(data_dir=work / "data")
     settings.retrain.curated_manifests = [drifted]
+    settings.retrain.acoustic_manifests = [acoustic] if acoustic else []
     settings.retrain.replay_manifests = [common.replay]
     speech = settings.speech_manifest
     if speech is None:

@@ -27,7 +27,9 @@ def job(stable_dir, tmp_path_factory) -> train.TrainJob:
     out = tmp_path_factory.mktemp("stages")
     rows = read_rows(generate(PRESETS["clean"].model_copy(update={"n": 6, "seed": 41}), out / "clips"),
                      resolve_audio=True)
-    settings = TrainSettings(max_steps=2, batch_size=2, eval_every_steps=1, threads=2, warmup_steps=0)
+    # the decoder learning on the frozen encoder's int8 outputs; the next but one test takes the default recipe
+    settings = TrainSettings(max_steps=2, batch_size=2, eval_every_steps=1, threads=2, warmup_steps=0,
+                             train_encoder_top_layers=0, train_decoder="all")
     return train.TrainJob(parent_dir=stable_dir, train_manifest=write_rows(out / "train.jsonl", rows[:4]),
                           validation_manifest=write_rows(out / "validation.jsonl", rows[4:]),
                           storage_path=str(out / "ckpt"), name="stages", output_dir=out / "model", settings=settings)
@@ -72,3 +74,31 @@ def test_the_stages_train_checkpoint_and_resume_where_they_left_off(job, tmp_pat
     assert again.scheduler.state_dict() == run.scheduler.state_dict()
     assert train.train_step(again, random.Random(1))["step"] == 2
     assert train.guard(again) is None  # no retention set: no guard
+
+
+def test_top_encoder_layers_learn_on_cached_frozen_layers_and_the_decoder_stays_the_parents(job):
+    """The drift recipe: the encoder's top layers learn, on the frozen layers' output computed
+    once per clip; the decoder (the language model that memorises sentences) is the parent's."""
+    defaults = TrainSettings()
+    assert (defaults.train_encoder_top_layers, defaults.train_decoder) == (2, "none")
+    # in fp32, so the cached path can be compared with the whole encoder exactly
+    settings = job.settings.model_copy(update={"train_encoder_top_layers": 2, "train_decoder": "none",
+                                               "mixed_precision": "no"})
+    run = train.setup(job.model_copy(update={"settings": settings}), torch.device("cpu"))
+    encoder = train._base(run.model).model.encoder
+    learning = {name for name, p in run.model.named_parameters() if p.requires_grad}
+    assert learning and all(name.startswith(("model.encoder.layers.2.", "model.encoder.layers.3.",
+                                             "model.encoder.layer_norm.")) for name in learning), learning
+    # what is cached is the input of layer 2; the top two layers and the norm make the encoder's output
+    features = train._features(run.processor.feature_extractor, run.train_audio[:2])
+    with torch.no_grad():
+        whole = encoder(torch.from_numpy(features)).last_hidden_state
+        assert torch.allclose(train.top_of_encoder(run.model, run.cached[:2], 2), whole, atol=1e-5)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    train.resume(run, None)
+    train.train_step(run, random.Random(0))
+    after = run.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "model.encoder.layers.3.fc1.weight" in changed
+    assert not {k for k in changed if k.startswith(("model.decoder.", "proj_out."))}
+    assert not {k for k in changed if k.startswith(("model.encoder.layers.0.", "model.encoder.conv"))}
