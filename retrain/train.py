@@ -580,8 +580,9 @@ def train_loop_per_worker(config: dict) -> None:
     job = TrainJob.model_validate(config)
     s = job.settings
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    # Ray starts a 1-CPU worker with OMP_NUM_THREADS=1; threads=0 means every core, as documented
+    # (one thread made each step of the drift scenario take 13 s instead of about 6)
+    torch.set_num_threads(s.threads or len(os.sched_getaffinity(0)))
     pid_file = Path(job.output_dir) / "worker.pid"  # lets an operator (or a test) find the worker
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(str(os.getpid()))
