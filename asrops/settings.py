@@ -315,6 +315,10 @@ class TrainSettings(BaseModel):
     lora: bool = False
     """Train LoRA adapters (peft) on the attention projections instead of whole weights."""
     lora_rank: int = Field(default=8, ge=1)
+    replay_kl_weight: float = Field(default=1.0, ge=0)
+    """Weight of KL(parent || model) on the replayed clips' tokens, added to the loss (0 = off):
+    on known-good speech the model keeps saying what the parent said. With cached encoder
+    outputs only (the default recipes)."""
     spec_augment: bool = True
     """Whisper's config masks (time and feature) while training, when the encoder is trained."""
     speed_perturbation: tuple[float, ...] = (0.9, 1.0, 1.1)

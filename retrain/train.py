@@ -60,6 +60,8 @@ MAX_LABEL_TOKENS = 128
 STATE_FILE = "train_state.pt"
 BEST_DIR = "best"
 GUARD_FILE = "forgetting_guard.json"
+REPLAYED_SOURCES = ("replay", "self_labelled")
+"""Training rows of known-good speech (retrain/dataset.py's sources), where the KL term holds the model."""
 ENCODER_CACHE_ENTRIES = 256
 """Encoded batches kept for validation (a batch of 8 windows is ~18 MB): every first window, and
 the later windows of long clips, which move with each model's timestamps."""
@@ -399,6 +401,10 @@ class TrainingRun:
     """Encoder outputs of every training clip when the encoder is frozen, else None."""
     validation: HeldOut
     progress: Progress = field(default_factory=Progress)
+    parent: object = None
+    """A frozen copy of the parent, for the KL term on replayed clips (None: no term)."""
+    replayed: list[bool] = field(default_factory=list)
+    """Per training row: replayed known-good speech (the KL term's clips)."""
 
     @property
     def settings(self) -> TrainSettings:
@@ -452,11 +458,18 @@ def setup(job: TrainJob, device, rank: int = 0, world: int = 1, wrap=lambda mode
     encoder = Encoder(device, int8, frozen=s.freeze_encoder, batch_size=s.encode_batch_size, top_layers=top,
                       autocast_dtype=autocast_dtype)
     cached = encoder.clips(model, processor.feature_extractor, train_audio, "training") if s.freeze_encoder else None
+    parent = None
+    if s.replay_kl_weight and cached is not None:
+        import copy
+
+        parent = copy.deepcopy(_base(model)).eval().requires_grad_(False)
+    replayed = [r.get("source") in REPLAYED_SOURCES for r in train_rows]
     return TrainingRun(job=job, device=device, rank=rank, world=world, processor=processor,
                        special=SpecialTokens.from_tokenizer_file(Path(job.parent_dir) / "tokenizer.json"),
                        model=model, params=params, optimizer=optimizer, scheduler=scheduler,
                        autocast_dtype=autocast_dtype, encoder=encoder, train_rows=train_rows, train_audio=train_audio,
-                       cached=cached, validation=HeldOut(valid_rows, job, device, encoder))
+                       cached=cached, validation=HeldOut(valid_rows, job, device, encoder), parent=parent,
+                       replayed=replayed)
 
 
 def resume(run: TrainingRun, checkpoint_dir: Path | None) -> None:
@@ -497,10 +510,13 @@ def train_step(run: TrainingRun, rng: random.Random) -> dict:
             if run.encoder.top_layers:
                 encoded = top_of_encoder(run.model, encoded, run.encoder.top_layers)
             out = run.model(encoder_outputs=(encoded,), labels=labels)
+            kl = _replay_kl(run, batch, labels, out.logits)
+            loss = out.loss if kl is None else out.loss + s.replay_kl_weight * kl
         else:
             features = torch.from_numpy(_features(run.processor.feature_extractor, audios)).to(run.device)
             out = run.model(input_features=features, labels=labels)
-    out.loss.backward()
+            loss, kl = out.loss, None
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(run.params, s.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
@@ -512,10 +528,31 @@ def train_step(run: TrainingRun, rng: random.Random) -> dict:
     eta = (s.max_steps - p.step) * len(batch) / rate if rate else float("nan")
     lr = run.scheduler.get_last_lr()[0]
     metrics = {"step": p.step, "loss": float(out.loss.detach()), "learning_rate": lr, "samples_per_second": rate,
-               "eta_seconds": eta}
+               "eta_seconds": eta, **({} if kl is None else {"replay_kl": float(kl.detach())})}
     log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s ETA %.0f s", p.step, s.max_steps, metrics["loss"], lr,
              rate, eta)
     return metrics
+
+
+def _replay_kl(run: TrainingRun, batch: list[int], labels, logits):
+    """KL(parent || model) over the label tokens of the batch's replayed clips: what the model
+    says on known-good speech stays what the parent said (the parent's own labels, as cross-
+    entropy, only hold its top choice). None when there is no parent copy or no replayed clip."""
+    import torch
+
+    rows = [i for i, b in enumerate(batch) if run.replayed[b]]
+    if run.parent is None or not rows:
+        return None
+    index = torch.tensor(rows, device=logits.device)
+    with torch.no_grad():
+        encoded = run.cached[[batch[i] for i in rows]]
+        if run.encoder.top_layers:
+            encoded = top_of_encoder(run.parent, encoded, run.encoder.top_layers)
+        target = run.parent(encoder_outputs=(encoded,), labels=labels[index]).logits.float().log_softmax(-1)
+    mine = logits[index].float().log_softmax(-1)
+    per_token = (target.exp() * (target - mine)).sum(-1)
+    scored = labels[index] != -100
+    return per_token[scored].mean()
 
 
 def due_for_evaluation(run: TrainingRun) -> bool:

@@ -96,7 +96,10 @@ def test_top_encoder_layers_learn_on_cached_frozen_layers_and_the_decoder_stays_
         assert torch.allclose(train.top_of_encoder(run.model, run.cached[:2], 2), whole, atol=1e-5)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     train.resume(run, None)
-    train.train_step(run, random.Random(0))
+    run.replayed = [True] * len(run.train_rows)  # as if every clip were replayed known-good speech
+    first = train.train_step(run, random.Random(0))
+    assert first["replay_kl"] == pytest.approx(0.0, abs=1e-5)  # the model starts as the parent
+    assert train.train_step(run, random.Random(0))["replay_kl"] > 1e-6  # and the term sees it move
     after = run.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "model.encoder.layers.3.fc1.weight" in changed
