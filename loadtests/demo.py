@@ -2,7 +2,9 @@
 
     python -m loadtests.demo [--work out/demo]
 
-1. Synthesise speech: clean, drifted (accented voices at 10 dB SNR), replayed and golden clean.
+1. Synthesise speech: clean, drifted (accented voices at 10 dB SNR), replayed and golden clean,
+   the drift's acoustics over broad text (for the retrain) and over sentences in no training
+   text (the gate's generalisation set).
 2. Start the stack on demo settings (30-s drift windows, 15-s rollout intervals, so the story
    fits in minutes) in a fresh data directory: Ray Serve; a minute of clean traffic pinned as
    the drift reference; the drift monitor with its retrain trigger, the promotion controller
@@ -10,8 +12,9 @@
 3. Stationary traffic (clean speech): the monitor's windows find no drift.
 4. Drifted traffic whose answers the clients correct (POST /v1/feedback): a drift verdict; with
    enough corrections the monitor's trigger submits a retrain as a Ray job.
-5. The retrain fine-tunes on the corrections, evaluates the candidate against the stable on
-   held-out corrections and the golden set, and deploys it as canary; the controller steps it
+5. The retrain adapts the encoder's top layers to the drift's acoustics (corrections and broad
+   text), evaluates the candidate against the stable on held-out corrections, the generalisation
+   set and each golden part, and deploys it as canary; the controller steps it
    up on live Prometheus metrics while mixed traffic goes on, and promotes it.
 6. A deliberately bad candidate (the new stable with noise added to its decoder) is made
    canary; the controller rolls it back.
@@ -37,18 +40,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from asrops.synth import PRESETS, generate, split_templates
+from asrops.synth.text import DOMAINS
 from loadtests import CHECKOUT_SPEECH
 
 log = logging.getLogger("asrops.demo")
 
 DRIFT = PRESETS["drift-accent-noise"]
+ACOUSTIC_CLIPS = 200
+"""Clips of the drift's voices and noise speaking broad text, for the retrain."""
 ADMIN_TOKEN = "demo-admin-token"
 CLIENT_KEYS = [f"demo-client-{i}" for i in range(8)]
 """The demo's client apps: corrections count by client (API key), and a retrain or a canary's
 feedback WER needs several (retrain.trigger.min_label_clients)."""
 
 
-def demo_env(data_dir: Path, replay: Path, golden: Path) -> dict[str, str]:
+def demo_env(data_dir: Path, replay: Path, golden: Path, acoustic: Path, generalisation: Path) -> dict[str, str]:
     """Settings of the demo, as environment variables so that the monitor, the controller and
     the retrain job (separate processes) read the same ones."""
     return {
@@ -62,9 +68,15 @@ def demo_env(data_dir: Path, replay: Path, golden: Path) -> dict[str, str]:
         "ASROPS_RETRAIN__TRIGGER__MIN_NEW_LABELS": "250",
         "ASROPS_RETRAIN__TRIGGER__COOLDOWN_S": "0",
         "ASROPS_RETRAIN__REPLAY_MANIFESTS": json.dumps([str(replay)]),
+        # The drift's acoustics over broad text (what the retrain learns from beside the
+        # corrections), and the same drift over sentences in no training text (what the gate
+        # judges generalisation on). The drift is the demo's own: on a real service, synthesise
+        # or record the drift's voices, noise and channel the drift report shows.
+        "ASROPS_RETRAIN__ACOUSTIC_MANIFESTS": json.dumps([str(acoustic)]),
+        "ASROPS_RETRAIN__GENERALISATION_MANIFESTS": json.dumps([str(generalisation)]),
         "ASROPS_RETRAIN__GOLDEN_MANIFESTS": json.dumps([str(golden), *_speech_manifest()]),
         "ASROPS_RETRAIN__GOLDEN_CLIPS": "60",
-        # The retrain's defaults (lr 2e-5, 75 % replay, the forgetting guard) with 40 steps
+        # The retrain's defaults (the encoder's top layers at 1e-4, 75 % replay, the forgetting guard) with 40 steps
         # instead of 60, for the demo's time budget.
         "ASROPS_RETRAIN__TRAIN__MAX_STEPS": "40",
         # The analysis's default evidence (20 canary requests a window, AnalysisSpec.min_requests):
@@ -189,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
                       work / "replay", say)
     golden = generate(clean.model_copy(update={"n": 60, "seed": 23, "template_ids": golden_templates}),
                       work / "golden", say)
-    os.environ.update(demo_env(work / "data", replay, golden))
+    acoustic = generate(DRIFT.model_copy(update={"n": ACOUSTIC_CLIPS, "seed": 2021, "text": "broad",
+                                                 "domains": list(DOMAINS)}), work / "acoustic", say)
+    generalisation = generate(DRIFT.model_copy(update={"n": 48, "seed": 1021, "text": "unseen"}),
+                              work / "generalisation", say)
+    os.environ.update(demo_env(work / "data", replay, golden, acoustic, generalisation))
 
     from ray import serve
 
