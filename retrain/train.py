@@ -174,8 +174,8 @@ def _prepare_model(parent_dir: Path, s: TrainSettings, device):
     encoder = model.model.encoder
     if s.freeze_encoder:
         encoder.requires_grad_(False)
-        for module in [*encoder.layers[len(encoder.layers) - s.train_encoder_top_layers:], encoder.layer_norm]:
-            if s.train_encoder_top_layers:
+        if s.train_encoder_top_layers:
+            for module in [*encoder.layers[len(encoder.layers) - s.train_encoder_top_layers:], encoder.layer_norm]:
                 module.requires_grad_(True)
     elif s.freeze_encoder_layers:
         for module in [encoder.conv1, encoder.conv2, encoder.embed_positions,
@@ -423,7 +423,8 @@ def _autocast_dtype(s: TrainSettings, device):
         bf16 = torch.cuda.is_bf16_supported()
         return torch.bfloat16 if s.mixed_precision == "bf16" or (s.mixed_precision == "auto" and bf16) \
             else torch.float16
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: absent means unknown
+    native = torch.backends.mkldnn.is_available() and probe is not None and probe()
     return torch.bfloat16 if s.mixed_precision == "bf16" or (s.mixed_precision == "auto" and native) else None
 
 
