@@ -45,10 +45,11 @@ def synth(
     text: Annotated[Optional[str], typer.Option(
         help="What is spoken: templates (default); unseen, the sentences kept for judging generalisation (in "
         "no template): with a drift's preset, a generalisation set (retrain.generalisation_manifests); broad, "
-        "everyday sentences in neither, to train on some acoustics.")] = None,
+        "everyday sentences in neither, of every domain unless --domains is given, to train on some acoustics "
+        "(retrain.acoustic_manifests).")] = None,
 ) -> None:
     """Generate labelled synthetic speech (espeak-ng/flite) and a manifest for `asrops eval`."""
-    from asrops.synth import PRESETS, SynthSpec, generate
+    from asrops.synth import PRESETS, SynthSpec, generate, speaking
 
     setup()
     if preset is not None and preset not in PRESETS:
@@ -70,5 +71,7 @@ def synth(
         spec = SynthSpec.model_validate((PRESETS[preset].model_dump() if preset else {}) | given)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if text is not None and domains is None:  # a preset's acoustics speaking that text (broad: every domain)
+        spec = speaking(spec, spec.text, spec.n, spec.seed)
     manifest = generate(spec, out_dir, progress=say)
     typer.echo(manifest)

@@ -39,8 +39,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from asrops.synth import PRESETS, generate, split_templates
-from asrops.synth.text import DOMAINS
+from asrops.synth import PRESETS, generate, speaking, split_templates
 from loadtests import CHECKOUT_SPEECH
 
 log = logging.getLogger("asrops.demo")
@@ -201,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                       work / "replay", say)
     golden = generate(clean.model_copy(update={"n": 60, "seed": 23, "template_ids": golden_templates}),
                       work / "golden", say)
-    acoustic = generate(DRIFT.model_copy(update={"n": ACOUSTIC_CLIPS, "seed": 2021, "text": "broad",
-                                                 "domains": list(DOMAINS)}), work / "acoustic", say)
-    generalisation = generate(DRIFT.model_copy(update={"n": 48, "seed": 1021, "text": "unseen"}),
-                              work / "generalisation", say)
+    acoustic = generate(speaking(DRIFT, "broad", ACOUSTIC_CLIPS, 2021), work / "acoustic", say)
+    generalisation = generate(speaking(DRIFT, "unseen", 48, 1021), work / "generalisation", say)
     os.environ.update(demo_env(work / "data", replay, golden, acoustic, generalisation))
 
     from ray import serve

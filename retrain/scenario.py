@@ -28,8 +28,7 @@ from pydantic import BaseModel
 
 from asrops.clip_manifest import write_rows
 from asrops.settings import Settings
-from asrops.synth import PRESETS, generate, split_templates
-from asrops.synth.text import DOMAINS
+from asrops.synth import PRESETS, generate, speaking, split_templates
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +147,8 @@ def run_once(args, seed: int, work: Path, common: CommonSets) -> ScenarioRun:
     say = log.info
     started = time.monotonic()
     drifted = generate(DRIFT.model_copy(update={"n": args.labelled, "seed": seed}), work / "drifted", say)
-    general = generate(DRIFT.model_copy(update={"n": args.generalisation, "seed": seed + 1000,
-                                                "text": "unseen"}), work / "generalisation", say)
-    # Every domain's broad sentences: the drift's own domains alone would repeat a few dozen.
-    acoustic = generate(DRIFT.model_copy(update={"n": args.acoustic, "seed": seed + 2000, "text": "broad",
-                                                 "domains": list(DOMAINS)}), work / "acoustic", say) \
+    general = generate(speaking(DRIFT, "unseen", args.generalisation, seed + 1000), work / "generalisation", say)
+    acoustic = generate(speaking(DRIFT, "broad", args.acoustic, seed + 2000), work / "acoustic", say) \
         if args.acoustic else None
     from asrops.raycluster import init_ray
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from asrops.audio import SAMPLE_RATE
 from asrops.clip_manifest import read_rows as load_rows
 from asrops.synth import effects
-from asrops.synth.generate import PRESETS, SynthRow, SynthSpec, generate, plan
+from asrops.synth.generate import PRESETS, SynthRow, SynthSpec, generate, plan, speaking
 from asrops.synth.text import (
     BROAD,
     DOMAINS,
@@ -88,8 +88,12 @@ def test_broad_sentences_are_in_no_template_nor_the_unseen_set_and_repeats_chang
     for sentence in sentences:
         assert not any(p.fullmatch(sentence) for p in patterns), sentence
         assert sentence.lower() not in unseen, sentence
-    clips = plan(SynthSpec(n=300, voices=["en-gb-scotland", "en-029"], text="broad", seed=7))
-    assert {c.template for c in clips} <= set(BROAD)
+    drift = PRESETS["drift-accent-noise"]
+    assert speaking(drift, "unseen", 48, 7).domains == drift.domains  # the generalisation set keeps them
+    spec = speaking(drift, "broad", 300, 7)
+    assert (spec.voices, spec.snr_db, spec.rate) == (drift.voices, drift.snr_db, drift.rate)
+    clips = plan(spec)
+    assert {c.template for c in clips} <= set(BROAD) and {c.domain for c in clips} == set(DOMAINS)
     assert len({c.text for c in clips}) == 200  # every sentence before any twice
     assert len({(c.text, c.voice.name) for c in clips}) == 300  # and a repeat in the other voice
 

@@ -148,6 +148,14 @@ class SynthRow(BaseModel):
     duration_s: float
 
 
+def speaking(spec: SynthSpec, text: TextPool, n: int, seed: int) -> SynthSpec:
+    """`spec`'s acoustics (voices, rate, noise, channel) speaking `text`: a drift's
+    generalisation set (unseen) or its acoustics for training (broad). Broad text is drawn from
+    every domain: a drift's own few domains would repeat a few dozen sentences."""
+    domains = list(DOMAINS) if text == "broad" else spec.domains
+    return spec.model_copy(update={"n": n, "seed": seed, "text": text, "domains": domains})
+
+
 def plan(spec: SynthSpec, voices: list[Voice] | None = None) -> list[Clip]:
     """The clips `generate` will make, without synthesising anything. Voices rotate every clip
     and domains every round of voices, so small sets still cover every voice x domain pair."""
