@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -273,9 +274,14 @@ class Encoder:
         return torch.cat(outs)
 
 
+@cache
+def _takes_head_mask(layer_type: type) -> bool:
+    """transformers 4.x's encoder layer requires a head mask argument; 5.x's has none."""
+    return "layer_head_mask" in inspect.signature(layer_type.forward).parameters
+
+
 def _run_layer(layer, hidden):
-    # transformers 4.x requires a head mask argument; 5.x has none
-    extra = {"layer_head_mask": None} if "layer_head_mask" in inspect.signature(layer.forward).parameters else {}
+    extra = {"layer_head_mask": None} if _takes_head_mask(type(layer)) else {}
     out = layer(hidden, None, **extra)
     return out[0] if isinstance(out, tuple) else out
 
