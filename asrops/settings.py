@@ -45,6 +45,9 @@ class EngineSettings(BaseModel):
     """Default beam width; 1 is greedy decoding."""
     max_new_tokens: int = Field(default=224, ge=1, le=448)
     """Most tokens decoded per 30-s window (Whisper's context is 448; half is for the prompt)."""
+    temperature_fallback: bool = True
+    """Re-decode a window that loops or is improbable at rising temperatures, as openai/whisper
+    does (`DecodeOptions.temperature_increment`); off: every window is kept as first decoded."""
     offline_batch_size: int = Field(default=8, ge=1)
     """Clips one engine call transcribes in work off the request path: a retrain's evaluation,
     self-labelling and validation, and the drift reference (8 x 30-s windows: ~1 GB peak on CPU)."""
@@ -53,7 +56,8 @@ class EngineSettings(BaseModel):
         """What a plain request decodes with: evaluations that must judge what serves use these."""
         from asrops.engines.types import DecodeOptions
 
-        return DecodeOptions(beam_size=self.beam_size, max_new_tokens=self.max_new_tokens)
+        options = DecodeOptions(beam_size=self.beam_size, max_new_tokens=self.max_new_tokens)
+        return options if self.temperature_fallback else options.model_copy(update={"temperature_increment": None})
 
 
 class AudioSettings(BaseModel):
@@ -319,6 +323,11 @@ class TrainSettings(BaseModel):
     """Weight of KL(parent || model) on the replayed clips' tokens, added to the loss (0 = off):
     on known-good speech the model keeps saying what the parent said. With cached encoder
     outputs only (the default recipes)."""
+    replay_encoder_weight: float = Field(default=0.0, ge=0)
+    """Weight of the replayed clips' encoder-output change, ||model - parent||^2 / ||parent||^2 over
+    their frames, added to the loss (0 = off): the learning top layers keep what they make of
+    known-good speech, so that what they learn about the drift does not move real speech. With the
+    top-layer recipe only (it needs the frozen part's cached output)."""
     spec_augment: bool = True
     """Whisper's config masks (time and feature) while training, when the encoder is trained."""
     speed_perturbation: tuple[float, ...] = (0.9, 1.0, 1.1)

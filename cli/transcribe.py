@@ -42,7 +42,6 @@ def transcribe(
 ) -> None:
     """Transcribe a file: with --url through a running service, otherwise in this process."""
     from asrops.audio import decode_audio
-    from asrops.engines import DecodeOptions
     from asrops.formats import WRITERS
 
     settings = setup()
@@ -53,7 +52,8 @@ def transcribe(
         return
     audio = decode_audio(file, settings.audio)
     _, eng = load_engine_for(settings, version, engine, threads)
-    result = eng.transcribe([audio.samples], DecodeOptions(prompt=prompt, beam_size=beam_size))[0]
+    options = settings.engine.decode_options().model_copy(update={"prompt": prompt, "beam_size": beam_size})
+    result = eng.transcribe([audio.samples], options)[0]
     out = WRITERS[response_format](result)
     typer.echo(json.dumps(out, indent=2) if isinstance(out, dict) else out.rstrip("\n"))
 
@@ -73,14 +73,13 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Clips per engine call.")] = 1,
 ) -> None:
     """Word and character error rates of a version on a manifest, overall and per slice."""
-    from asrops.engines import DecodeOptions
     from asrops.evaluation import core_english_filter, evaluate, format_report, load_manifest
 
     settings = setup()
     items = load_manifest(manifest, filter=core_english_filter if core else None)
     items = items[:limit] if limit else items
     version_id, eng = load_engine_for(settings, version, engine, threads)
-    options = DecodeOptions(beam_size=settings.engine.beam_size)
+    options = settings.engine.decode_options()
     report = evaluate(
         lambda audios: [t.text for t in eng.transcribe(audios, options)],
         items,

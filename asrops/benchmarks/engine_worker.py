@@ -53,7 +53,7 @@ def _ours(model_dir: str, kind: str, threads: int):
     from asrops.engines import DecodeOptions, load_engine
 
     engine = load_engine(Path(model_dir), kind, "cpu", threads)
-    options = DecodeOptions()
+    options = DecodeOptions(temperature_increment=None)  # like the peers here: temperature 0 only
     return lambda audios: [t.text for t in engine.transcribe(audios, options)]
 
 

@@ -12,7 +12,7 @@ tokens and can be decoded in one batch.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,10 @@ N_SAMPLES = CHUNK_S * SAMPLE_RATE  # 480,000 samples in a 30-s window
 TIME_PRECISION = 0.02  # seconds per timestamp token (2 mel frames)
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
+COMPRESSION_RATIO_THRESHOLD = 2.4
+"""openai/whisper's defaults: a window is silence when its no-speech probability is above 0.6 and
+its average log-probability below -1.0; it needs a temperature fallback when its text's gzip
+compression ratio is above 2.4 (it loops) or its average log-probability is below -1.0."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,22 @@ class DecodedWindow:
     tokens: list[int]  # sampled tokens, without the initial prompt and without EOT
     sum_logprob: float
     no_speech_prob: float
+    temperature: float = 0.0
 
     @property
     def avg_logprob(self) -> float:
         return self.sum_logprob / (len(self.tokens) + 1)  # +1 counts EOT, as openai/whisper
+
+    @property
+    def is_silence(self) -> bool:
+        return self.no_speech_prob > NO_SPEECH_THRESHOLD and self.avg_logprob < LOGPROB_THRESHOLD
+
+
+def needs_fallback(window: DecodedWindow, text: str) -> bool:
+    """Whether a window's decoding is doubtful enough to decode it again at a higher temperature
+    (openai/whisper's rule): its text loops or is improbable, and it is not silence."""
+    doubtful = compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or window.avg_logprob < LOGPROB_THRESHOLD
+    return doubtful and not window.is_silence
 
 
 def compression_ratio(text: str) -> float:
@@ -155,7 +171,6 @@ class WindowDecoder:
     special: SpecialTokens
     suppress: np.ndarray
     begin_suppress: np.ndarray
-    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
 
     def initial_tokens(self, prompt_tokens: list[int], timestamps: bool) -> list[int]:
         sp = self.special
@@ -173,26 +188,28 @@ class WindowDecoder:
         sot_logits = logits[:, sot_index].astype(np.float32)
         no_speech = np.exp(_log_softmax(sot_logits))[:, self.special.no_speech]
         last = logits[:, -1].astype(np.float32)
-        if options.beam_size > 1:
+        if options.beam_size > 1 and options.temperature == 0:
             results = self._beam(last, cache, tokens, rules, max_len, options.beam_size)
         else:
-            results = self._greedy(last, cache, tokens, rules, max_len, options.temperature)
+            results = self._greedy(last, cache, tokens, rules, max_len, options.temperature, _sampling_seeds(mel))
         return [
-            DecodedWindow(toks, lp, float(ns)) for (toks, lp), ns in zip(results, no_speech, strict=True)
+            DecodedWindow(toks, lp, float(ns), options.temperature)
+            for (toks, lp), ns in zip(results, no_speech, strict=True)
         ]
 
-    def _greedy(self, logits, cache, tokens, rules, max_len, temperature):
+    def _greedy(self, logits, cache, tokens, rules, max_len, temperature, seeds):
         eot = self.special.eot
         batch, begin = tokens.shape[0], tokens.shape[1]
         rows = np.arange(batch)  # which request each live row belongs to
         sums = np.zeros(batch)
         done: dict[int, tuple[list[int], float]] = {}
+        rngs = [np.random.default_rng([seed, round(temperature * 100)]) for seed in seeds] if temperature > 0 else []
         while True:
             rules.apply(logits, tokens)
             logprobs = _log_softmax(logits)
             if temperature > 0:
                 probs = np.exp(_log_softmax(logits / temperature))
-                nxt = np.array([self.rng.choice(len(p), p=p) for p in probs])
+                nxt = np.array([rngs[request].choice(len(p), p=p) for request, p in zip(rows, probs, strict=True)])
             else:
                 nxt = logits.argmax(axis=-1)
             sums[rows] += logprobs[np.arange(len(rows)), nxt]
@@ -265,6 +282,12 @@ class WindowDecoder:
             score, seq = max(finished[b], key=lambda item: item[0] / (len(item[1]) + 1))
             results.append(([t for t in seq if t != eot], score))
         return results
+
+
+def _sampling_seeds(mel: np.ndarray) -> list[int]:
+    """One seed per window, from its own features: sampling is reproducible and independent of
+    the other windows decoded beside it."""
+    return [zlib.crc32(np.ascontiguousarray(window).tobytes()) for window in mel]
 
 
 def split_segments(

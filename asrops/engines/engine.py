@@ -7,6 +7,7 @@ together, each request moving on by as much as its own timestamps say it consume
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +15,14 @@ import numpy as np
 
 from asrops.audio_format import SAMPLE_RATE
 from asrops.engines.decoding import (
-    LOGPROB_THRESHOLD,
+    COMPRESSION_RATIO_THRESHOLD,
     N_SAMPLES,
-    NO_SPEECH_THRESHOLD,
     DecodedWindow,
     SpecialTokens,
     WhisperBackend,
     WindowDecoder,
     compression_ratio,
+    needs_fallback,
     split_segments,
 )
 from asrops.engines.types import DecodeOptions, Segment, Transcription
@@ -101,11 +102,15 @@ class WhisperEngine:
             np.asarray(begin_suppress_tokens, dtype=np.int64),
         )
 
-    def transcribe(self, audios: list[np.ndarray], options: DecodeOptions | None = None) -> list[Transcription]:
+    def transcribe(self, audios: list[np.ndarray], options: DecodeOptions | None = None,
+                   on_segments: Callable[[int, list[Segment]], None] | None = None) -> list[Transcription]:
+        """`on_segments(i, segments)`, when given, is called with each window's new segments of
+        audio `i` as soon as that window is decoded (what a streamed answer sends)."""
         options = options or DecodeOptions()
         prompt = self.tokenizer.encode(" " + options.prompt.strip()) if options.prompt else []
         initial = self.decoder.initial_tokens(prompt, options.timestamps)
         states = [_Progress(np.asarray(a, dtype=np.float32)) for a in audios]
+        position = {id(state): i for i, state in enumerate(states)}
         while live := [s for s in states if not s.done]:
             chunks = [s.audio[s.seek : s.seek + N_SAMPLES] for s in live]
             audible = [i for i, c in enumerate(chunks) if np.abs(c).max() >= SILENCE_PEAK]
@@ -113,14 +118,44 @@ class WhisperEngine:
                 live[i].seek += len(chunks[i])
             if not audible:
                 continue
-            windows = self.decoder.decode(self.log_mel([chunks[i] for i in audible]), initial, options)
+            windows = self._decode(self.log_mel([chunks[i] for i in audible]), initial, options)
             for i, window in zip(audible, windows, strict=True):
-                self._advance(live[i], len(chunks[i]), window, options)
+                before = len(live[i].segments)
+                self._advance(live[i], len(chunks[i]), window)
+                if on_segments is not None and len(live[i].segments) > before:
+                    on_segments(position[id(live[i])], live[i].segments[before:])
         return [self._result(s) for s in states]
 
-    def _advance(self, state: _Progress, chunk_len: int, window: DecodedWindow, options: DecodeOptions) -> None:
+    def _decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions) -> list[DecodedWindow]:
+        """The windows decoded at the request's temperature, and those that need it decoded again
+        at rising temperatures (only they: the rest of the batch keeps its first decoding). A
+        window that fails at every temperature keeps its best try: the most probable one that does
+        not loop, else the most probable (faster-whisper's choice; openai/whisper keeps the last,
+        which at 1.0 is often noise)."""
+        windows = self.decoder.decode(mel, initial, options)
+        step, temperature = options.temperature_increment, options.temperature
+        tries: dict[int, list[DecodedWindow]] = {}
+        retry = [i for i, w in enumerate(windows) if needs_fallback(w, self._text(w))] if step else []
+        while retry and temperature + step <= 1.0 + 1e-6:
+            temperature = round(temperature + step, 6)
+            log.debug("temperature fallback: %d of %d windows again at %.1f", len(retry), len(windows), temperature)
+            again = self.decoder.decode(mel[retry], initial, options.model_copy(update={"temperature": temperature}))
+            for i, window in zip(retry, again, strict=True):
+                tries.setdefault(i, [windows[i]]).append(window)
+                windows[i] = window
+            retry = [i for i in retry if needs_fallback(windows[i], self._text(windows[i]))]
+        for i in retry:  # failed at every temperature
+            tried = tries.get(i, [windows[i]])
+            calm = [w for w in tried if compression_ratio(self._text(w)) <= COMPRESSION_RATIO_THRESHOLD]
+            windows[i] = max(calm or tried, key=lambda w: w.avg_logprob)
+        return windows
+
+    def _text(self, window: DecodedWindow) -> str:
+        return self.tokenizer.decode([t for t in window.tokens if t < self.special.timestamp_begin])
+
+    def _advance(self, state: _Progress, chunk_len: int, window: DecodedWindow) -> None:
         offset_s, window_s = state.seek / SAMPLE_RATE, chunk_len / SAMPLE_RATE
-        if window.no_speech_prob > NO_SPEECH_THRESHOLD and window.avg_logprob < LOGPROB_THRESHOLD:
+        if window.is_silence:
             state.seek += chunk_len  # silence: skip the window, as openai/whisper does
             return
         pieces, consumed_s = split_segments(window, offset_s, window_s, self.special)
@@ -138,7 +173,7 @@ class WhisperEngine:
                     avg_logprob=window.avg_logprob,
                     no_speech_prob=window.no_speech_prob,
                     compression_ratio=compression_ratio(text),
-                    temperature=options.temperature,
+                    temperature=window.temperature,
                 )
             )
         state.seek += max(1, min(chunk_len, round(consumed_s * SAMPLE_RATE)))

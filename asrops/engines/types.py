@@ -11,7 +11,13 @@ class DecodeOptions(BaseModel):
     beam_size: int = Field(default=1, ge=1, le=16)
     """1 is greedy decoding."""
     temperature: float = Field(default=0.0, ge=0.0, le=1.0)
-    """0 decodes deterministically; above 0 samples (greedy path only)."""
+    """0 decodes deterministically (greedy or beam search); above 0 samples one candidate, seeded by the window's own
+    audio, so that the same audio gets the same text whatever it is batched with."""
+    temperature_increment: float | None = Field(default=0.2, gt=0.0, le=1.0)
+    """Temperature fallback, as openai/whisper: a window whose text loops (gzip compression ratio
+    above 2.4) or whose average log-probability is below -1.0 is decoded again at `temperature`
+    plus this, then plus twice this, ... up to 1.0, until it passes (a silent window never
+    retries); the last try is kept. None turns it off."""
     prompt: str | None = None
     """Initial prompt: previous text or domain vocabulary that biases decoding."""
     timestamps: bool = True
@@ -35,6 +41,7 @@ class Segment(BaseModel):
     compression_ratio: float
     """gzip ratio of the text; > 2.4 means repetitive, likely hallucinated."""
     temperature: float = 0.0
+    """The temperature its window was decoded at (above the request's after a fallback)."""
 
 
 class Transcription(BaseModel):
