@@ -7,21 +7,23 @@ directly), so the HTTP contract is tested once, without Ray.
 
 
 import asyncio
+import json
 import logging
 import math
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Protocol
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from asrops.audio import decode_audio
-from asrops.engines.types import DecodeOptions, Transcription
+from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.feedback import FeedbackIn, FeedbackRecord
-from asrops.formats import WRITERS
+from asrops.formats import WRITERS, usage
 from asrops.request_id import RULE, is_valid, new_request_id
 from asrops.serve.auth import ClientKeys
 from asrops.serve.errors import (
@@ -32,6 +34,7 @@ from asrops.serve.errors import (
     TIMEOUT,
     UNAUTHORIZED,
     ApiError,
+    error_body,
     error_response,
     install_error_handlers,
 )
@@ -55,6 +58,14 @@ class TranscribeResult(BaseModel):
     batch_size: int = 1
 
 
+class SegmentsDecoded(BaseModel):
+    """A streamed request's new segments, sent as soon as their window is decoded."""
+
+    segments: list[Segment]
+    version: str
+    route: str = "stable"
+
+
 class Transcriber(Protocol):
     """What the API needs from the serving side."""
 
@@ -72,6 +83,11 @@ class Transcriber(Protocol):
         """Transcribe with the version that `model` names (an alias or a version id); `client`
         is the identity that keeps one caller on one version during a canary rollout."""
 
+    def transcribe_stream(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str,
+                          request_id: str) -> AsyncIterator[SegmentsDecoded | TranscribeResult]:
+        """`transcribe`, with `SegmentsDecoded` as windows are decoded and the `TranscribeResult`
+        last. Fails before its first event as `transcribe` does; after it, by raising."""
+
 
 class ModelCard(BaseModel):
     id: str
@@ -85,8 +101,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+STREAMED_FORMATS = ("json", "text")
+"""Formats a streamed answer can stand for: its events carry text (as OpenAI's)."""
+
+
 def _options(response_format: str, language: str | None, temperature: float, prompt: str | None,
-             granularities: list[str] | None, settings: Settings) -> DecodeOptions:
+             granularities: list[str] | None, stream: bool, settings: Settings) -> DecodeOptions:
     if prompt and len(prompt) > settings.serve.max_prompt_chars:
         raise ApiError(INVALID_VALUE, f"prompt is {len(prompt):,} characters; the limit is "
                        f"{settings.serve.max_prompt_chars:,} (Whisper reads at most 223 prompt tokens).", "prompt")
@@ -96,6 +116,10 @@ def _options(response_format: str, language: str | None, temperature: float, pro
     if language and language.lower() not in ("en", "english"):
         raise ApiError(INVALID_VALUE, f"This service transcribes English only; got language={language!r}. "
                        "Omit language or send 'en'.", "language")
+    if stream and response_format not in STREAMED_FORMATS:
+        raise ApiError(INVALID_VALUE, f"stream=true sends text events; response_format must be "
+                       f"{' or '.join(STREAMED_FORMATS)} with it, got {response_format!r} (or send stream=false).",
+                       "stream")
     if not 0.0 <= temperature <= 1.0:
         raise ApiError(INVALID_VALUE, f"temperature must be between 0 and 1; got {temperature}.", "temperature")
     for g in granularities or []:
@@ -105,19 +129,13 @@ def _options(response_format: str, language: str | None, temperature: float, pro
         if g == "word":
             raise ApiError(INVALID_VALUE, "Word-level timestamps are not supported yet; ask for 'segment'.",
                            "timestamp_granularities[]")
-    return DecodeOptions(
-        temperature=temperature,
-        prompt=prompt or None,
-        beam_size=settings.engine.beam_size,
-        max_new_tokens=settings.engine.max_new_tokens,
-    )
+    return settings.engine.decode_options().model_copy(update={"temperature": temperature, "prompt": prompt or None})
 
 
 FORM_FIELDS = frozenset({"file", "model", "language", "prompt", "response_format", "temperature",
-                         "timestamp_granularities[]"})
+                         "timestamp_granularities[]", "stream"})
 """The transcription form fields this service honours."""
 NOT_HONOURED = {
-    "stream": "streaming is not supported yet; send stream=false (or leave it out) for one JSON answer.",
     "include[]": "logprobs are for the gpt-4o transcription models; leave it out.",
     "chunking_strategy": "audio is cut into 30-s windows here; leave it out or send 'auto'.",
     "known_speaker_names[]": "speaker names are for diarization models; leave them out.",
@@ -125,7 +143,7 @@ NOT_HONOURED = {
 }
 """Fields OpenAI's transcription API defines that this service does not honour, with why; each is
 refused with a 400 naming it, except for a value that asks for what is done anyway."""
-HONOURED_ANYWAY = {"stream": {"false", "False", "0"}, "chunking_strategy": {"auto"}}
+HONOURED_ANYWAY = {"chunking_strategy": {"auto"}}
 
 
 def _check_fields(names: set[str], values: dict[str, str]) -> None:
@@ -145,6 +163,69 @@ def _render(result: Transcription, response_format: str, headers: dict) -> Respo
     if isinstance(body, dict):
         return JSONResponse(body, headers=headers)
     return PlainTextResponse(body, media_type=TEXT_MEDIA_TYPES[response_format], headers=headers)
+
+
+def _observe(telemetry: RequestTelemetry, request: Request, request_id: str, status: int) -> None:
+    state = request.state
+    telemetry.observe(request_id, status, time.perf_counter() - state.started,
+                      getattr(state, "error_code", None) if status >= 400 else None,
+                      getattr(state, "decoded", None), getattr(state, "result", None),
+                      getattr(state, "version", None) if status >= 500 else None,
+                      client=getattr(state, "quota_client", None))
+
+
+def _timeout_message(settings: Settings) -> str:
+    return f"Transcription took longer than {settings.serve.request_timeout_s:.0f} s. Retry, or send shorter audio."
+
+
+async def _next_event(events: AsyncIterator, deadline: float, settings: Settings):
+    try:
+        return await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise ApiError(TIMEOUT, _timeout_message(settings)) from None
+
+
+CLIENT_CLOSED = 499
+"""The status a stream the client hung up on is counted with (nginx's convention)."""
+
+
+def _sse_event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+async def _sse(first, events: AsyncIterator, deadline: float, settings: Settings, request: Request,
+               telemetry: RequestTelemetry | None):
+    """OpenAI's transcription stream as server-sent events: `transcript.text.delta` per decoded
+    segment (the deltas join into the text), then `transcript.text.done` with the text and usage.
+    A failure after the first event ends the stream with an `error` event in the OpenAI error shape
+    (the openai SDK raises it as an APIError); the request is observed (metrics, production log)
+    when the stream ends, with the status it would have had."""
+    sent, status, event = "", 200, first
+    try:
+        while isinstance(event, SegmentsDecoded):
+            text = (sent + "".join(s.text for s in event.segments)).lstrip()
+            if delta := text[len(sent):]:
+                yield _sse_event({"type": "transcript.text.delta", "delta": delta})
+            sent = text
+            event = await _next_event(events, deadline, settings)
+        request.state.result = event
+        yield _sse_event({"type": "transcript.text.done", "text": event.transcription.text,
+                          "usage": usage(event.transcription)})
+    except Exception as exc:
+        kind, message = (exc.kind, exc.message) if isinstance(exc, ApiError) else \
+            (INTERNAL, f"The transcription failed part way; quote request id {request.state.request_id}.")
+        if not isinstance(exc, ApiError):
+            log.warning("request %s: stream failed after its first event (%s: %s)", request.state.request_id,
+                        type(exc).__name__, exc)
+        status, request.state.error_code = kind.status, kind.code
+        yield _sse_event({"type": "error", **error_body(message, kind, None)})
+    except GeneratorExit:  # the client hung up
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        await events.aclose()
+        if telemetry:
+            _observe(telemetry, request, request.state.request_id, status)
 
 
 def build_api(
@@ -174,7 +255,7 @@ def build_api(
     async def request_id_and_size(request: Request, call_next):
         started = time.perf_counter()
         rid = request_id() if request_id else new_request_id()
-        request.state.request_id = rid
+        request.state.request_id, request.state.started = rid, started
         if not is_valid(rid):  # a client's X-Request-Id (Ray's proxy takes it): it would become a store key
             request.state.error_code = INVALID_REQUEST_ID.code
             response = error_response(f"X-Request-Id must be {RULE}; got {rid[:40]!r}"
@@ -189,13 +270,9 @@ def build_api(
                 response = error_response(f"Internal error; quote request id {rid} when reporting it.", INTERNAL)
         if request_id is None:
             response.headers["X-Request-Id"] = rid
-        if telemetry and request.url.path == TRANSCRIPTIONS_PATH and request.method == "POST":
-            state = request.state
-            telemetry.observe(rid, response.status_code, time.perf_counter() - started,
-                              getattr(state, "error_code", None) if response.status_code >= 400 else None,
-                              getattr(state, "decoded", None), getattr(state, "result", None),
-                              getattr(state, "version", None) if response.status_code >= 500 else None,
-                              client=getattr(state, "quota_client", None))
+        streaming = getattr(request.state, "streaming", False)  # a stream is observed when it ends
+        if telemetry and request.url.path == TRANSCRIPTIONS_PATH and request.method == "POST" and not streaming:
+            _observe(telemetry, request, rid, response.status_code)
         return response
 
     def client_key(request: Request) -> str:
@@ -236,10 +313,11 @@ def build_api(
         response_format: Annotated[str, Form()] = "json",
         temperature: Annotated[float, Form()] = 0.0,
         timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
+        stream: Annotated[bool, Form()] = False,
     ):
         form = await request.form()  # parsed once already, for the fields above
         _check_fields(set(form.keys()), {k: v for k, v in form.items() if isinstance(v, str)})
-        options = _options(response_format, language, temperature, prompt, timestamp_granularities, settings)
+        options = _options(response_format, language, temperature, prompt, timestamp_granularities, stream, settings)
         # An X-Model-Version header pins a version or alias, like `model` does (for testing).
         name = request.headers.get("x-model-version") or ("stable" if model == OPENAI_MODEL_ALIAS else model)
         # Unknown model → 404 before any decoding work; a request that fails with a 5xx later is
@@ -249,19 +327,32 @@ def build_api(
         if (wait_s := quotas.admit(quota_client)) is not None:
             raise ApiError(RATE_LIMITED, "Too many transcriptions from this client at once or per second; retry "
                            "after the time in Retry-After.", headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+        streamed = False
         try:
             data = await file.read()
             audio = await asyncio.to_thread(decode_audio, data, settings.audio)
             request.state.decoded = audio
+            if stream:
+                events = transcriber.transcribe_stream(name, audio.samples, options, client, request.state.request_id)
+                deadline = time.monotonic() + settings.serve.request_timeout_s
+                first = await _next_event(events, deadline, settings)  # a failure here is still a plain error
+                request.state.streaming = streamed = True
+                body = _sse(first, events, deadline, settings, request, telemetry)
+                # the client's slot is freed when the stream ends, or is dropped unstarted (a client
+                # that hangs up before the first byte)
+                weakref.finalize(body, quotas.release, quota_client)
+                return StreamingResponse(
+                    body, media_type="text/event-stream",
+                    headers={"X-Model-Version": first.version, "X-Route": first.route, "Cache-Control": "no-cache"})
             result = await asyncio.wait_for(
                 transcriber.transcribe(name, audio.samples, options, client, request.state.request_id),
                 settings.serve.request_timeout_s,
             )
         except TimeoutError:
-            raise ApiError(TIMEOUT, f"Transcription took longer than {settings.serve.request_timeout_s:.0f} s. "
-                           "Retry, or send shorter audio.") from None
+            raise ApiError(TIMEOUT, _timeout_message(settings)) from None
         finally:
-            quotas.release(quota_client)
+            if not streamed:  # a stream releases its slot when it ends
+                quotas.release(quota_client)
         request.state.result = result
         headers = {
             "X-Model-Version": result.version,

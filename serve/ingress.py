@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 from ray import serve
@@ -24,12 +25,12 @@ from asrops.feedback import RecentRequests
 from asrops.prodlog import ProductionLogWriter, store_for
 from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState
 from asrops.serve.admin import build_admin, serve_admin
-from asrops.serve.api import TranscribeResult, build_api
+from asrops.serve.api import SegmentsDecoded, TranscribeResult, build_api
 from asrops.serve.breaker import CircuitBreaker
 from asrops.serve.errors import INTERNAL, OVERLOADED, UNAVAILABLE, ApiError
 from asrops.serve.feedback import FeedbackRecorder
 from asrops.serve.metrics import BREAKER_VALUE, IngressMetrics
-from asrops.serve.model_server import ModelReply, ModelRequest
+from asrops.serve.model_server import ModelReply, ModelRequest, PartialReply
 from asrops.serve.routing import Route, RoutePlan, plan_route
 from asrops.serve.telemetry import RequestTelemetry
 from asrops.settings import Settings, load_settings
@@ -178,17 +179,57 @@ class ServeTranscriber:
     async def transcribe(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str,
                          request_id: str) -> TranscribeResult:
         plan = self._plan(model, client, request_id)
-        chain = [(plan.version, plan.route), *plan.fallbacks]
         request = ModelRequest(audio=audio, options=options)
+        version, route, reply = await self._first_answer(plan, request, request_id, self._call)
+        self.breaker(version).record(failed=False)
+        if plan.shadow and route is Route.SHADOW:
+            self._start_shadow(plan.shadow, request, reply.transcription.text, request_id)
+        self.stats.count(route)
+        log.info("request %s: answered by %s via route %s", request_id, reply.version, route.value)
+        return TranscribeResult(transcription=reply.transcription, version=reply.version, route=route.value,
+                                batch_size=reply.batch_size)
+
+    async def transcribe_stream(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str,
+                                request_id: str) -> AsyncIterator[SegmentsDecoded | TranscribeResult]:
+        """`transcribe`, streamed: routing and fallback are the same up to a version's first event
+        (nothing has reached the client yet); a failure after it ends the stream by raising."""
+        plan = self._plan(model, client, request_id)
+        request = ModelRequest(audio=audio, options=options)
+        version, route, (first, rest) = await self._first_answer(plan, request, request_id, self._open_stream)
+        self.stats.count(route)
+        log.info("request %s: streamed by %s via route %s", request_id, version, route.value)
+        finished = False
+        try:
+            event = first
+            while isinstance(event, PartialReply):
+                yield SegmentsDecoded(segments=event.segments, version=event.version, route=route.value)
+                event = await anext(rest)
+            if event.error:
+                raise ModelFailed(event.error)
+            finished = True
+        except Exception:  # the version's fault (a client that goes away is not: GeneratorExit)
+            self.breaker(version).record(failed=True)
+            raise
+        finally:
+            if not finished:
+                rest.cancel()
+        self.breaker(version).record(failed=False)
+        yield TranscribeResult(transcription=event.transcription, version=event.version, route=route.value,
+                               batch_size=event.batch_size)
+
+    async def _first_answer(self, plan: RoutePlan, request: ModelRequest, request_id: str, ask):
+        """(version, route, answer) from the first version in the plan's line that answers
+        `ask(version, request, timeout_s)`: a version whose breaker is open is skipped unless it is
+        the last one left; one that fails, hangs or lost its replicas hands over to the next."""
+        chain = [(plan.version, plan.route), *plan.fallbacks]
         for i, (version, route) in enumerate(chain):
             last = i == len(chain) - 1
-            # A version whose breaker is open is skipped, unless it is the last one left.
             if not self.breaker(version).allow() and not last:
                 if self.metrics:
                     self.metrics.breaker_skips.inc(1, tags={"model_version": version, "route": route.value})
                 continue
             try:
-                reply = await self._call(version, request, None if last else self._timeout(request))
+                return version, route, await ask(version, request, None if last else self._timeout(request))
             except BackPressureError:
                 if last:
                     raise ApiError(OVERLOADED, "The service is at capacity; retry after the time in Retry-After.",
@@ -206,15 +247,21 @@ class ServeTranscriber:
                 self.stats.fallbacks += 1
                 if self.metrics:
                     self.metrics.fallbacks.inc(1, tags={"model_version": version, "route": route.value})
-                continue
-            self.breaker(version).record(failed=False)
-            if plan.shadow and route is Route.SHADOW:
-                self._start_shadow(plan.shadow, request, reply.transcription.text, request_id)
-            self.stats.count(route)
-            log.info("request %s: answered by %s via route %s", request_id, reply.version, route.value)
-            return TranscribeResult(transcription=reply.transcription, version=reply.version, route=route.value,
-                                    batch_size=reply.batch_size)
         raise AssertionError("unreachable: the last version in line either answers or raises")
+
+    async def _open_stream(self, version: str, request: ModelRequest, timeout_s: float | None):
+        """A version's stream and its first event (a failure before it can still fall back)."""
+        if version not in self.running:
+            raise VersionUnavailable(f"version {version} is not running")
+        stream = self._handle(version).options(stream=True).transcribe_stream.remote(request)
+        try:
+            first = await asyncio.wait_for(anext(stream), timeout_s)
+        except BaseException:
+            stream.cancel()
+            raise
+        if isinstance(first, ModelReply) and first.error:
+            raise ModelFailed(first.error)
+        return first, stream
 
     def _timeout(self, request: ModelRequest) -> float:
         """How long a version with somewhere to fall back to gets: longer for longer audio."""

@@ -7,8 +7,11 @@ of its replicas carries the version.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -16,7 +19,7 @@ from ray import serve
 
 from asrops.audio_format import SAMPLE_RATE
 from asrops.engines import load_engine, resolve_device
-from asrops.engines.types import DecodeOptions, Transcription
+from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.registry import ModelRegistry
 from asrops.serve.lanes import EngineLanes
 from asrops.serve.metrics import ModelMetrics
@@ -46,6 +49,21 @@ class ModelReply(BaseModel):
     batch_size: int
 
 
+class PartialReply(BaseModel):
+    """A streamed request's segments of one decoded window, sent before its `ModelReply`."""
+
+    segments: list[Segment]
+    version: str
+
+
+@dataclass(frozen=True)
+class _Work:
+    """A request on the lanes, with where its segments go as windows are decoded (streams)."""
+
+    request: ModelRequest
+    on_segments: Callable[[list[Segment]], None] | None = None
+
+
 @serve.deployment(name="model", health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=60)
 class ModelServer:
     """Loads one verified version, warms it, and decodes batches of requests on engine lanes."""
@@ -61,7 +79,7 @@ class ModelServer:
         for e in self.engines:
             e.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
         self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,
-                                 key=lambda r: r.options.model_dump_json())
+                                 key=lambda w: w.request.options.model_dump_json())
         self.metrics = ModelMetrics(self.version_id)
         self.transcribe_batch.set_max_batch_size(settings.serve.max_batch_size)
         self.transcribe_batch.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
@@ -83,20 +101,44 @@ class ModelServer:
     # batches run at once, so Serve may hand over as many batches as it forms.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
     async def transcribe_batch(self, requests: list[ModelRequest]) -> list[ModelReply]:
-        return await self.lanes.run(requests)
+        return await self.lanes.run([_Work(r) for r in requests])
 
-    def _decode(self, lane: int, requests: list[ModelRequest]) -> list[ModelReply]:
-        """Runs in a lane's thread; a request that breaks the engine fails alone."""
-        self.metrics.batch(len(requests), self.lanes.queued)
+    async def transcribe_stream(self, request: ModelRequest) -> AsyncIterator[PartialReply | ModelReply]:
+        """A `PartialReply` per decoded window with new segments, then the `ModelReply` (called
+        with `handle.options(stream=True)`). The request still shares batches on the lanes."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[PartialReply | asyncio.Future] = asyncio.Queue()
+
+        def on_segments(segments: list[Segment]) -> None:  # in the lane's thread
+            loop.call_soon_threadsafe(events.put_nowait, PartialReply(segments=segments, version=self.version_id))
+
+        done = asyncio.ensure_future(self.lanes.run([_Work(request, on_segments)]))
+        done.add_done_callback(events.put_nowait)  # after every partial the lane's thread queued
         try:
-            results = self.engines[lane].transcribe([r.audio for r in requests], requests[0].options)
-            return [ModelReply(transcription=t, version=self.version_id, batch_size=len(requests)) for t in results]
+            while not isinstance(event := await events.get(), asyncio.Future):
+                yield event
+            yield event.result()[0]
+        finally:
+            done.cancel()  # the client went away: the lanes drop a request not yet taken
+
+    def _decode(self, lane: int, work: list[_Work]) -> list[ModelReply]:
+        """Runs in a lane's thread; a request that breaks the engine fails alone."""
+        self.metrics.batch(len(work), self.lanes.queued)
+
+        def on_segments(i: int, segments: list[Segment]) -> None:
+            if work[i].on_segments is not None:
+                work[i].on_segments(segments)
+
+        try:
+            results = self.engines[lane].transcribe([w.request.audio for w in work], work[0].request.options,
+                                                    on_segments)
+            return [ModelReply(transcription=t, version=self.version_id, batch_size=len(work)) for t in results]
         except Exception:
-            if len(requests) == 1:
+            if len(work) == 1:
                 log.exception("transcription failed in %s", self.version_id)
                 return [ModelReply(error="the model failed on this audio", version=self.version_id, batch_size=1)]
-            log.warning("batch of %d failed in %s; retrying one by one", len(requests), self.version_id)
-            return [self._decode(lane, [r])[0] for r in requests]
+            log.warning("batch of %d failed in %s; retrying one by one", len(work), self.version_id)
+            return [self._decode(lane, [w])[0] for w in work]
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine stopped answering."""

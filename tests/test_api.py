@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from asrops.audio import audio_to_wav_bytes
 from asrops.engines.types import Segment, Transcription
 from asrops.errors import VersionNotFoundError
-from asrops.serve.api import TranscribeResult, build_api
+from asrops.serve.api import SegmentsDecoded, TranscribeResult, build_api
 from asrops.serve.auth import ClientKeys
 from asrops.settings import Settings
 
@@ -23,8 +23,8 @@ WAV = audio_to_wav_bytes((np.sin(np.linspace(0, 800 * np.pi, 16_000)) * 0.3).ast
 
 
 class FakeTranscriber:
-    def __init__(self, delay_s: float = 0.0, ready: bool = True):
-        self.delay_s, self._ready, self.calls = delay_s, ready, []
+    def __init__(self, delay_s: float = 0.0, ready: bool = True, fail_at: int | None = None):
+        self.delay_s, self._ready, self.calls, self.fail_at = delay_s, ready, [], fail_at
 
     def resolve(self, model: str) -> str:
         if model not in ("stable", "v1"):
@@ -40,10 +40,29 @@ class FakeTranscriber:
     async def transcribe(self, model, audio, options, client, request_id) -> TranscribeResult:
         self.calls.append((model, len(audio), options, client))
         await asyncio.sleep(self.delay_s)
-        seg = Segment(id=0, start=0.0, end=1.0, text=" Hello there.", tokens=[1], avg_logprob=-0.2,
-                      no_speech_prob=0.01, compression_ratio=1.1)
-        return TranscribeResult(transcription=Transcription(text="Hello there.", segments=[seg], duration_s=1.0),
+        segments = [_segment(0, " Hello there.")]
+        return TranscribeResult(transcription=Transcription(text="Hello there.", segments=segments, duration_s=1.0),
                                 version="v1", route="stable")
+
+    async def transcribe_stream(self, model, audio, options, client, request_id):
+        """Two windows of segments, then the answer; `fail_at` makes it raise there instead."""
+        self.calls.append((model, len(audio), options, client))
+        windows = [[_segment(0, " Hello there."), _segment(1, " General")], [_segment(2, " Kenobi.")]]
+        for i, window in enumerate(windows):
+            if self.fail_at == i:
+                raise RuntimeError("the model's replica died")
+            await asyncio.sleep(self.delay_s)
+            yield SegmentsDecoded(segments=window, version="v1", route="canary")
+        if self.fail_at == len(windows):
+            raise RuntimeError("the model's replica died")
+        segments = [s for w in windows for s in w]
+        yield TranscribeResult(transcription=Transcription(text="Hello there. General Kenobi.", segments=segments,
+                                                           duration_s=2.0), version="v1", route="canary")
+
+
+def _segment(i: int, text: str) -> Segment:
+    return Segment(id=i, start=float(i), end=i + 1.0, text=text, tokens=[1], avg_logprob=-0.2, no_speech_prob=0.01,
+                   compression_ratio=1.1)
 
 
 def _client(transcriber=None, **serve) -> tuple[TestClient, FakeTranscriber]:
@@ -75,10 +94,10 @@ def test_keys_are_required_when_configured_and_compared_by_hash():
 
 
 def test_openai_fields_not_honoured_are_refused_by_name_never_ignored():
-    """A client that asks for streaming (the SDK's stream=True) must not get one JSON body as if it
-    had not asked; what is done anyway (stream=false, chunking_strategy=auto) is accepted."""
+    """A client that asks for what is not done (logprobs, server-side VAD, diarization) must not get
+    an answer as if it had not asked; what is done anyway (chunking_strategy=auto) is accepted."""
     client, fake = _client()
-    for field, value in (("stream", "true"), ("include[]", "logprobs"), ("chunking_strategy", '{"type": "server_vad"}'),
+    for field, value in (("include[]", "logprobs"), ("chunking_strategy", '{"type": "server_vad"}'),
                          ("known_speaker_names[]", "ann"), ("speaker", "x")):
         r = _post(client, **{field: value})
         assert r.status_code == 400, (field, r.text)
@@ -90,6 +109,58 @@ def test_openai_fields_not_honoured_are_refused_by_name_never_ignored():
         assert _post(client, **{field: value}).status_code == 200, field
     verbose = _post(client, response_format="verbose_json").json()
     assert verbose["usage"] == {"type": "duration", "seconds": 1} and verbose["duration"] == 1.0
+
+
+def _events(response) -> list[dict]:
+    import json
+
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [json.loads(line.removeprefix("data: ")) for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+def test_a_stream_sends_each_decoded_window_as_deltas_then_the_text_and_usage():
+    telemetry = RecordingTelemetry()
+    client = TestClient(build_api(FakeTranscriber(), Settings(data_dir="/nonexistent"), telemetry=telemetry))
+    r = _post(client, stream="true")
+    assert r.status_code == 200 and r.headers["x-model-version"] == "v1" and r.headers["x-route"] == "canary"
+    events = _events(r)
+    assert [e["type"] for e in events] == ["transcript.text.delta"] * 2 + ["transcript.text.done"]
+    assert [e["delta"] for e in events[:2]] == ["Hello there. General", " Kenobi."]
+    assert "".join(e["delta"] for e in events[:2]) == events[-1]["text"] == "Hello there. General Kenobi."
+    assert events[-1]["usage"] == {"type": "duration", "seconds": 2}
+    assert telemetry.seen == [(200, None, True, "v1")]  # observed once, when the stream ended
+    assert _post(client, stream="false").json()["text"] == "Hello there."
+
+
+def test_a_stream_that_fails_before_its_first_event_is_a_plain_error_and_after_it_an_error_event():
+    telemetry = RecordingTelemetry()
+    settings = Settings(data_dir="/nonexistent")
+    before = TestClient(build_api(FakeTranscriber(fail_at=0), settings, telemetry=telemetry),
+                        raise_server_exceptions=False)
+    r = _post(before, stream="true")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    after = TestClient(build_api(FakeTranscriber(fail_at=1), settings, telemetry=telemetry))
+    events = _events(_post(after, stream="true"))
+    assert [e["type"] for e in events] == ["transcript.text.delta", "error"]
+    assert events[-1]["error"]["type"] == "server_error" and "request id" in events[-1]["error"]["message"]
+    assert [seen[:2] for seen in telemetry.seen] == [(500, "internal_error"), (500, "internal_error")]
+
+
+def test_a_stream_is_refused_for_formats_that_are_not_text():
+    client, fake = _client()
+    for fmt in ("verbose_json", "srt", "vtt"):
+        r = _post(client, stream="true", response_format=fmt)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+    assert _post(client, stream="maybe").status_code == 400
+    assert fake.calls == []
+    assert _events(_post(client, stream="true", response_format="text"))[-1]["type"] == "transcript.text.done"
+
+
+def test_a_stream_frees_its_clients_slot_when_it_ends():
+    """With one request in flight per client, a client can stream again once its stream ended."""
+    client, _ = _client(max_in_flight_per_client=1)
+    for _ in range(3):
+        assert _events(_post(client, stream="true"))[-1]["type"] == "transcript.text.done"
 
 
 def test_no_keys_means_open_and_anonymous_callers_are_routed_per_request():

@@ -6,6 +6,7 @@ import concurrent.futures
 import re
 
 import httpx
+import numpy as np
 import pytest
 from openai import OpenAI
 
@@ -222,3 +223,51 @@ def test_the_admin_api_can_have_a_port_of_its_own_on_loopback(service, service_s
         assert httpx.get(f"{service}/admin-port-test/admin/rollout", headers=auth).status_code == 404
     finally:
         serve.delete("asrops-admin-port")
+
+
+LONG = "cuttledoc_fleurs_voxpopuli/voxpopuli-en-000.ogg"  # 69 s: three 30-s windows
+
+
+def test_a_streamed_transcription_equals_the_plain_one_and_starts_before_decoding_ends(client, speech_dir):
+    """The SDK's stream=True iterates OpenAI's events: deltas as windows are decoded, then the
+    text and usage. The first delta comes while later windows are still being decoded: on a 69-s
+    clip it arrives well before the text is done (the windows take similar times)."""
+    import time
+
+    audio = (speech_dir / LONG).read_bytes()
+    plain = client.audio.transcriptions.create(model="whisper-1", file=("long.ogg", audio))
+    started = time.monotonic()
+    arrivals, events = [], []
+    for event in client.audio.transcriptions.create(model="whisper-1", file=("long.ogg", audio), stream=True):
+        arrivals.append(time.monotonic() - started)
+        events.append(event)
+    assert [e.type for e in events[:-1]] == ["transcript.text.delta"] * (len(events) - 1) and len(events) >= 3
+    done = events[-1]
+    assert done.type == "transcript.text.done" and done.text == plain.text
+    assert "".join(e.delta for e in events[:-1]) == done.text
+    assert done.usage.type == "duration" and done.usage.seconds == plain.usage.seconds
+    assert arrivals[0] < 0.8 * arrivals[-1], arrivals  # not everything at the end
+
+
+def test_a_looping_clip_comes_back_without_the_loop(client, engines):
+    """A phrase said over and over in noise makes greedy decoding loop ("Don't, don't, ..."): the
+    engine without fallback shows it; the service, with openai/whisper's temperature fallback,
+    answers without it."""
+    from asrops.audio import audio_to_wav_bytes, decode_audio
+    from asrops.engines.decoding import COMPRESSION_RATIO_THRESHOLD, compression_ratio
+    from asrops.engines.types import DecodeOptions
+    from asrops.synth.effects import add_noise
+    from asrops.synth.voices import CATALOGUE, installed_voices, synthesize
+
+    if "en-us" not in installed_voices():
+        pytest.skip("espeak-ng's en-us voice is not installed")
+    speech = synthesize(CATALOGUE["en-us"], ". ".join(["go go go now"] * 6), 170)
+    wav = audio_to_wav_bytes(add_noise(speech, 0.0, np.random.default_rng(0)))
+    audio = decode_audio(wav).samples  # what the service will decode
+    looped = engines["onnx-int8"].transcribe([audio], DecodeOptions(temperature_increment=None))[0].text
+    assert compression_ratio(looped) > COMPRESSION_RATIO_THRESHOLD, f"the clip no longer loops: {looped!r}"
+    answer = client.audio.transcriptions.create(model="whisper-1", file=("loop.wav", wav),
+                                                response_format="verbose_json")
+    assert compression_ratio(answer.text) <= COMPRESSION_RATIO_THRESHOLD, answer.text
+    # the looping window was decoded again; its temperature is reported with its segments
+    assert any(s.temperature > 0 for s in answer.segments), answer.segments
