@@ -466,7 +466,7 @@ def setup(job: TrainJob, device, rank: int = 0, world: int = 1, wrap=lambda mode
                       autocast_dtype=autocast_dtype)
     cached = encoder.clips(model, processor.feature_extractor, train_audio, "training") if s.freeze_encoder else None
     parent = None
-    if s.replay_kl_weight and cached is not None:
+    if (s.replay_kl_weight or s.replay_encoder_weight) and cached is not None:
         import copy
 
         parent = copy.deepcopy(_base(model)).eval().requires_grad_(False)
@@ -517,12 +517,16 @@ def train_step(run: TrainingRun, rng: random.Random) -> dict:
             if run.encoder.top_layers:
                 encoded = top_of_encoder(run.model, encoded, run.encoder.top_layers)
             out = run.model(encoder_outputs=(encoded,), labels=labels)
-            kl = _replay_kl(run, batch, labels, out.logits)
-            loss = out.loss if kl is None else out.loss + s.replay_kl_weight * kl
+            kl, drift = _replay_terms(run, batch, labels, out.logits, encoded)
+            loss = out.loss
+            if kl is not None:
+                loss = loss + s.replay_kl_weight * kl
+            if drift is not None:
+                loss = loss + s.replay_encoder_weight * drift
         else:
             features = torch.from_numpy(_features(run.processor.feature_extractor, audios)).to(run.device)
             out = run.model(input_features=features, labels=labels)
-            loss, kl = out.loss, None
+            loss, kl, drift = out.loss, None, None
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.params, s.max_grad_norm)
     run.optimizer.step()
@@ -535,31 +539,43 @@ def train_step(run: TrainingRun, rng: random.Random) -> dict:
     eta = (s.max_steps - p.step) * len(batch) / rate if rate else float("nan")
     lr = run.scheduler.get_last_lr()[0]
     metrics = {"step": p.step, "loss": float(out.loss.detach()), "learning_rate": lr, "samples_per_second": rate,
-               "eta_seconds": eta, **({} if kl is None else {"replay_kl": float(kl.detach())})}
+               "eta_seconds": eta, **({} if kl is None else {"replay_kl": float(kl.detach())}),
+               **({} if drift is None else {"replay_encoder_change": float(drift.detach())})}
     log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s ETA %.0f s", p.step, s.max_steps, metrics["loss"], lr,
              rate, eta)
     return metrics
 
 
-def _replay_kl(run: TrainingRun, batch: list[int], labels, logits):
-    """KL(parent || model) over the label tokens of the batch's replayed clips: what the model
-    says on known-good speech stays what the parent said (the parent's own labels, as cross-
-    entropy, only hold its top choice). None when there is no parent copy or no replayed clip."""
+def _replay_terms(run: TrainingRun, batch: list[int], labels, logits, encoded):
+    """The two terms that hold the model to its parent on the batch's replayed (known-good) clips:
+    - KL(parent || model) over their label tokens: what the model says there stays what the
+      parent said (the parent's own labels, as cross-entropy, only hold its top choice);
+    - the relative change of their encoder output (top-layer recipe only): what the learning
+      layers make of that audio stays what the parent's made of it.
+    Each is None when it is off, or there is no parent copy or no replayed clip."""
     import torch
 
+    s = run.settings
     rows = [i for i, b in enumerate(batch) if run.replayed[b]]
     if run.parent is None or not rows:
-        return None
+        return None, None
     index = torch.tensor(rows, device=logits.device)
     with torch.no_grad():
-        encoded = run.cached[[batch[i] for i in rows]]
+        target_encoded = run.cached[[batch[i] for i in rows]]
         if run.encoder.top_layers:
-            encoded = top_of_encoder(run.parent, encoded, run.encoder.top_layers)
-        target = run.parent(encoder_outputs=(encoded,), labels=labels[index]).logits.float().log_softmax(-1)
-    mine = logits[index].float().log_softmax(-1)
-    per_token = (target.exp() * (target - mine)).sum(-1)
-    scored = labels[index] != -100
-    return per_token[scored].mean()
+            target_encoded = top_of_encoder(run.parent, target_encoded, run.encoder.top_layers)
+    kl = None
+    if s.replay_kl_weight:
+        with torch.no_grad():
+            target = run.parent(encoder_outputs=(target_encoded,), labels=labels[index]).logits.float().log_softmax(-1)
+        mine = logits[index].float().log_softmax(-1)
+        per_token = (target.exp() * (target - mine)).sum(-1)
+        kl = per_token[labels[index] != -100].mean()
+    drift = None
+    if s.replay_encoder_weight and run.encoder.top_layers:
+        target_encoded = target_encoded.float()
+        drift = (encoded[index].float() - target_encoded).pow(2).sum() / target_encoded.pow(2).sum()
+    return kl, drift
 
 
 def due_for_evaluation(run: TrainingRun) -> bool:

@@ -83,7 +83,7 @@ def test_top_encoder_layers_learn_on_cached_frozen_layers_and_the_decoder_stays_
     assert (defaults.train_encoder_top_layers, defaults.train_decoder) == (2, "none")
     # in fp32, so the cached path can be compared with the whole encoder exactly
     settings = job.settings.model_copy(update={"train_encoder_top_layers": 2, "train_decoder": "none",
-                                               "mixed_precision": "no"})
+                                               "mixed_precision": "no", "replay_encoder_weight": 1.0})
     run = train.setup(job.model_copy(update={"settings": settings}), torch.device("cpu"))
     encoder = train._base(run.model).model.encoder
     learning = {name for name, p in run.model.named_parameters() if p.requires_grad}
@@ -98,8 +98,11 @@ def test_top_encoder_layers_learn_on_cached_frozen_layers_and_the_decoder_stays_
     train.resume(run, None)
     run.replayed = [True] * len(run.train_rows)  # as if every clip were replayed known-good speech
     first = train.train_step(run, random.Random(0))
-    assert first["replay_kl"] == pytest.approx(0.0, abs=1e-5)  # the model starts as the parent
-    assert train.train_step(run, random.Random(0))["replay_kl"] > 1e-6  # and the term sees it move
+    # the model starts as the parent, and both terms that hold it there see it move
+    assert first["replay_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert first["replay_encoder_change"] == pytest.approx(0.0, abs=1e-6)
+    second = train.train_step(run, random.Random(0))
+    assert second["replay_kl"] > 1e-6 and second["replay_encoder_change"] > 1e-8
     after = run.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "model.encoder.layers.3.fc1.weight" in changed
