@@ -52,6 +52,9 @@ class TranscriptFeatures(BaseModel):
     """Largest segment gzip ratio (above 2.4 is repetitive, likely hallucinated)."""
     oov_share: float | None
     """Share of words outside the stable model's reference vocabulary; None with no vocabulary."""
+    low_confidence_word_share: float | None = None
+    """Share of words the model decoded with a mean token probability under 0.5: unfamiliar speech
+    raises it before any label says so. None when there are no words or no probabilities."""
 
 
 def _frame_energies(x: np.ndarray) -> np.ndarray:
@@ -112,7 +115,19 @@ def transcript_features(t: Transcription, vocabulary: frozenset[str] | None = No
         no_speech_prob=float(np.mean([s.no_speech_prob for s in segments])) if segments else None,
         compression_ratio=max(s.compression_ratio for s in segments) if segments else None,
         oov_share=(sum(w not in vocabulary for w in words) / len(words)) if vocabulary and words else None,
+        low_confidence_word_share=low_confidence_share(t),
     )
+
+
+LOW_CONFIDENCE = 0.5
+"""A word decoded with a mean token probability below this counts as low-confidence."""
+
+
+def low_confidence_share(t: Transcription) -> float | None:
+    probabilities = [p for s in t.segments for p in (s.word_probs or [])]
+    if not probabilities or any(s.word_probs is None for s in t.segments):
+        return None
+    return sum(p < LOW_CONFIDENCE for p in probabilities) / len(probabilities)
 
 
 def vocabulary_of(texts: list[str]) -> frozenset[str]:

@@ -63,6 +63,7 @@ def to_verbose_json(t: Transcription) -> dict:
             }
             for s in t.segments
         ],
+        **({} if t.words is None else {"words": [w.model_dump() for w in t.words]}),
         "usage": usage(t),
     }
 

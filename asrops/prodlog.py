@@ -92,6 +92,7 @@ class RequestRecord(RequestOutcome):
     no_speech_prob: float | None = None
     compression_ratio: float | None = None
     oov_share: float | None = None
+    low_confidence_word_share: float | None = None
     audio_key: str | None = None
     """Where the sampled copy of the audio is, when this request's audio was kept."""
 

@@ -216,7 +216,7 @@ class DriftSettings(BaseModel):
     numeric_features: list[str] = [
         "duration_s", "rms_dbfs", "peak", "clipping_ratio", "snr_db", "silence_ratio",
         "spectral_centroid_hz", "words", "characters", "words_per_s", "avg_logprob",
-        "no_speech_prob", "compression_ratio", "oov_share",
+        "no_speech_prob", "compression_ratio", "oov_share", "low_confidence_word_share",
     ]
     categorical_features: list[str] = ["original_sample_rate", "original_channels"]
     text_feature: str | None = "text"

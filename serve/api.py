@@ -124,12 +124,14 @@ def _options(response_format: str, language: str | None, temperature: float, pro
         raise ApiError(INVALID_VALUE, f"temperature must be between 0 and 1; got {temperature}.", "temperature")
     for g in granularities or []:
         if g not in ("segment", "word"):
-            raise ApiError(INVALID_VALUE, f"timestamp_granularities[] takes 'segment' (or 'word'); got {g!r}.",
+            raise ApiError(INVALID_VALUE, f"timestamp_granularities[] takes 'segment' and 'word'; got {g!r}.",
                            "timestamp_granularities[]")
-        if g == "word":
-            raise ApiError(INVALID_VALUE, "Word-level timestamps are not supported yet; ask for 'segment'.",
-                           "timestamp_granularities[]")
-    return settings.engine.decode_options().model_copy(update={"temperature": temperature, "prompt": prompt or None})
+    words = "word" in (granularities or [])
+    if words and response_format != "verbose_json":
+        raise ApiError(INVALID_VALUE, "Word timestamps come in verbose_json only: send response_format=verbose_json "
+                       f"with timestamp_granularities[]=word (got {response_format!r}).", "timestamp_granularities[]")
+    return settings.engine.decode_options().model_copy(
+        update={"temperature": temperature, "prompt": prompt or None, "word_timestamps": words})
 
 
 FORM_FIELDS = frozenset({"file", "model", "language", "prompt", "response_format", "temperature",

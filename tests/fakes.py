@@ -40,6 +40,10 @@ class FakeVersion:
         return ModelReply(transcription=Transcription(text="canary says hi", segments=[], duration_s=0.5),
                           version=self.version_id, batch_size=1)
 
+    async def transcribe_stream(self, request):
+        """As `transcribe`, streamed: a broken version fails (or hangs) before its first event."""
+        yield await self.transcribe(request)
+
 
 def publish_dummy(registry: ModelRegistry, version: str, tmp_path) -> None:
     if version in {m.id for m in registry.list_versions()}:

@@ -156,6 +156,17 @@ def test_a_stream_is_refused_for_formats_that_are_not_text():
     assert _events(_post(client, stream="true", response_format="text"))[-1]["type"] == "transcript.text.done"
 
 
+def test_word_timestamps_are_asked_of_the_model_in_verbose_json_only():
+    client, fake = _client()
+    r = _post(client, response_format="json", **{"timestamp_granularities[]": "word"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "timestamp_granularities[]"
+    assert "verbose_json" in r.json()["error"]["message"] and fake.calls == []
+    assert _post(client, response_format="verbose_json", **{"timestamp_granularities[]": "word"}).status_code == 200
+    assert fake.calls[-1][2].word_timestamps
+    assert _post(client, response_format="verbose_json").status_code == 200
+    assert not fake.calls[-1][2].word_timestamps
+
+
 def test_a_stream_frees_its_clients_slot_when_it_ends():
     """With one request in flight per client, a client can stream again once its stream ended."""
     client, _ = _client(max_in_flight_per_client=1)

@@ -88,6 +88,11 @@ def test_weighted_split_is_binomial_and_sticky_per_client(service, canary):
 def test_a_broken_canary_costs_clients_nothing_and_its_breaker_opens(service, canary, behaviour):
     version = canary(behaviour, weight=100)
     stable = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["view"]["aliases"]["stable"]
+    for i in range(2):  # a stream falls back the same way: nothing has reached the client yet
+        r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": ("q.wav", QUIET)},
+                       data={"stream": "true"}, headers={"X-Client-Id": f"s{i}"}, timeout=60)
+        assert r.status_code == 200 and (r.headers["x-model-version"], r.headers["x-route"]) == (stable, "fallback")
+        assert r.text.strip().splitlines()[-1].startswith('data: {"type": "transcript.text.done"')
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda i: _post(service, f"c{i}"), range(24)))
     assert [r.status_code for r in responses] == [200] * 24

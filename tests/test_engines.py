@@ -119,3 +119,51 @@ def test_engines_agree_with_faster_whisper_on_real_speech(engines, speech_dir):
     assert abs(wer["torch"] - wer["fw"]) <= 0.02 * wer["fw"] + 1e-9, wer
     assert abs(wer["onnx"] - wer["torch"]) <= 0.5, wer
     assert abs(wer["onnx-int8"] - wer["torch"]) <= 0.5, wer
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_word_timestamps_cover_the_text_in_order_on_every_engine(engines, speech_dir, kind):
+    audio = _audio(speech_dir, "faster_whisper/jfk.flac")
+    result = engines[kind].transcribe([audio], DecodeOptions(word_timestamps=True))[0]
+    words = result.words
+    assert normalize_english(" ".join(w.word for w in words)) == normalize_english(result.text)
+    assert all(0 <= w.start <= w.end <= result.duration_s + 0.5 for w in words)
+    assert all(a.start <= b.start for a, b in zip(words, words[1:]))
+    assert all(0 < w.probability <= 1 for w in words)
+    for segment in result.segments:  # each segment's words lie in it (give or take a frame)
+        assert all(segment.start - 0.5 <= w.start and w.end <= segment.end + 0.5 for w in segment.words)
+    plain = engines[kind].transcribe([audio])[0]
+    assert plain.text == result.text and plain.words is None  # the text is the same; words only when asked
+
+
+def test_word_start_times_match_speech_with_known_word_boundaries(engines):
+    """Words synthesised one by one and laid out with known silences (the word-timing benchmark's
+    clips): the median start error is at most 100 ms and the 90th percentile at most 250 ms."""
+    from asrops.benchmarks.word_timing import TimedWord, errors, make_clips
+    from asrops.synth.voices import installed_voices
+
+    if not installed_voices():
+        pytest.skip("no speech synthesiser installed")
+    errs = []
+    for audio, clip in make_clips(6, seed=11):
+        words = engines["onnx-int8"].transcribe([audio], DecodeOptions(word_timestamps=True))[0].words
+        errs += errors(clip.words, [TimedWord(word=w.word, start=w.start, end=w.end) for w in words])
+    starts = np.array([e[0] for e in errs])
+    assert len(errs) >= 30
+    assert np.median(starts) <= 0.100 and np.percentile(starts, 90) <= 0.250, np.round(np.sort(starts), 3)
+
+
+def test_segments_are_handed_over_as_each_window_is_decoded(engines, speech_dir):
+    """A streamed answer's segments come window by window: the first arrive before the last
+    window of a 69-s clip is decoded (the backend's encode calls count the windows so far)."""
+    engine = engines["onnx-int8"]
+    audio = _audio(speech_dir, "cuttledoc_fleurs_voxpopuli/voxpopuli-en-000.ogg")
+    encoded, seen = [], []
+    original = engine.backend.encode
+    engine.backend.encode = lambda mel: encoded.append(len(mel)) or original(mel)
+    try:
+        result = engine.transcribe([audio], on_segments=lambda i, segments: seen.append((len(encoded), segments)))[0]
+    finally:
+        engine.backend.encode = original
+    assert [s for _, batch in seen for s in batch] == result.segments
+    assert seen[0][0] == 1 and len({windows for windows, _ in seen}) >= 3

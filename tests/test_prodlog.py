@@ -55,6 +55,14 @@ def test_words_outside_the_reference_vocabulary_are_counted():
     assert transcript_features(transcription(), None).oov_share is None
 
 
+def test_the_share_of_low_confidence_words_is_a_feature():
+    t = transcription("turn the lights off")
+    assert transcript_features(t).low_confidence_word_share is None  # no probabilities: no figure
+    t.segments[0].word_probs = [0.9, 0.95, 0.3, 0.45]
+    assert transcript_features(t).low_confidence_word_share == pytest.approx(0.5)
+    assert "low_confidence_word_share" in Settings().monitoring.drift.numeric_features
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path, monkeypatch):
     """The log store as the service opens it from settings: a directory, or S3 (moto over HTTP)."""

@@ -225,6 +225,22 @@ def test_the_admin_api_can_have_a_port_of_its_own_on_loopback(service, service_s
         serve.delete("asrops-admin-port")
 
 
+def test_word_timestamps_through_the_sdk(client, speech_dir):
+    audio = (speech_dir / JFK).read_bytes()
+    verbose = client.audio.transcriptions.create(model="whisper-1", file=("jfk.flac", audio),
+                                                 response_format="verbose_json",
+                                                 timestamp_granularities=["word", "segment"])
+    words = verbose.words
+    assert normalize_english(" ".join(w.word for w in words)) == normalize_english(verbose.text)
+    assert all(a.start <= b.start and w.start <= w.end for a, b, w in zip(words, words[1:], words))
+    assert 0 < words[0].probability <= 1  # beside OpenAI's fields: how sure the model was of the word
+    country = [w for w in words if normalize_english(w.word) == "country"]
+    assert len(country) == 2 and 5.5 < country[0].start < 6.5 and 9.5 < country[1].start < 10.5
+    plain = client.audio.transcriptions.create(model="whisper-1", file=("jfk.flac", audio),
+                                               response_format="verbose_json")
+    assert plain.words is None and plain.segments
+
+
 LONG = "cuttledoc_fleurs_voxpopuli/voxpopuli-en-000.ogg"  # 69 s: three 30-s windows
 
 

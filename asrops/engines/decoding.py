@@ -12,7 +12,7 @@ tokens and can be decoded in one batch.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -92,6 +92,8 @@ class DecodedWindow:
     sum_logprob: float
     no_speech_prob: float
     temperature: float = 0.0
+    token_logprobs: list[float] = field(default_factory=list)
+    """Log-probability of each of `tokens` where it was chosen (the model's confidence in it)."""
 
     @property
     def avg_logprob(self) -> float:
@@ -193,8 +195,8 @@ class WindowDecoder:
         else:
             results = self._greedy(last, cache, tokens, rules, max_len, options.temperature, _sampling_seeds(mel))
         return [
-            DecodedWindow(toks, lp, float(ns), options.temperature)
-            for (toks, lp), ns in zip(results, no_speech, strict=True)
+            DecodedWindow(toks, lp, float(ns), options.temperature, token_lps)
+            for (toks, lp, token_lps), ns in zip(results, no_speech, strict=True)
         ]
 
     def _greedy(self, logits, cache, tokens, rules, max_len, temperature, seeds):
@@ -202,7 +204,8 @@ class WindowDecoder:
         batch, begin = tokens.shape[0], tokens.shape[1]
         rows = np.arange(batch)  # which request each live row belongs to
         sums = np.zeros(batch)
-        done: dict[int, tuple[list[int], float]] = {}
+        chosen = np.zeros((batch, 0))  # each live row's tokens' log-probabilities
+        done: dict[int, tuple[list[int], float, list[float]]] = {}
         rngs = [np.random.default_rng([seed, round(temperature * 100)]) for seed in seeds] if temperature > 0 else []
         while True:
             rules.apply(logits, tokens)
@@ -212,17 +215,20 @@ class WindowDecoder:
                 nxt = np.array([rngs[request].choice(len(p), p=p) for request, p in zip(rows, probs, strict=True)])
             else:
                 nxt = logits.argmax(axis=-1)
-            sums[rows] += logprobs[np.arange(len(rows)), nxt]
+            step_lp = logprobs[np.arange(len(rows)), nxt]
+            sums[rows] += step_lp
             tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+            chosen = np.concatenate([chosen, step_lp[:, None]], axis=1)
             finished = (nxt == eot) | (tokens.shape[1] >= max_len)
             for i in np.flatnonzero(finished):
                 seq = tokens[i, begin:].tolist()
-                done[int(rows[i])] = ([t for t in seq if t != eot], float(sums[rows[i]]))
+                kept = [k for k, t in enumerate(seq) if t != eot]
+                done[int(rows[i])] = ([seq[k] for k in kept], float(sums[rows[i]]), chosen[i, kept].tolist())
             if finished.all():
                 break
             if finished.any():
                 keep = np.flatnonzero(~finished)
-                rows, tokens, nxt = rows[keep], tokens[keep], nxt[keep]
+                rows, tokens, nxt, chosen = rows[keep], tokens[keep], nxt[keep], chosen[keep]
                 cache = self.backend.reorder(cache, keep)
             logits, cache = self.backend.step(nxt[:, None], cache)
             logits = logits.astype(np.float32)
@@ -236,10 +242,12 @@ class WindowDecoder:
         cache = self.backend.reorder(cache, expand)
         tokens, logits = tokens[expand], logits[expand]
         scores = np.tile(np.r_[0.0, np.full(beam - 1, -np.inf)], batch)  # only beam 0 is real at first
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        chosen = np.zeros((len(tokens), 0))  # each row's tokens' log-probabilities
+        finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(batch)]
         while True:
             rules.apply(logits, tokens)
-            cand = (scores[:, None] + _log_softmax(logits)).reshape(batch, -1)  # [B, beam*V]
+            logprobs = _log_softmax(logits)
+            cand = (scores[:, None] + logprobs).reshape(batch, -1)  # [B, beam*V]
             vocab = logits.shape[-1]
             new_rows, new_tokens, new_scores = [], [], []
             for b in range(batch):
@@ -252,8 +260,9 @@ class WindowDecoder:
                         break
                     if tok == eot or tokens.shape[1] + 1 >= max_len:
                         if len(finished[b]) < beam:
-                            seq = tokens[row, begin:].tolist() + ([] if tok == eot else [tok])
-                            finished[b].append((score, seq))
+                            last = [] if tok == eot else [tok]
+                            finished[b].append((score, tokens[row, begin:].tolist() + last,
+                                                chosen[row].tolist() + [float(logprobs[row, t]) for t in last]))
                         continue
                     if picked < beam:
                         new_rows.append(row)
@@ -271,6 +280,7 @@ class WindowDecoder:
             cache = self.backend.reorder(cache, index)
             nxt = np.asarray(new_tokens, dtype=np.int64)
             tokens = np.concatenate([tokens[index], nxt[:, None]], axis=1)
+            chosen = np.concatenate([chosen[index], logprobs[index, nxt][:, None]], axis=1)
             scores = np.asarray(new_scores)
             logits, cache = self.backend.step(nxt[:, None], cache)
             logits = logits.astype(np.float32)
@@ -278,9 +288,10 @@ class WindowDecoder:
         for b in range(batch):
             if not finished[b]:  # nothing ended: take the best live beam
                 row = b * beam + int(np.argmax(scores[b * beam : (b + 1) * beam]))
-                finished[b].append((float(scores[row]), tokens[row, begin:].tolist()))
-            score, seq = max(finished[b], key=lambda item: item[0] / (len(item[1]) + 1))
-            results.append(([t for t in seq if t != eot], score))
+                finished[b].append((float(scores[row]), tokens[row, begin:].tolist(), chosen[row].tolist()))
+            score, seq, lps = max(finished[b], key=lambda item: item[0] / (len(item[1]) + 1))
+            kept = [k for k, t in enumerate(seq) if t != eot]
+            results.append(([seq[k] for k in kept], score, [lps[k] for k in kept]))
         return results
 
 
@@ -293,8 +304,9 @@ def _sampling_seeds(mel: np.ndarray) -> list[int]:
 def split_segments(
     window: DecodedWindow, offset_s: float, window_s: float, special: SpecialTokens
 ) -> tuple[list[tuple[float, float, list[int]]], float]:
-    """Cut a window's tokens at timestamp pairs → (segments as (start, end, text tokens),
-    seconds consumed, i.e. where the next window should start relative to this one)."""
+    """Cut a window's tokens at timestamp pairs → (segments as (start, end, positions of their
+    text tokens in `window.tokens`), seconds consumed, i.e. where the next window should start
+    relative to this one)."""
     ts_begin = special.timestamp_begin
     toks = window.tokens
     is_ts = [t >= ts_begin for t in toks]
@@ -311,7 +323,8 @@ def split_segments(
             if len(stamps) >= 1 and any(t < ts_begin for t in piece):
                 start = (stamps[0] - ts_begin) * TIME_PRECISION
                 end = (stamps[-1] - ts_begin) * TIME_PRECISION
-                segments.append((offset_s + start, offset_s + end, [t for t in piece if t < ts_begin]))
+                segments.append((offset_s + start, offset_s + end,
+                                 [i for i in range(last, cut) if toks[i] < ts_begin]))
             last = cut
         if single_ending:
             consumed = window_s
@@ -322,7 +335,7 @@ def split_segments(
         end = window_s
         if stamps and stamps[-1] != ts_begin:
             end = (stamps[-1] - ts_begin) * TIME_PRECISION
-        text = [t for t in toks if t < ts_begin]
+        text = [i for i, t in enumerate(toks) if t < ts_begin]
         if text:
             segments.append((offset_s, offset_s + min(end, window_s), text))
         consumed = window_s

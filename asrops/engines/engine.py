@@ -7,13 +7,16 @@ together, each request moving on by as much as its own timestamps say it consume
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from asrops.audio_format import SAMPLE_RATE
+from asrops.engines.alignment import WordAligner, word_probabilities
 from asrops.engines.decoding import (
     COMPRESSION_RATIO_THRESHOLD,
     N_SAMPLES,
@@ -91,6 +94,7 @@ class WhisperEngine:
     ):
         self.name = name
         self.backend = backend
+        self.model_dir = model_dir
         special = special or SpecialTokens.from_tokenizer_file(model_dir / "tokenizer.json")
         self.special = special
         self.tokenizer = HFTextTokenizer(model_dir / "tokenizer.json", special.eot)
@@ -118,13 +122,24 @@ class WhisperEngine:
                 live[i].seek += len(chunks[i])
             if not audible:
                 continue
-            windows = self._decode(self.log_mel([chunks[i] for i in audible]), initial, options)
+            mel = self.log_mel([chunks[i] for i in audible])
+            windows = self._decode(mel, initial, options)
+            new, offsets = [], []
             for i, window in zip(audible, windows, strict=True):
-                before = len(live[i].segments)
+                before, offsets = len(live[i].segments), [*offsets, live[i].seek / SAMPLE_RATE]
                 self._advance(live[i], len(chunks[i]), window)
-                if on_segments is not None and len(live[i].segments) > before:
-                    on_segments(position[id(live[i])], live[i].segments[before:])
+                new.append(live[i].segments[before:])
+            if options.word_timestamps:
+                self.aligner.align(mel, new, offsets, [chunks[i] for i in audible])
+            for i, segments in zip(audible, new, strict=True):
+                if on_segments is not None and segments:
+                    on_segments(position[id(live[i])], segments)
         return [self._result(s) for s in states]
+
+    @cached_property
+    def aligner(self) -> WordAligner:
+        """Word timing for this engine's version (its torch weights load on first use)."""
+        return WordAligner(self.model_dir, self.special, self.model_dir / "tokenizer.json")
 
     def _decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions) -> list[DecodedWindow]:
         """The windows decoded at the request's temperature, and those that need it decoded again
@@ -159,10 +174,12 @@ class WhisperEngine:
             state.seek += chunk_len  # silence: skip the window, as openai/whisper does
             return
         pieces, consumed_s = split_segments(window, offset_s, window_s, self.special)
-        for start, end, tokens in pieces:
+        for start, end, positions in pieces:
+            tokens = [window.tokens[i] for i in positions]
             text = self.tokenizer.decode(tokens)
             if not text.strip():
                 continue
+            probs = [math.exp(window.token_logprobs[i]) for i in positions] if window.token_logprobs else None
             state.segments.append(
                 Segment(
                     id=len(state.segments),
@@ -174,6 +191,9 @@ class WhisperEngine:
                     no_speech_prob=window.no_speech_prob,
                     compression_ratio=compression_ratio(text),
                     temperature=window.temperature,
+                    token_probs=probs,
+                    word_probs=None if probs is None else word_probabilities(tokens, probs, self.tokenizer.decode,
+                                                                             self.special.eot),
                 )
             )
         state.seek += max(1, min(chunk_len, round(consumed_s * SAMPLE_RATE)))

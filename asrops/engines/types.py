@@ -23,6 +23,17 @@ class DecodeOptions(BaseModel):
     timestamps: bool = True
     """Decode Whisper's timestamp tokens so segments carry real start/end times."""
     max_new_tokens: int = Field(default=224, ge=1, le=448)
+    word_timestamps: bool = False
+    """Time every word (an alignment pass over the decoded text; see engines/alignment.py)."""
+
+
+class Word(BaseModel):
+    word: str
+    start: float
+    """Seconds from the start of the audio."""
+    end: float
+    probability: float
+    """Mean probability of the word's tokens: low means the model was unsure of it."""
 
 
 class Segment(BaseModel):
@@ -42,6 +53,13 @@ class Segment(BaseModel):
     """gzip ratio of the text; > 2.4 means repetitive, likely hallucinated."""
     temperature: float = 0.0
     """The temperature its window was decoded at (above the request's after a fallback)."""
+    words: list[Word] | None = None
+    """Its words with their times, when word timestamps were asked for."""
+    token_probs: list[float] | None = None
+    """Probability of each of `tokens` when it was decoded (the model's confidence in it)."""
+    word_probs: list[float] | None = None
+    """Per word (punctuation aside): the mean of its tokens' probabilities. Low means unsure: the
+    production log's share of low-confidence words comes from these."""
 
 
 class Transcription(BaseModel):
@@ -50,3 +68,10 @@ class Transcription(BaseModel):
     language: str = "en"
     duration_s: float
     """Duration of the input audio in seconds."""
+
+    @property
+    def words(self) -> list[Word] | None:
+        """Every segment's words in order; None when word timestamps were not asked for."""
+        if not self.segments or self.segments[0].words is None:
+            return None if self.segments else []
+        return [w for s in self.segments for w in s.words or []]
