@@ -87,6 +87,7 @@ def make_requests(seed: int, n: int, *, noisy: bool = False) -> pd.DataFrame:
         "no_speech_prob": rng.beta(2.0, 8.0, n) if noisy else rng.beta(1.0, 30.0, n),
         "compression_ratio": rng.normal(2.1 if noisy else 1.45, 0.3 if noisy else 0.12, n),
         "oov_share": rng.beta(3.0, 10.0, n) if noisy else rng.beta(1.0, 60.0, n),
+        "low_confidence_word_share": rng.beta(3.0, 8.0, n) if noisy else rng.beta(1.0, 25.0, n),
         "original_sample_rate": rng.choice([16000, 44100, 48000], n, p=[0.5, 0.2, 0.3]),
         "original_channels": rng.choice([1, 2], n, p=[0.7, 0.3]),
         "text": text,
