@@ -82,12 +82,9 @@ def _median_filter(x: np.ndarray, width: int) -> np.ndarray:
 class WordAligner:
     """Word timings for decoded windows, from one version's torch weights (loaded lazily)."""
 
-    def __init__(self, model_dir: Path, special: SpecialTokens, tokenizer_json: Path):
-        from tokenizers import Tokenizer
-
-        self.model_dir, self.special = model_dir, special
-        tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        self._decode = tokenizer.decode
+    def __init__(self, model_dir: Path, special: SpecialTokens, decode: Callable[[list[int]], str]):
+        """`decode`: the engine's text decoding of token ids (words are split on what it makes of them)."""
+        self.model_dir, self.special, self._decode = model_dir, special, decode
         heads = json.loads((model_dir / "generation_config.json").read_text()).get("alignment_heads")
         if not heads:
             raise ValueError(f"{model_dir}'s generation_config.json names no alignment_heads: no word timestamps")

@@ -124,9 +124,9 @@ class WhisperEngine:
                 continue
             mel = self.log_mel([chunks[i] for i in audible])
             windows = self._decode(mel, initial, options)
-            new, offsets = [], []
+            new, offsets = [], [live[i].seek / SAMPLE_RATE for i in audible]
             for i, window in zip(audible, windows, strict=True):
-                before, offsets = len(live[i].segments), [*offsets, live[i].seek / SAMPLE_RATE]
+                before = len(live[i].segments)
                 self._advance(live[i], len(chunks[i]), window)
                 new.append(live[i].segments[before:])
             if options.word_timestamps:
@@ -139,7 +139,7 @@ class WhisperEngine:
     @cached_property
     def aligner(self) -> WordAligner:
         """Word timing for this engine's version (its torch weights load on first use)."""
-        return WordAligner(self.model_dir, self.special, self.model_dir / "tokenizer.json")
+        return WordAligner(self.model_dir, self.special, self.tokenizer.decode)
 
     def _decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions) -> list[DecodedWindow]:
         """The windows decoded at the request's temperature, and those that need it decoded again
