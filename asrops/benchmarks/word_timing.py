@@ -166,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"| {r['engine']} | {r['matched_words']}/{r['reference_words']} | {r['start_median_ms']} ms | "
               f"{r['start_p90_ms']} ms | {r['end_median_ms']} ms | {r['end_p90_ms']} ms | {r['seconds']} |")
-    mine = results[0]
+    mine, peer = results
+    if mine["start_median_ms"] and peer["start_median_ms"]:
+        print(f"ours / faster-whisper: start error median {mine['start_median_ms'] / peer['start_median_ms']:.2f}x, "
+              f"p90 {mine['start_p90_ms'] / peer['start_p90_ms']:.2f}x; end error median "
+              f"{mine['end_median_ms'] / peer['end_median_ms']:.2f}x (below 1: ours closer)")
     met = mine["start_median_ms"] is not None and mine["start_median_ms"] <= 1000 * GOAL_MEDIAN_S \
         and mine["start_p90_ms"] <= 1000 * GOAL_P90_S
     print(f"goal (ours): median |start error| <= {1000 * GOAL_MEDIAN_S:.0f} ms, 90th percentile <= "
