@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from asrops.audio import SAMPLE_RATE, decode_audio
-from asrops.clip_manifest import numbered_rows
+from asrops.clip_manifest import numbered_rows, write_rows
 from asrops.errors import AudioError
 from asrops.textnorm import normalize_english
 
@@ -129,6 +129,13 @@ def core_english_filter(item: EvalItem | dict) -> bool:
         and duration is not None
         and 1 <= duration <= 30
     )
+
+
+def core_english_clips(speech_manifest: Path, skip: int, n: int, out: Path) -> Path:
+    """A manifest of `n` core English clips after the first `skip` (golden sets take the first
+    ones; retention and replay sets the next, so that no clip is in two of them)."""
+    items = load_manifest(speech_manifest, filter=core_english_filter)[skip : skip + n]
+    return write_rows(out, ({"audio": item.audio, "text": item.text} for item in items))
 
 
 # --- scoring -----------------------------------------------------------------------------

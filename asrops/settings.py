@@ -359,6 +359,21 @@ class TrainSettings(BaseModel):
     """Training clips encoded at once while the frozen encoder's outputs are cached."""
 
 
+class SliceGateSettings(BaseModel):
+    """The slice gate a retrain fits beside its candidate (asrops/engines/slice_gate.py): the
+    retrained encoder serves only windows that sound like the drift, the parent's the rest."""
+
+    enabled: bool = True
+    min_validation_share: float = Field(default=0.95, gt=0.5, le=1)
+    """The gate is kept only when it sorts at least this share of each class of the retrain's
+    validation clips right (the drift's to the retrained layers, the replayed known-good ones to
+    the parent's); else the drift is not one the audio shows, and the candidate serves all audio."""
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    """P(drift) from which a window goes to the retrained layers."""
+    l2: float = Field(default=1e-2, ge=0)
+    """Weight decay of the logistic regression (its features are standardised)."""
+
+
 class GateSettings(BaseModel):
     """The evaluation gate a candidate must pass before it is published (retrain/evaluate.py)."""
 
@@ -407,6 +422,7 @@ class TriggerSettings(BaseModel):
 class RetrainSettings(BaseModel):
     dataset: DatasetSettings = DatasetSettings()
     train: TrainSettings = TrainSettings()
+    slice_gate: SliceGateSettings = SliceGateSettings()
     gate: GateSettings = GateSettings()
     trigger: TriggerSettings = TriggerSettings()
     curated_manifests: list[str] = []

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from asrops.evaluation import core_english_clips
 from asrops.synth import PRESETS, generate, speaking, split_templates
 from loadtests import CHECKOUT_SPEECH
 
@@ -47,13 +48,16 @@ log = logging.getLogger("asrops.demo")
 DRIFT = PRESETS["drift-accent-noise"]
 ACOUSTIC_CLIPS = 200
 """Clips of the drift's voices and noise speaking broad text, for the retrain."""
+GOLDEN_CLIPS = 60
+REAL_REPLAY_CLIPS = 80
 ADMIN_TOKEN = "demo-admin-token"
 CLIENT_KEYS = [f"demo-client-{i}" for i in range(8)]
 """The demo's client apps: corrections count by client (API key), and a retrain or a canary's
 feedback WER needs several (retrain.trigger.min_label_clients)."""
 
 
-def demo_env(data_dir: Path, replay: Path, golden: Path, acoustic: Path, generalisation: Path) -> dict[str, str]:
+def demo_env(data_dir: Path, replay: Path, golden: Path, acoustic: Path, generalisation: Path,
+             real_replay: Path | None) -> dict[str, str]:
     """Settings of the demo, as environment variables so that the monitor, the controller and
     the retrain job (separate processes) read the same ones."""
     return {
@@ -74,7 +78,10 @@ def demo_env(data_dir: Path, replay: Path, golden: Path, acoustic: Path, general
         "ASROPS_RETRAIN__ACOUSTIC_MANIFESTS": json.dumps([str(acoustic)]),
         "ASROPS_RETRAIN__GENERALISATION_MANIFESTS": json.dumps([str(generalisation)]),
         "ASROPS_RETRAIN__GOLDEN_MANIFESTS": json.dumps([str(golden), *_speech_manifest()]),
-        "ASROPS_RETRAIN__GOLDEN_CLIPS": "60",
+        "ASROPS_RETRAIN__GOLDEN_CLIPS": str(GOLDEN_CLIPS),
+        # Real speech after the golden clips, labelled by the parent: replayed against forgetting,
+        # and what the slice gate learns known-good speech sounds like beside the clean replay.
+        "ASROPS_RETRAIN__SELF_LABEL_MANIFESTS": json.dumps([str(real_replay)] if real_replay else []),
         # The retrain's defaults (the encoder's top layers at 1e-4, 75 % replay, the forgetting guard) with 40 steps
         # instead of 60, for the demo's time budget.
         "ASROPS_RETRAIN__TRAIN__MAX_STEPS": "40",
@@ -202,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                       work / "golden", say)
     acoustic = generate(speaking(DRIFT, "broad", ACOUSTIC_CLIPS, 2021), work / "acoustic", say)
     generalisation = generate(speaking(DRIFT, "unseen", 48, 1021), work / "generalisation", say)
-    os.environ.update(demo_env(work / "data", replay, golden, acoustic, generalisation))
+    speech = _speech_manifest()
+    real_replay = core_english_clips(Path(speech[0]), GOLDEN_CLIPS, REAL_REPLAY_CLIPS, work / "replay-real.jsonl") \
+        if speech else None
+    os.environ.update(demo_env(work / "data", replay, golden, acoustic, generalisation, real_replay))
 
     from ray import serve
 

@@ -41,6 +41,10 @@ from asrops.textnorm import normalize_english
 log = logging.getLogger(__name__)
 
 Source = Literal["feedback", "curated", "acoustic", "replay", "self_labelled", "retention", "golden"]
+DRIFT_SOURCES = ("feedback", "curated", "acoustic")
+"""Training rows of the new data: the drift a retrain is for."""
+REPLAYED_SOURCES = ("replay", "self_labelled")
+"""Training rows of known-good speech the parent already serves well."""
 SplitName = Literal["train", "validation", "test"]
 DropReason = Literal[
     "empty_transcript", "undecodable", "duration_out_of_bounds", "silent", "clipping", "low_snr",

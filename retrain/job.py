@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from asrops.audio import decode_audio
 from asrops.clip_manifest import write_rows
 from asrops.engines import load_engine
+from asrops.engines.slice_gate import SliceGate
 from asrops.evaluation import core_english_filter, load_manifest
 from asrops.models.importer import build_version_dir
 from asrops.prodlog import store_for
@@ -45,6 +46,7 @@ from asrops.retrain.evaluate import (
     transcribe_manifest,
     write_report,
 )
+from asrops.retrain.slice_gate import attach_slice_gate, fit_slice_gate, routed_manifest
 from asrops.retrain.train import TrainJob, TrainResult, run_training
 from asrops.settings import Settings
 
@@ -58,6 +60,8 @@ class RetrainOutcome(BaseModel):
     parent: str
     dataset_report: Path
     train: TrainResult
+    slice_gate: SliceGate | None = None
+    """The gate the candidate carries (None: its retrained encoder serves all audio)."""
     evaluation_json: Path
     evaluation_md: Path
     passed: bool
@@ -230,9 +234,14 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
                          gathered.retention, acoustic=gathered.acoustic)
     say(f"data report: {data.report_md}")
 
+    slice_gate = fit_slice_gate(data.train, data.validation, stable_dir, parent, settings.retrain.slice_gate, say)
+    retention = data.retention
+    if slice_gate is not None:  # only what the gate sends to the retrained layers can be forgotten
+        retention = routed_manifest(data.retention, slice_gate, stable_dir, work / "data" / "retention-routed.jsonl",
+                                    say)
     train = run_training(TrainJob(
         parent_dir=stable_dir, train_manifest=data.train, validation_manifest=data.validation,
-        retention_manifest=data.retention,
+        retention_manifest=retention,
         decode=settings.engine.decode_options(), decode_batch_size=settings.engine.offline_batch_size,
         storage_path=str(checkpoint_root(settings)), name=job, output_dir=work / "model",
         settings=settings.retrain.train), gpus_available)
@@ -242,6 +251,8 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
 
     say("exporting the candidate to ONNX (what it will be served as)")
     candidate_dir = build_version_dir(train.output_dir, work / "version", say)
+    if slice_gate is not None and not attach_slice_gate(candidate_dir, stable_dir, slice_gate, say):
+        slice_gate = None
     eval_started = datetime.now(UTC)
     compared = _evaluate(settings, candidate_dir, stable_dir, data, golden_sets, general_sets, say)
     decision = gate(compared.heldout, compared.golden, settings.retrain.gate, compared.generalisation)
@@ -259,7 +270,8 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
     else:
         say(f"gate failed: nothing published (report {md_path})")
     return RetrainOutcome(job=job, cause=cause, reason=reason, parent=parent, dataset_report=data.report_md,
-                          train=train, evaluation_json=json_path, evaluation_md=md_path, passed=decision.passed,
+                          train=train, slice_gate=slice_gate, evaluation_json=json_path, evaluation_md=md_path,
+                          passed=decision.passed,
                           reasons=decision.reasons, published=published, seconds=time.monotonic() - started)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 from pydantic import BaseModel
 
-from asrops.clip_manifest import write_rows
+from asrops.evaluation import core_english_clips
 from asrops.settings import Settings
 from asrops.synth import PRESETS, generate, speaking, split_templates
 
@@ -164,10 +164,10 @@ def run_once(args, seed: int, work: Path, common: CommonSets) -> ScenarioRun:
     settings.retrain.generalisation_manifests = [general]
     settings.retrain.retention_manifests = [common.retention]
     if speech and args.retention_real:
-        settings.retrain.retention_manifests.append(_real_clips(speech, args.golden_real, args.retention_real,
+        settings.retrain.retention_manifests.append(core_english_clips(speech, args.golden_real, args.retention_real,
                                                                 work / "retention-real.jsonl"))
     if speech and args.replay_real:
-        settings.retrain.self_label_manifests = [_real_clips(speech, args.golden_real + args.retention_real,
+        settings.retrain.self_label_manifests = [core_english_clips(speech, args.golden_real + args.retention_real,
                                                              args.replay_real, work / "replay-real.jsonl")]
     settings.retrain.dataset.retention_clips = 0  # replayed templates would flatter the guard
     settings.retrain.trigger.min_new_labels = 0  # the labels here are curated: one trusted source
@@ -201,6 +201,7 @@ def run_once(args, seed: int, work: Path, common: CommonSets) -> ScenarioRun:
         f"training: {outcome.train.steps} steps, {outcome.train.seconds:.0f} s, "
         f"{outcome.train.samples_per_s:.1f} samples/s; whole retrain {outcome.seconds:.0f} s; "
         f"run {time.monotonic() - started:.0f} s",
+        f"slice gate: {_slice_gate_line(outcome.slice_gate)}",
         f"forgetting guard: {_guard_line(outcome.train.guard)}",
         f"gate: {'passed' if outcome.passed else 'failed'}; published {outcome.published}",
         f"reports: {outcome.dataset_report}, {outcome.evaluation_md}",
@@ -210,23 +211,22 @@ def run_once(args, seed: int, work: Path, common: CommonSets) -> ScenarioRun:
     return ScenarioRun(seed=seed, ratios=ratios, met=met, gate_passed=outcome.passed, summary=summary)
 
 
+def _slice_gate_line(gate) -> str:
+    if gate is None:
+        return "none (the retrained encoder serves all audio)"
+    checked = ", ".join(f"{k} {v:.3f}" for k, v in gate.validation.items())
+    return f"fitted on {gate.fitted_on}; on the clips it was checked on {checked}"
+
+
 def _guard_line(guard) -> str:
     if guard is None:
-        return "not run (no retention set)"
+        return "not run (no retention set, or the slice gate sends none of it to the retrained layers)"
     from asrops.retrain.train import format_wers
 
     tried = "; ".join(f"{t.weight:g}: validation {t.validation_wer:.2f} %, retention {t.retention_wer:.2f} % "
                       f"({format_wers(t.retention_wer_by_part)})" for t in guard.trials)
     return (f"parent's retention WER {format_wers(guard.parent_retention_wer_by_part)}; "
             f"kept weight {guard.kept_weight:g} ({tried})")
-
-
-def _real_clips(speech: Path, skip: int, n: int, out: Path) -> Path:
-    """`n` core English real clips after the first `skip` (the golden set takes the first ones)."""
-    from asrops.evaluation import core_english_filter, load_manifest
-
-    items = load_manifest(speech, filter=core_english_filter)[skip : skip + n]
-    return write_rows(out, ({"audio": item.audio, "text": item.text} for item in items))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from asrops.clip_manifest import read_rows
 from asrops.engines.decoding import CHUNK_S, TIME_PRECISION, SpecialTokens
 from asrops.engines.torch_backend import TorchWhisperBackend
 from asrops.engines.types import DecodeOptions
+from asrops.retrain.dataset import REPLAYED_SOURCES
 from asrops.settings import EngineSettings, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ MAX_LABEL_TOKENS = 128
 STATE_FILE = "train_state.pt"
 BEST_DIR = "best"
 GUARD_FILE = "forgetting_guard.json"
-REPLAYED_SOURCES = ("replay", "self_labelled")
-"""Training rows of known-good speech (retrain/dataset.py's sources), where the KL term holds the model."""
 ENCODER_CACHE_ENTRIES = 256
 """Encoded batches kept for validation (a batch of 8 windows is ~18 MB): every first window, and
 the later windows of long clips, which move with each model's timestamps."""

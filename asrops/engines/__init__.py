@@ -2,7 +2,8 @@
 
 A version directory holds a transformers checkpoint at its root, its fp32 ONNX export in
 `onnx/fp32/` and an int8 encoder in `onnx/int8/`; `load_engine` picks the backend that runs
-them. `onnx-int8` is the int8 encoder with the fp32 decoders (see models/onnx_export.py).
+them. `onnx-int8` is the int8 encoder with the fp32 decoders (see models/onnx_export.py). A
+retrained version may also carry a slice gate and its parent's encoder (engines/slice_gate.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from asrops.engines.engine import WhisperEngine
+from asrops.engines.slice_gate import TORCH_ENCODER, gated
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.errors import ModelImportError
 
@@ -43,13 +45,20 @@ def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "
         from asrops.engines.torch_backend import TorchWhisperBackend
 
         backend = TorchWhisperBackend(model_dir, device=device, threads=threads)
+
+        def parent_encoder(root: Path):
+            return backend.encoder_from(root / TORCH_ENCODER)
     else:
-        from asrops.engines.onnx_backend import OnnxWhisperBackend
+        from asrops.engines.onnx_backend import OnnxWhisperBackend, onnx_encoder
 
         encoder = model_dir / ENCODERS[kind]
         if not encoder.exists():
             raise ModelImportError(f"{model_dir} has no {ENCODERS[kind]}; re-publish it (publishing exports ONNX).")
         backend = OnnxWhisperBackend(encoder, model_dir / DECODERS, device=device, threads=threads)
+
+        def parent_encoder(root: Path):
+            return onnx_encoder(root / ENCODERS[kind], device, threads)
+    backend = gated(backend, model_dir, parent_encoder)
     gen = json.loads((model_dir / "generation_config.json").read_text())
     log.info("loaded %s engine (%s) from %s", kind, device, model_dir)
     return WhisperEngine(

@@ -18,24 +18,32 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _session(path: Path, device: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # Idle intra-op threads must sleep, not spin: our decoding loop runs Python between ONNX
+    # calls, and spinning threads steal its core (measured: 20 % slower on 2 cores).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=_providers(device))
+
+
+def onnx_encoder(encoder: Path, device: str = "cpu", threads: int = 0):
+    """An encoder graph alone, as an encode function (a slice gate's parent encoder)."""
+    session = _session(Path(encoder), device, threads)
+    return lambda mel: session.run(None, {"input_features": mel})[0]
+
+
 class OnnxWhisperBackend:
     """`encoder` is the encoder graph's path (fp32 or int8); `decoder_dir` holds the decoders."""
 
     def __init__(self, encoder: Path, decoder_dir: Path, device: str = "cpu", threads: int = 0):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        # Idle intra-op threads must sleep, not spin: our decoding loop runs Python between ONNX
-        # calls, and spinning threads steal its core (measured: 20 % slower on 2 cores).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = _providers(device)
-
         def session(path: Path):
-            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            return _session(path, device, threads)
 
         self.encoder = session(Path(encoder))
         self.decoder = session(Path(decoder_dir) / "decoder_model.onnx")

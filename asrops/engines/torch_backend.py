@@ -27,6 +27,26 @@ class TorchWhisperBackend:
         features = torch.from_numpy(mel).to(self.device, self.dtype)
         return self.model.model.encoder(features).last_hidden_state
 
+    def encoder_from(self, weights: Path):
+        """Another encoder of this model's shape (a slice gate's parent encoder), from a
+        safetensors file of its tensors, as an encode function."""
+        import copy
+
+        from safetensors.torch import load_file
+
+        from asrops.engines.slice_gate import ENCODER_PREFIX
+
+        encoder = copy.deepcopy(self.model.model.encoder)
+        state = {k.removeprefix(ENCODER_PREFIX): v for k, v in load_file(str(weights)).items()}
+        encoder.load_state_dict(state)
+        encoder.to(self.device, self.dtype).eval()
+
+        @torch.inference_mode()
+        def encode(mel: np.ndarray):
+            return encoder(torch.from_numpy(mel).to(self.device, self.dtype)).last_hidden_state
+
+        return encode
+
     @torch.inference_mode()
     def _decode(self, tokens: np.ndarray, encoded: torch.Tensor, past: Any, last_only: bool):
         out = self.model.model.decoder(
