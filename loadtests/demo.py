@@ -39,6 +39,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from asrops.engines.slice_gate import GATE_DIR, gate_dir, load_gate
 from asrops.evaluation import core_english_clips
 from asrops.synth import PRESETS, generate, speaking, split_templates
 from loadtests import CHECKOUT_SPEECH
@@ -176,7 +177,7 @@ def make_bad_candidate(registry, parent: str, work: Path, say: Callable[[str], N
 
     src, out = registry.fetch(parent), work / "bad-candidate"
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("onnx", "reports"))
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("onnx", "reports", GATE_DIR))  # publishing re-exports
     weights = load_file(out / "model.safetensors")
     generator = torch.Generator().manual_seed(0)
     for name, tensor in weights.items():
@@ -344,6 +345,12 @@ def _summary(story: Story, registry, settings, stable0: str, good, bad, dashboar
     evaluation = EvaluationReport.model_validate_json((report.parent / REPORT_JSON).read_text())
     for line in summary_lines(evaluation):
         print(f"  {line}")
+    gate_path = gate_dir(report.parent.parent)
+    if gate_path is None:
+        print("  slice gate: none (the retrained encoder serves all audio)")
+    else:
+        gate = load_gate(gate_path)
+        print(f"  slice gate: fitted on {gate.fitted_on}; on the clips it was checked on {gate.validation}")
     print(f"evaluation report: {report}")
     print(f"drift reports: {settings.production_log_uri}/drift-reports/ (open the .html)")
     print(f"dashboard to import into Grafana: {dashboard}; alert rules: monitoring/prometheus/alerts.yml")

@@ -115,7 +115,15 @@ class ModelMetrics:
         self.queue_depth = Gauge("asrops_queue_depth", "Requests waiting for a free engine lane.",
                                  tag_keys=("model_version",))
         self.queue_depth.set(0, tags=self.tags)
+        self.slice_gate_windows = Counter(
+            "asrops_slice_gate_windows_total", "30-s windows a retrained version with a slice gate encoded, by "
+            "encoder: its retrained one (audio like its drift) or its parent's.", tag_keys=("model_version", "encoder"))
 
     def batch(self, size: int, queued: int) -> None:
         self.batch_size.observe(size, tags=self.tags)
         self.queue_depth.set(queued, tags=self.tags)
+
+    def slice_gate(self, retrained: int, parent: int) -> None:
+        for encoder, n in (("retrained", retrained), ("parent", parent)):
+            if n:
+                self.slice_gate_windows.inc(n, tags={**self.tags, "encoder": encoder})

@@ -19,6 +19,7 @@ from ray import serve
 
 from asrops.audio_format import SAMPLE_RATE
 from asrops.engines import load_engine, resolve_device
+from asrops.engines.slice_gate import GatedBackend
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.registry import ModelRegistry
 from asrops.serve.lanes import EngineLanes
@@ -81,6 +82,9 @@ class ModelServer:
         self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,
                                  key=lambda w: w.request.options.model_dump_json())
         self.metrics = ModelMetrics(self.version_id)
+        for e in self.engines:
+            if isinstance(e.backend, GatedBackend):
+                e.backend.on_route = self.metrics.slice_gate
         self.transcribe_batch.set_max_batch_size(settings.serve.max_batch_size)
         self.transcribe_batch.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
         log.info("model %s ready (%s engine, %d lanes)", self.version_id, engine.kind, lanes)

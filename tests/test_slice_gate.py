@@ -112,7 +112,10 @@ def test_a_gated_version_encodes_each_window_with_its_own_path_and_answers_real_
     audios = [decode_audio(Path(r["audio"]).read_bytes()).samples for r in mixed]
     mel = engine.log_mel([a[:N_SAMPLES] for a in audios])
     tuned, parent = onnx_encoder(stable_dir / ENCODERS["onnx"]), onnx_encoder(stable_dir / ENCODERS["onnx-int8"])
+    routed: list[tuple[int, int]] = []
+    engine.backend.on_route = lambda retrained, parent: routed.append((retrained, parent))  # the replica's metric
     encoded = engine.backend.encode(mel)
+    assert routed == [(2, 2)]
     drift = np.array([False, True, False, True])
     assert np.abs(tuned(mel[drift]) - parent(mel[drift])).max() > 1e-2  # the two paths really differ
     np.testing.assert_allclose(encoded[drift], tuned(mel[drift]), atol=1e-4)

@@ -87,10 +87,13 @@ class GatedBackend:
         self.tuned = tuned
         self.parent_encode = parent_encode
         self.gate = gate
+        self.on_route: Callable[[int, int], None] | None = None
+        """Called with each batch's (windows to the retrained encoder, windows to the parent's)."""
 
     def encode(self, mel: np.ndarray):
         drift = self.gate.to_retrained(window_features(mel))
-        log.debug("slice gate: %d of %d windows to the retrained encoder", int(drift.sum()), len(drift))
+        if self.on_route is not None:
+            self.on_route(int(drift.sum()), int((~drift).sum()))
         if drift.all():
             return self.tuned.encode(mel)
         if not drift.any():
