@@ -234,7 +234,13 @@ def run_retrain(settings: Settings, cause: str, reason: str, say: Callable[[str]
                          gathered.retention, acoustic=gathered.acoustic)
     say(f"data report: {data.report_md}")
 
-    slice_gate = fit_slice_gate(data.train, data.validation, stable_dir, parent, settings.retrain.slice_gate, say)
+    recipe = settings.retrain.train
+    if recipe.train_decoder == "none" and not recipe.lora:
+        slice_gate = fit_slice_gate(data.train, data.validation, stable_dir, parent, settings.retrain.slice_gate, say)
+    else:  # the gate's two paths share the parent's decoder
+        slice_gate = None
+        say(f"slice gate: none (the recipe trains the decoder: train_decoder={recipe.train_decoder}, "
+            f"lora={recipe.lora}); the candidate serves all audio")
     retention = data.retention
     if slice_gate is not None:  # only what the gate sends to the retrained layers can be forgotten
         retention = routed_manifest(data.retention, slice_gate, stable_dir, work / "data" / "retention-routed.jsonl",
