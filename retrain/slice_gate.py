@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 FEATURE_BATCH = 16
 CHECK_EVERY = 5
-MIN_CLIPS_PER_CLASS = 20
 """Every fifth training clip checks a first fit of the gate that left it out."""
+MIN_CLIPS_PER_CLASS = 20
+"""With fewer training clips of either kind there is no gate: too few to fit one and check it."""
 
 
 def _features(rows: list[dict], log_mel: LogMel, say: Callable[[str], None], what: str) -> np.ndarray:
