@@ -48,6 +48,9 @@ class EngineSettings(BaseModel):
     temperature_fallback: bool = True
     """Re-decode a window that loops or is improbable at rising temperatures, as openai/whisper
     does (`DecodeOptions.temperature_increment`); off: every window is kept as first decoded."""
+    temperature_increment: float | None = Field(default=None, gt=0.0, le=1.0)
+    """The fallback's temperature step; None keeps openai/whisper's 0.2 (five more tries at most).
+    0.4 tries twice (0.4, 0.8): about half the fallback's cost on noisy speech."""
     offline_batch_size: int = Field(default=8, ge=1)
     """Clips one engine call transcribes in work off the request path: a retrain's evaluation,
     self-labelling and validation, and the drift reference (8 x 30-s windows: ~1 GB peak on CPU)."""
@@ -57,7 +60,11 @@ class EngineSettings(BaseModel):
         from asrops.engines.types import DecodeOptions
 
         options = DecodeOptions(beam_size=self.beam_size, max_new_tokens=self.max_new_tokens)
-        return options if self.temperature_fallback else options.model_copy(update={"temperature_increment": None})
+        if not self.temperature_fallback:
+            return options.model_copy(update={"temperature_increment": None})
+        if self.temperature_increment is not None:
+            return options.model_copy(update={"temperature_increment": self.temperature_increment})
+        return options
 
 
 class AudioSettings(BaseModel):
@@ -247,6 +254,10 @@ class MonitoringSettings(BaseModel):
     prometheus_binary: str = "prometheus"
     """Debian's `prometheus` package; `asrops serve` starts one unless `prometheus_enabled` is false."""
     prometheus_enabled: bool = True
+    background_niceness: int = Field(default=10, ge=0, le=19)
+    """How much `asrops serve` lowers the priority of the processes it starts beside the service
+    (the drift monitor and its reference bootstrap, the promotion controller, Prometheus): on a
+    busy node they take what the model replicas (Ray workers at niceness 0) leave."""
     scrape_interval_s: float = Field(default=5.0, gt=0)
     ray_metrics_port: int = 8080
     """Ray's own Prometheus endpoint on each node (replica metrics); Ray lists its nodes in a
