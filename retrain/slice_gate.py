@@ -19,7 +19,7 @@ from asrops.audio import decode_audio
 from asrops.clip_manifest import read_rows, write_rows
 from asrops.engines import ENCODERS
 from asrops.engines.decoding import N_SAMPLES
-from asrops.engines.engine import LogMel
+from asrops.engines.log_mel import LogMel
 from asrops.engines.slice_gate import (
     ENCODER_PREFIX,
     GATE_DIR,

@@ -154,7 +154,7 @@ def engine_lanes(settings: Settings) -> int:
     """`engine.lanes`, or by default 2 on CPU (one decodes while the other runs Python) and 1 on GPU."""
     if settings.engine.lanes:
         return settings.engine.lanes
-    return 1 if resolve_device(settings.engine.device) == "cuda" else 2
+    return 1 if resolve_device(settings.engine.device, settings.engine.kind) == "cuda" else 2
 
 
 def model_deployment(version_id: str, settings: Settings):

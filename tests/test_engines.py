@@ -4,6 +4,8 @@ prompts, and agreement with faster-whisper on the same original weights."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -167,3 +169,20 @@ def test_segments_are_handed_over_as_each_window_is_decoded(engines, speech_dir)
         engine.backend.encode = original
     assert [s for _, batch in seen for s in batch] == result.segments
     assert seen[0][0] == 1 and len({windows for windows, _ in seen}) >= 3
+
+
+def test_an_onnx_engine_transcribes_without_importing_torch(stable_dir, speech_dir):
+    """torch (about 230 MB of a process) is only for the torch kind, training and word timing."""
+    script = (
+        "import json, sys; from pathlib import Path; from asrops.audio import decode_audio; "
+        "from asrops.engines import load_engine; "
+        f"engine = load_engine(Path({str(stable_dir)!r}), 'onnx-int8', 'auto'); "
+        f"audio = decode_audio(Path({str(speech_dir / 'faster_whisper/jfk.flac')!r})).samples; "
+        "text = engine.transcribe([audio])[0].text; "
+        "print(json.dumps({'text': text, 'torch': 'torch' in sys.modules, "
+        "'transformers': 'transformers' in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "ask not what your country can do for you" in normalize_english(result["text"])
+    assert not result["torch"] and not result["transformers"], result

@@ -17,7 +17,7 @@ from asrops.audio import decode_audio
 from asrops.clip_manifest import read_rows, write_rows
 from asrops.engines import ENCODERS, load_engine
 from asrops.engines.decoding import N_SAMPLES
-from asrops.engines.engine import LogMel
+from asrops.engines.log_mel import LogMel
 from asrops.engines.onnx_backend import onnx_encoder
 from asrops.engines.slice_gate import GATE_DIR, GatedBackend, SliceGate, window_features
 from asrops.evaluation import core_english_clips

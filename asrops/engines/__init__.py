@@ -27,20 +27,26 @@ DECODERS = "onnx/fp32"
 __all__ = ["DecodeOptions", "EngineKind", "Segment", "Transcription", "WhisperEngine", "load_engine", "resolve_device"]
 
 
-def resolve_device(device: str) -> str:
-    """`auto` → `cuda` when torch sees a GPU, else `cpu`."""
+def resolve_device(device: str, kind: str = "torch") -> str:
+    """`auto` → `cuda` when the engine's runtime sees a GPU (torch for `torch`, onnxruntime's
+    CUDA provider for the ONNX kinds), else `cpu`. Only the torch kind imports torch: it costs
+    an ONNX engine's process about 230 MB."""
     if device != "auto":
         return device
-    import torch
+    if kind == "torch":
+        import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    import onnxruntime as ort
+
+    return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
 def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "auto",
                 threads: int = 0) -> WhisperEngine:
     """Build an engine over a (verified) version directory."""
     model_dir = Path(model_dir)
-    device = resolve_device(device)
+    device = resolve_device(device, kind)
     if kind == "torch":
         from asrops.engines.torch_backend import TorchWhisperBackend
 

@@ -28,6 +28,7 @@ from asrops.engines.decoding import (
     needs_fallback,
     split_segments,
 )
+from asrops.engines.log_mel import LogMel
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 
 log = logging.getLogger(__name__)
@@ -49,19 +50,6 @@ class HFTextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([i for i in ids if i < self._eot], skip_special_tokens=True)
-
-
-class LogMel:
-    """Whisper's log-mel spectrogram (transformers' feature extractor, torch STFT)."""
-
-    def __init__(self, model_dir: Path):
-        from transformers import WhisperFeatureExtractor
-
-        self._fe = WhisperFeatureExtractor.from_pretrained(model_dir)
-
-    def __call__(self, chunks: list[np.ndarray]) -> np.ndarray:
-        out = self._fe(chunks, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length")
-        return out.input_features.astype(np.float32)
 
 
 @dataclass
