@@ -8,7 +8,9 @@ scrapes Ray's nodes, the monitor and the controller. All of it stops with `asrop
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -60,11 +62,12 @@ def start_monitoring(settings: Settings, say: Callable[[str], None] = log.info) 
     nodes, the monitor and the controller."""
     m = settings.monitoring
     stack = MonitoringStack()
-    stack.monitor = subprocess.Popen([*SIDE_PROCESS, "monitor", "--bootstrap-reference"])
+    background = functools.partial(os.nice, m.background_niceness)  # serving comes first
+    stack.monitor = subprocess.Popen([*SIDE_PROCESS, "monitor", "--bootstrap-reference"], preexec_fn=background)
     stack.notes.append(f"drift monitor: metrics at http://127.0.0.1:{m.monitor_port}/metrics, reports under "
                        f"{settings.production_log_uri}/drift-reports/ (open the .html in a browser)")
     if settings.promotion.enabled:
-        stack.controller = subprocess.Popen([*SIDE_PROCESS, "controller"])
+        stack.controller = subprocess.Popen([*SIDE_PROCESS, "controller"], preexec_fn=background)
         stack.notes.append(f"promotion controller: steps canaries up on Prometheus checks ({settings.prometheus_url}); "
                            "`asrops rollout status` shows its phase and checks")
     if not m.prometheus_enabled:

@@ -5,6 +5,7 @@ data), so a test can put a real server behind it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -150,6 +151,7 @@ class PrometheusServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=functools.partial(os.nice, self.settings.monitoring.background_niceness),
             )
         try:
             self._wait_ready()

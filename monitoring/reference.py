@@ -10,6 +10,7 @@ production log uses for each request's out-of-vocabulary share.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from asrops.registry.store import ObjectStore
 log = logging.getLogger(__name__)
 
 REFERENCE_KEY = "reference/features.parquet"
+PARTIAL_PREFIX = "reference/partial/"
+"""A reference being made from a manifest, saved batch by batch until it is complete."""
 
 
 def successful(frame: pd.DataFrame) -> pd.DataFrame:
@@ -73,22 +76,39 @@ def pin_window(store: ObjectStore, start: datetime, end: datetime) -> pd.DataFra
 
 def from_manifest(store: ObjectStore, manifest: Path, engine, version: str, batch_size: int,
                   progress: Callable[[str], None] = log.info, limit: int | None = None) -> pd.DataFrame:
-    """Transcribe every clip of `manifest` (jsonl with `audio`) with `engine`, keep its features."""
+    """Transcribe every clip of `manifest` (jsonl with `audio`) with `engine`, keep its features.
+    What is transcribed is saved batch by batch (`PARTIAL_PREFIX`): a run stopped half way
+    resumes where it was, for the same version and clips, instead of starting again."""
     rows = read_rows(manifest)[:limit]
-    records = []
-    for start in range(0, len(rows), batch_size):
+    partial_key = f"{PARTIAL_PREFIX}{version}-{_fingerprint(rows)}.parquet"
+    try:
+        done = pd.read_parquet(io.BytesIO(store.read_bytes(partial_key)[0]))
+        progress(f"reference: resuming at {len(done)}/{len(rows)} clips (a bootstrap stopped before it ended)")
+    except KeyError:
+        done = pd.DataFrame()
+    for start in range(len(done), len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         decoded = [decode_audio((manifest.parent / r["audio"]).read_bytes()) for r in chunk]
-        for i, (audio, t) in enumerate(zip(decoded, engine.transcribe([a.samples for a in decoded]))):
-            records.append(to_record(FinishedRequest(
-                request_id=f"reference-{start + i}", time=datetime.now(UTC), model_version=version,
-                route="reference", status=200, latency_s=0.0, samples=audio.samples,
-                original_sample_rate=audio.original_sample_rate, original_channels=audio.original_channels,
-                transcription=t), None))
-        progress(f"reference: {len(records)}/{len(rows)} clips transcribed")
-    frame = pd.DataFrame([r.model_dump() for r in records])
-    save_reference(store, frame)
+        records = [to_record(FinishedRequest(
+            request_id=f"reference-{start + i}", time=datetime.now(UTC), model_version=version,
+            route="reference", status=200, latency_s=0.0, samples=audio.samples,
+            original_sample_rate=audio.original_sample_rate, original_channels=audio.original_channels,
+            transcription=t), None).model_dump()
+            for i, (audio, t) in enumerate(zip(decoded, engine.transcribe([a.samples for a in decoded])))]
+        done = pd.DataFrame(records) if done.empty else pd.concat([done, pd.DataFrame(records)], ignore_index=True)
+        buf = io.BytesIO()
+        done.to_parquet(buf, index=False)
+        store.write_bytes(partial_key, buf.getvalue())
+        progress(f"reference: {len(done)}/{len(rows)} clips transcribed")
+    save_reference(store, done)
+    store.delete_prefix(PARTIAL_PREFIX)
     return load_reference(store)
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    """Which clips a partial reference is of (their audio paths and texts), in 12 hex digits."""
+    text = "\n".join(f"{r.get('audio')}\t{r.get('text', '')}" for r in rows)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def synthetic_reference(store: ObjectStore, registry, settings, progress: Callable[[str], None] = log.info,

@@ -1,0 +1,42 @@
+"""The drift reference made from a manifest (the first-run bootstrap): an interrupted run
+resumes where it stopped. Real engine, real synthetic speech, a local store."""
+
+from __future__ import annotations
+
+import pytest
+
+from asrops.monitoring.reference import PARTIAL_PREFIX, from_manifest, load_reference
+from asrops.registry.store import LocalStore
+from asrops.synth import PRESETS, generate
+
+pytestmark = pytest.mark.slow
+
+
+class Stopped(Exception):
+    pass
+
+
+def test_an_interrupted_reference_resumes_where_it_stopped(engines, tmp_path):
+    manifest = generate(PRESETS["clean"].model_copy(update={"n": 6, "seed": 7}), tmp_path / "clips")
+    store, engine = LocalStore(tmp_path / "store"), engines["onnx-int8"]
+
+    def stop_after_the_first_batch(line: str) -> None:
+        if line.startswith("reference: 2/6"):
+            raise Stopped(line)
+
+    with pytest.raises(Stopped):
+        from_manifest(store, manifest, engine, "v1", batch_size=2, progress=stop_after_the_first_batch)
+    assert load_reference(store) is None and store.list_prefix(PARTIAL_PREFIX)
+
+    lines: list[str] = []
+    frame = from_manifest(store, manifest, engine, "v1", batch_size=2, progress=lines.append)
+    assert lines[0].startswith("reference: resuming at 2/6")
+    assert [line for line in lines if "transcribed" in line] == ["reference: 4/6 clips transcribed",
+                                                                  "reference: 6/6 clips transcribed"]
+    assert list(frame["request_id"]) == [f"reference-{i}" for i in range(6)]
+    assert frame["text"].str.strip().astype(bool).all()
+    assert not store.list_prefix(PARTIAL_PREFIX)  # finished: nothing left to resume
+
+    # Other clips (or another version) start from the beginning.
+    other = from_manifest(store, manifest, engine, "v2", batch_size=3, progress=lines.append)
+    assert len(other) == 6 and not any("resuming" in line for line in lines[3:])
