@@ -12,6 +12,19 @@ from loadtests import CHECKOUT_SPEECH
 from loadtests.local_s3 import LOCAL_S3_CREDENTIALS, MotoServer
 from loadtests.service_bench import free_port
 
+SERVICE_GROUP = "ray-service"
+"""The xdist group of every test that uses the session's service (see pytest_collection_modifyitems)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's `--dist loadgroup` (scripts/test.sh runs one worker per core):
+    every test on the session's service in one group, so that one worker starts Ray and Serve
+    once and runs them in order; every other module in a group of its own, so that its module
+    fixtures (a Prometheus, a trained model) are built once. Without xdist the marks do nothing."""
+    for item in items:
+        group = SERVICE_GROUP if "service" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
