@@ -2,7 +2,8 @@
 faster-whisper server (`loadtests.peer_server`), over HTTP, with the same real clips.
 
     python -m loadtests.service_bench [--ours URL] [--peer URL] [--clips 40] [--levels 1,4,16]
-                                      [--requests-per-level N] [--out-dir out/service-bench]
+                                      [--requests-per-level N] [--engine-clips 245]
+                                      [--out-dir out/service-bench]
 
 A server not given by URL is started here (ours: `python -m asrops.cli serve`, with
 ASROPS_DATA_DIR from the environment; the peer: `python -m loadtests.peer_server`) and stopped
@@ -11,7 +12,10 @@ concurrency level c: c warm-up requests (discarded), then a closed loop of c cli
 sending its next request as soon as its last one is answered, round-robin over the clips.
 
 The bare-engine reference (our engine in-process, one clip at a time, in its own process) shows
-what serving costs at concurrency 1; the product target is ours p50 / bare p50 <= 1.15.
+what serving costs at concurrency 1; the product target is ours p50 / bare p50 <= 1.15. The
+engine ratio (`asrops bench engine`, onnx-int8 against faster-whisper int8: RTFx and peak RSS)
+is measured in the same run, and every timed loop lists the CPU each process on the machine
+used (Ray's processes, the replicas, the side processes, this client), to show where it goes.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ from loadtests import CHECKOUT_SPEECH
 ENDPOINT = "/v1/audio/transcriptions"
 OVERHEAD_TARGET = 1.15
 """Ours p50 at concurrency 1 over the bare engine's p50: what serving may add."""
+THROUGHPUT_GOALS = {1: 1.0, 4: 1.5, 16: 2.0}
+"""Ours / peer throughput wanted at each concurrency (issue 19)."""
+ENGINE_GOALS = {"rtfx": 1.5, "peak_rss": 1.5}
+"""Our engine against faster-whisper int8: at least 1.5 x its RTFx, at most 1.5 x its peak RSS."""
+MIN_CPU_SHARE = 0.01
+"""Processes that used less than 1 % of a core during a loop are left out of its CPU list."""
 
 
 # --- clips -------------------------------------------------------------------------------
@@ -72,6 +82,15 @@ def load_clips(n: int, speech_dir: Path | None = None) -> list[Clip]:
 
 
 # --- statistics --------------------------------------------------------------------------
+class ProcessCpu(BaseModel):
+    """One kind of process (`process_label`) and the CPU it used during a timed loop."""
+
+    process: str
+    cpu_s: float
+    cores: float
+    """cpu_s / the loop's wall seconds: 1.0 is one core busy the whole time."""
+
+
 class Sample(NamedTuple):
     latency_s: float
     status: int
@@ -96,6 +115,8 @@ class LevelResult(BaseModel):
     p95_s: float | None
     p99_s: float | None
     mean_batch_size: float | None = None
+    cpu: list[ProcessCpu] = []
+    """CPU time of every process on the machine during the timed loop, busiest first."""
 
 
 class ServerResult(BaseModel):
@@ -123,6 +144,24 @@ class BareEngine(BaseModel):
     latencies_s: list[float]
 
 
+class EngineRatio(BaseModel):
+    """`asrops bench engine` in the same run: our onnx-int8 engine against faster-whisper int8."""
+
+    clips: int
+    rtfx: float
+    peer_rtfx: float
+    peak_rss_mb: float
+    peer_peak_rss_mb: float
+
+    @property
+    def rtfx_ratio(self) -> float:
+        return self.rtfx / self.peer_rtfx
+
+    @property
+    def rss_ratio(self) -> float:
+        return self.peak_rss_mb / self.peer_peak_rss_mb
+
+
 class BenchResult(BaseModel):
     clips: int
     clip_audio_s: float
@@ -135,6 +174,7 @@ class BenchResult(BaseModel):
     overhead_c1: float | None
     """Ours p50 at concurrency 1 / the bare engine's p50."""
     overhead_target: float = OVERHEAD_TARGET
+    engine: EngineRatio | None = None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -218,10 +258,56 @@ async def run_level(url: str, clips: list[Clip], concurrency: int, n_requests: i
             for i in order:
                 samples.append(await _post(client, url, clips[i % len(clips)]))
 
+        before = cpu_snapshot()
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         wall_s = time.perf_counter() - start
-    return summarize(samples, concurrency, wall_s)
+        after = cpu_snapshot()
+    return summarize(samples, concurrency, wall_s).model_copy(update={"cpu": cpu_by_process(before, after, wall_s)})
+
+
+# --- CPU per process ---------------------------------------------------------------------
+PROCESS_LABELS = (
+    ("asrops.cli serve", "asrops serve (driver)"), ("asrops.cli monitor", "drift monitor"),
+    ("asrops.cli controller", "promotion controller"), ("dashboard/agent.py", "ray dashboard agent"),
+    ("dashboard/dashboard.py", "ray dashboard"), ("runtime_env/agent", "ray runtime-env agent"),
+    ("log_monitor.py", "ray log monitor"), ("loadtests.service_bench", "benchmark client"),
+    ("loadtests.peer_server", "peer server"),
+)
+"""(a piece of a command line, the label of its process), first match wins."""
+
+
+def process_label(name: str, cmdline: list[str]) -> str:
+    """What a process is, in a few words: Ray actors by their title (`ray::ServeReplica:...`),
+    `asrops` side processes by their command, the rest by name."""
+    head = cmdline[0] if cmdline else name
+    if head.startswith("ray::"):
+        return head.split(" ")[0]
+    joined = " ".join(cmdline)
+    return next((label for marker, label in PROCESS_LABELS if marker in joined), name)
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """Every process's (label, user + system CPU seconds) now."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        info = proc.info
+        if info["cpu_times"] is not None:
+            out[proc.pid] = (process_label(info["name"] or "?", info["cmdline"] or []),
+                             info["cpu_times"].user + info["cpu_times"].system)
+    return out
+
+
+def cpu_by_process(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                   wall_s: float) -> list[ProcessCpu]:
+    """CPU used between two snapshots, summed by label (a process born in between counts from 0)."""
+    used: Counter[str] = Counter()
+    for pid, (label, cpu) in after.items():
+        used[label] += cpu - before.get(pid, (label, 0.0))[1]
+    return [ProcessCpu(process=label, cpu_s=round(cpu, 2), cores=round(cpu / wall_s, 3))
+            for label, cpu in used.most_common() if wall_s > 0 and cpu / wall_s >= MIN_CPU_SHARE]
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -329,6 +415,22 @@ def _bare_engine_worker(job: dict) -> None:
     print(json.dumps(latencies))
 
 
+def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -> EngineRatio | None:
+    """`asrops bench engine` for onnx-int8 and faster-whisper int8 (each in its own process)."""
+    from asrops.benchmarks.engine_bench import PEER, run_engine_benchmark
+    from asrops.errors import AsropsError
+    from asrops.settings import load_settings
+
+    try:
+        result = run_engine_benchmark(load_settings(), None, "stable", ["onnx-int8", PEER], clips, threads, say)
+    except (subprocess.CalledProcessError, AsropsError) as exc:
+        say(f"engine benchmark failed ({exc}); reporting without it")
+        return None
+    ours, peer = result["engines"]["onnx-int8"], result["engines"][PEER]
+    return EngineRatio(clips=result["clips"], rtfx=ours["rtfx"], peer_rtfx=peer["rtfx"],
+                       peak_rss_mb=ours["peak_rss_mb"], peer_peak_rss_mb=peer["peak_rss_mb"])
+
+
 # --- report ------------------------------------------------------------------------------
 def format_table(result: BenchResult) -> str:
     lines = [f"{'server':6} {'conc':>4} {'req':>4} {'err':>4} {'audio-s/s':>9} {'req/s':>6} "
@@ -339,10 +441,19 @@ def format_table(result: BenchResult) -> str:
                          f"{r.requests_per_s:6.2f} {_fmt(r.p50_s):>7} {_fmt(r.p95_s):>7} {_fmt(r.p99_s):>7} "
                          f"{_fmt(r.mean_batch_size, '.1f'):>5}")
     lines.append("")
-    lines.append(f"{'ours/peer':9} {'conc':>4} {'throughput':>10} {'p50':>6} {'p95':>6} {'p99':>6}")
+    lines.append(f"{'ours/peer':9} {'conc':>4} {'throughput':>10} {'p50':>6} {'p95':>6} {'p99':>6}  goal")
     for q in result.ratios:
+        goal = THROUGHPUT_GOALS.get(q.concurrency)
+        verdict = "" if goal is None or q.throughput is None else (
+            f"throughput >= {goal}: {'meets' if q.throughput >= goal else 'MISSES'}")
         lines.append(f"{'':9} {q.concurrency:4d} {_fmt(q.throughput, '.2f'):>10} {_fmt(q.p50, '.2f'):>6} "
-                     f"{_fmt(q.p95, '.2f'):>6} {_fmt(q.p99, '.2f'):>6}")
+                     f"{_fmt(q.p95, '.2f'):>6} {_fmt(q.p99, '.2f'):>6}  {verdict}")
+    lines.append("")
+    lines.append("CPU during each timed loop (cores = CPU s / wall s; processes under 1 % left out):")
+    for server in (result.ours, result.peer):
+        for r in server.levels:
+            used = ", ".join(f"{c.process} {c.cores:.2f}" for c in r.cpu) or "-"
+            lines.append(f"  {server.name} c={r.concurrency}: {used}")
     lines.append("")
     if result.bare_engine:
         verdict = "" if result.overhead_c1 is None else (
@@ -351,6 +462,14 @@ def format_table(result: BenchResult) -> str:
                      f"{_fmt(result.overhead_c1, '.2f')} ({verdict} target <= {result.overhead_target})")
     else:
         lines.append("bare engine: not measured")
+    if e := result.engine:
+        lines.append(
+            f"engine ({e.clips} clips): onnx-int8 RTFx {e.rtfx:.2f} / fw-int8 {e.peer_rtfx:.2f} = {e.rtfx_ratio:.2f} "
+            f"({'meets' if e.rtfx_ratio >= ENGINE_GOALS['rtfx'] else 'MISSES'} >= {ENGINE_GOALS['rtfx']}); peak RSS "
+            f"{e.peak_rss_mb:.0f} / {e.peer_peak_rss_mb:.0f} MB = {e.rss_ratio:.2f} "
+            f"({'meets' if e.rss_ratio <= ENGINE_GOALS['peak_rss'] else 'MISSES'} <= {ENGINE_GOALS['peak_rss']})")
+    else:
+        lines.append("engine ratio: not measured")
     lines.append(f"({result.clips} clips, {result.clip_audio_s:.0f} s of audio; throughput = audio s / wall s; "
                  "latencies over answered requests)")
     return "\n".join(lines)
@@ -396,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
     parser.add_argument("--requests-per-level", type=int, help="timed requests per level (default max(4c, 24))")
     parser.add_argument("--threads", type=int, default=2, help="threads of the peer and the bare engine")
+    parser.add_argument("--engine-clips", type=int, default=245,
+                        help="core clips for the engine ratio (asrops bench engine, onnx-int8 vs fw-int8); 0 skips it")
     parser.add_argument("--out-dir", type=Path, default=Path("out/service-bench"))
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a started server")
     parser.add_argument("--bare-engine-worker", help=argparse.SUPPRESS)
@@ -424,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
                         args.out_dir / "peer.log", args.startup_timeout, say) as url:
         peer = bench_server("peer", url, clips, levels, args.requests_per_level, say)
     bare = measure_bare_engine(len(clips), args.threads, say)
+    engine = measure_engine_ratio(args.engine_clips, args.threads, say) if args.engine_clips else None
 
     ours_c1 = next((r for r in ours.levels if r.concurrency == 1), None)
     result = BenchResult(
@@ -435,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         ratios=compare(ours, peer),
         bare_engine=bare,
         overhead_c1=ratio(ours_c1.p50_s if ours_c1 else None, bare.p50_s if bare else None),
+        engine=engine,
     )
     print(format_table(result))
     (args.out_dir / "service_bench.json").write_text(result.model_dump_json(indent=2))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,11 @@ from loadtests.service_bench import (
     Sample,
     ServerResult,
     compare,
+    cpu_by_process,
+    cpu_snapshot,
     default_requests,
     percentile,
+    process_label,
     ratio,
     summarize,
 )
@@ -77,6 +81,20 @@ def test_compare_is_ours_over_peer_at_shared_levels():
     assert [q.concurrency for q in ratios] == [1, 4]
     assert (ratios[0].throughput, ratios[0].p50) == (0.5, 2.0)
     assert (ratios[1].throughput, ratios[1].p50, ratios[1].p99) == (2.0, 0.5, 0.5)
+
+
+def test_cpu_is_summed_by_process_kind_and_idle_ones_left_out():
+    before = {1: ("ray::ServeReplica:asrops:ingress", 10.0), 2: ("raylet", 5.0), 3: ("prometheus", 1.0)}
+    after = {1: ("ray::ServeReplica:asrops:ingress", 12.0), 2: ("raylet", 5.01), 3: ("prometheus", 1.5),
+             4: ("ray::ServeReplica:asrops:ingress", 1.0)}  # a second replica, born during the loop
+    used = cpu_by_process(before, after, wall_s=2.0)
+    assert [(c.process, c.cpu_s, c.cores) for c in used] == [("ray::ServeReplica:asrops:ingress", 3.0, 1.5),
+                                                            ("prometheus", 0.5, 0.25)]  # raylet: 0.5 % of a core
+    assert process_label("python3", ["ray::ServeReplica:model-v1:model", ""]) == "ray::ServeReplica:model-v1:model"
+    assert process_label("python3", ["/usr/bin/python3", "-m", "asrops.cli", "monitor"]) == "drift monitor"
+    assert process_label("prometheus", ["prometheus", "--config.file=x"]) == "prometheus"
+    label, cpu = cpu_snapshot()[os.getpid()]
+    assert cpu > 0 and label
 
 
 def test_default_requests_grow_with_concurrency():
