@@ -51,6 +51,14 @@ class EngineSettings(BaseModel):
     temperature_increment: float | None = Field(default=None, gt=0.0, le=1.0)
     """The fallback's temperature step; None keeps openai/whisper's 0.2 (five more tries at most).
     0.4 tries twice (0.4, 0.8): about half the fallback's cost on noisy speech."""
+    pack_windows: bool = False
+    """Short clips batched together in a replica share 30-s windows and are cut back by their
+    timestamps (engines/packing.py): the encoder runs once for several clips, the decoder runs
+    longer rows. Off: with tiny.en on 2 CPU cores it is slower than plain batches of 8 (RTFx 18.97
+    vs 21.42 on the 245 core clips, WER 6.58 vs 6.55 %, `asrops bench engine --engines
+    onnx-int8@8,onnx-int8+pack@8`); worth measuring for a model whose encoder dominates. Only at
+    temperature 0 with timestamps and without word timestamps; work off the request path never
+    packs."""
     offline_batch_size: int = Field(default=8, ge=1)
     """Clips one engine call transcribes in work off the request path: a retrain's evaluation,
     self-labelling and validation, and the drift reference (8 x 30-s windows: ~1 GB peak on CPU)."""

@@ -19,7 +19,8 @@ def bench_engine(
         help="JSONL manifest; default: the core English subset of ASROPS_SPEECH_DATA_DIR.")] = None,
     version: Annotated[str, typer.Option(help="Version id or alias for our engines.")] = "stable",
     engines: Annotated[str, typer.Option(
-        help="Comma-separated engines to run.")] = "onnx-int8,onnx,torch,fw-int8,fw-float32,hf-pipeline",
+        help="Comma-separated engines to run: KIND[+pack][@BATCH], e.g. onnx-int8@8,onnx-int8+pack@8 compares "
+             "window packing with plain batches of 8.")] = "onnx-int8,onnx,torch,fw-int8,fw-float32,hf-pipeline",
     limit: Annotated[int, typer.Option(help="Only the first N clips (0 = all).")] = 0,
     threads: Annotated[int, typer.Option(help="Threads for every engine.")] = 2,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,

@@ -40,6 +40,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from asrops.evaluation import score
 from loadtests import CHECKOUT_SPEECH
 
 ENDPOINT = "/v1/audio/transcriptions"
@@ -60,6 +61,8 @@ class Clip:
     wav: bytes
     """16 kHz mono 16-bit WAV: every server (and the bare engine) decodes the same bytes."""
     audio_s: float
+    text: str = ""
+    """What is said in it (the manifest's transcript): each level's WER is scored against it."""
 
 
 def load_clips(n: int, speech_dir: Path | None = None) -> list[Clip]:
@@ -77,7 +80,8 @@ def load_clips(n: int, speech_dir: Path | None = None) -> list[Clip]:
     clips = []
     for item in load_manifest(manifest, filter=core_english_filter)[:n]:
         audio = decode_audio(item.audio)
-        clips.append(Clip(f"{Path(item.audio).stem}.wav", audio_to_wav_bytes(audio.samples), audio.duration_s))
+        clips.append(Clip(f"{Path(item.audio).stem}.wav", audio_to_wav_bytes(audio.samples), audio.duration_s,
+                          item.text))
     return clips
 
 
@@ -98,6 +102,9 @@ class Sample(NamedTuple):
     audio_s: float
     batch_size: int | None = None
     """X-Batch-Size of the response (ours only): how many requests were decoded together."""
+    reference: str = ""
+    hypothesis: str | None = None
+    """The answer's text (None when there was no answer)."""
 
 
 class LevelResult(BaseModel):
@@ -115,6 +122,9 @@ class LevelResult(BaseModel):
     p95_s: float | None
     p99_s: float | None
     mean_batch_size: float | None = None
+    wer: float | None = None
+    """WER (%) of the answered requests against their clips' transcripts: serving under load
+    (batching, window packing) must not cost accuracy."""
     cpu: list[ProcessCpu] = []
     """CPU time of every process on the machine during the timed loop, busiest first."""
 
@@ -193,6 +203,7 @@ def summarize(samples: list[Sample], concurrency: int, wall_s: float) -> LevelRe
     latencies = [s.latency_s for s in ok]
     audio_s = sum(s.audio_s for s in ok)
     batches = [s.batch_size for s in ok if s.batch_size]
+    scored = [s for s in ok if s.hypothesis is not None and s.reference]
     return LevelResult(
         concurrency=concurrency,
         requests=len(samples),
@@ -206,6 +217,7 @@ def summarize(samples: list[Sample], concurrency: int, wall_s: float) -> LevelRe
         p95_s=percentile(latencies, 95),
         p99_s=percentile(latencies, 99),
         mean_batch_size=float(np.mean(batches)) if batches else None,
+        wer=score([s.reference for s in scored], [s.hypothesis for s in scored]).wer if scored else None,
     )
 
 
@@ -241,9 +253,11 @@ async def _post(client: httpx.AsyncClient, url: str, clip: Clip) -> Sample:
             data={"model": "whisper-1", "response_format": "json"},
         )
         status, batch = response.status_code, response.headers.get("x-batch-size", "")
-    except httpx.HTTPError:
-        status, batch = 0, ""
-    return Sample(time.perf_counter() - start, status, clip.audio_s, int(batch) if batch.isdigit() else None)
+        text = response.json().get("text") if status == 200 else None
+    except (httpx.HTTPError, ValueError):
+        status, batch, text = 0, "", None
+    return Sample(time.perf_counter() - start, status, clip.audio_s, int(batch) if batch.isdigit() else None,
+                  clip.text, text)
 
 
 async def run_level(url: str, clips: list[Clip], concurrency: int, n_requests: int) -> LevelResult:
@@ -320,7 +334,7 @@ def bench_server(name: str, url: str, clips: list[Clip], levels: list[int], requ
     for c in levels:
         r = asyncio.run(run_level(url, clips, c, requests_per_level or default_requests(c)))
         say(f"{name:5} c={c:<3} {r.requests:4d} req  {r.throughput:7.2f} audio-s/s  {r.requests_per_s:6.2f} req/s  "
-            f"p50 {_fmt(r.p50_s)} s  p95 {_fmt(r.p95_s)} s  errors {r.errors}")
+            f"p50 {_fmt(r.p50_s)} s  p95 {_fmt(r.p95_s)} s  WER {_fmt(r.wer, '.2f')} %  errors {r.errors}")
         results.append(r)
     return ServerResult(name=name, url=url, levels=results)
 
@@ -434,12 +448,12 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
 # --- report ------------------------------------------------------------------------------
 def format_table(result: BenchResult) -> str:
     lines = [f"{'server':6} {'conc':>4} {'req':>4} {'err':>4} {'audio-s/s':>9} {'req/s':>6} "
-             f"{'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>5}"]
+             f"{'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>5} {'WER %':>6}"]
     for server in (result.ours, result.peer):
         for r in server.levels:
             lines.append(f"{server.name:6} {r.concurrency:4d} {r.requests:4d} {r.errors:4d} {r.throughput:9.2f} "
                          f"{r.requests_per_s:6.2f} {_fmt(r.p50_s):>7} {_fmt(r.p95_s):>7} {_fmt(r.p99_s):>7} "
-                         f"{_fmt(r.mean_batch_size, '.1f'):>5}")
+                         f"{_fmt(r.mean_batch_size, '.1f'):>5} {_fmt(r.wer, '.2f'):>6}")
     lines.append("")
     lines.append(f"{'ours/peer':9} {'conc':>4} {'throughput':>10} {'p50':>6} {'p95':>6} {'p99':>6}  goal")
     for q in result.ratios:

@@ -79,6 +79,7 @@ class ModelServer:
         self.engines = [load_engine(version_dir, engine.kind, engine.device, engine.threads) for _ in range(lanes)]
         for e in self.engines:
             e.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
+        self.pack_windows = engine.pack_windows
         self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,
                                  key=lambda w: w.request.options.model_dump_json())
         self.metrics = ModelMetrics(self.version_id)
@@ -135,7 +136,7 @@ class ModelServer:
 
         try:
             results = self.engines[lane].transcribe([w.request.audio for w in work], work[0].request.options,
-                                                    on_segments)
+                                                    on_segments, pack=self.pack_windows)
             return [ModelReply(transcription=t, version=self.version_id, batch_size=len(work)) for t in results]
         except Exception:
             if len(work) == 1:

@@ -12,7 +12,8 @@ from asrops.engines.types import DecodeOptions
 
 LOOP_LOGIT, EOT_LOGIT = 1.0, 0.9
 """Greedy always takes the looping word; sampling at 0.2 ends the text with probability 0.38 per
-token, so a fallback gets a short text almost at once."""
+token after the first word (the first is always the word), so a fallback gets a short text, never
+an empty one, whatever the seed the window's features give it."""
 
 
 class LoopingBackend:
@@ -26,7 +27,7 @@ class LoopingBackend:
     def _logits(self, terse: np.ndarray, said: int) -> np.ndarray:
         logits = np.full((len(terse), self.vocab), -30.0, dtype=np.float32)
         logits[:, self.word] = LOOP_LOGIT
-        logits[:, self.special.eot] = EOT_LOGIT
+        logits[:, self.special.eot] = EOT_LOGIT if said else -30.0
         if said:
             logits[terse, self.special.eot] = 30.0
         return logits

@@ -63,6 +63,37 @@ def test_batch_gives_the_same_text_as_one_at_a_time(engines, speech_dir):
     assert batched == single
 
 
+def test_packed_clips_each_get_their_own_words_and_no_others(engines, speech_dir, monkeypatch):
+    """Eight short real clips of different sentences and speakers, decoded in shared windows:
+    fewer windows than clips, and each answer is its own sentence (as good as decoding it alone)
+    with none of the other clips' words in it."""
+    items = [i for i in load_manifest(speech_dir / "manifest.jsonl", filter=core_english_filter)
+             if 2.0 <= i.duration_s <= 9.0][:8]
+    assert len({i.text for i in items}) == 8
+    audios = [decode_audio(i.audio).samples for i in items]
+    engine = engines["onnx-int8"]
+    windows: list[int] = []
+    decode = engine.decoder.decode
+
+    def counting(mel, *args, **kwargs):
+        windows.append(mel.shape[0])
+        return decode(mel, *args, **kwargs)
+
+    monkeypatch.setattr(engine.decoder, "decode", counting)
+    packed = engine.transcribe(audios, pack=True)
+    assert windows[0] < len(audios) and sum(windows) < len(audios), f"windows decoded: {windows}"
+    monkeypatch.setattr(engine.decoder, "decode", decode)
+    alone = engine.transcribe(audios)
+    for k, (item, mine, own) in enumerate(zip(items, packed, alone, strict=True)):
+        assert score([item.text], [mine.text]).wer <= score([item.text], [own.text]).wer + 10.0, (item.text, mine.text)
+        words = set(normalize_english(mine.text).split())
+        own_words = set(normalize_english(f"{item.text} {own.text}").split())
+        others = {w for j, other in enumerate(items) if j != k for w in normalize_english(other.text).split()}
+        leaked = {w for w in words - own_words if w in others and len(w) >= 4}
+        assert not leaked, (item.text, mine.text, leaked)
+        assert all(0.0 <= s.start <= s.end <= mine.duration_s for s in mine.segments)
+
+
 def test_beam_search_and_no_timestamps_decode_the_same_words(engines, speech_dir):
     audio = _audio(speech_dir, "voiceagent_minilibrispeech/dev-clean-2-0003.wav")
     reference = "IN FACT THE RINGLEADER JOHN REX GAVE ME HIS CONFESSION AND I SENT IT TO THE BISHOP"

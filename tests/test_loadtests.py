@@ -47,10 +47,10 @@ def test_ratio_handles_missing_and_zero():
 
 def test_summarize_counts_only_answered_requests():
     samples = [
-        Sample(1.0, 200, 10.0, 2),
-        Sample(2.0, 200, 5.0, 4),
-        Sample(3.0, 200, 15.0, None),
-        Sample(9.0, 503, 20.0),
+        Sample(1.0, 200, 10.0, 2, "the cat sat down", "The cat sat down."),
+        Sample(2.0, 200, 5.0, 4, "a dog ran", "a dog ran"),
+        Sample(3.0, 200, 15.0, None, "red blue", "red green"),
+        Sample(9.0, 503, 20.0, None, "not answered at all", None),
         Sample(0.1, 0, 20.0),
     ]
     r = summarize(samples, concurrency=4, wall_s=10.0)
@@ -62,6 +62,7 @@ def test_summarize_counts_only_answered_requests():
     assert r.p50_s == pytest.approx(2.0)
     assert r.p95_s == pytest.approx(2.9)
     assert r.mean_batch_size == pytest.approx(3.0)
+    assert r.wer == pytest.approx(100 / 9)  # one word wrong in the 9 of the answered requests
 
 
 def test_summarize_all_failed():

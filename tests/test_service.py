@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -76,6 +77,31 @@ def test_concurrent_requests_are_batched(service, speech_dir):
     sizes = [s for s, _ in results]
     assert max(sizes) > 1, sizes
     assert all(normalize_english(t) == "there was not a single note of gloom" for _, t in results)
+
+
+def test_different_sentences_sent_together_each_get_only_their_own_words(service, speech_dir):
+    """Eight short clips of different speakers and sentences at once: the replica batches them
+    (and packs them into shared windows); each answer is its own sentence, with no word of another."""
+    from asrops.evaluation import core_english_filter, load_manifest, score
+
+    items = [i for i in load_manifest(speech_dir / "manifest.jsonl", filter=core_english_filter)
+             if 2.0 <= i.duration_s <= 9.0][:8]
+
+    def post(item):
+        upload = (Path(item.audio).name, Path(item.audio).read_bytes())  # load_manifest resolved the path
+        r = httpx.post(f"{service}/v1/audio/transcriptions", files={"file": upload}, timeout=120)
+        r.raise_for_status()
+        return int(r.headers["x-batch-size"]), r.json()["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(items)) as pool:
+        results = list(pool.map(post, items))
+    assert max(size for size, _ in results) > 1, results
+    for k, (item, (_, text)) in enumerate(zip(items, results, strict=True)):
+        assert score([item.text], [text]).wer <= 30.0, (item.text, text)
+        own = set(normalize_english(item.text).split())
+        others = {w for j, other in enumerate(items) if j != k for w in normalize_english(other.text).split()}
+        leaked = {w for w in set(normalize_english(text).split()) - own if w in others and len(w) >= 4}
+        assert not leaked, (item.text, text, leaked)
 
 
 def test_malformed_uploads_get_4xx_and_service_survives(service, speech_dir):

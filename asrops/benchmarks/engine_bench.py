@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from asrops.benchmarks.engine_worker import parse_engine
 from asrops.errors import AsropsError
 from asrops.evaluation import core_english_filter, load_manifest, score
 from asrops.models.ct2_import import embedded_ct2_dir
@@ -44,6 +45,8 @@ def run_engine_benchmark(
         "model_dir": str(registry.fetch(version_id)),
         "ct2_dir": str(embedded_ct2_dir()),
     }
+    for engine in engines:
+        parse_engine(engine)  # a typo fails before the first engine runs
     say(f"engine benchmark: {len(items)} clips, {threads} threads, version {version_id}")
     results: dict[str, dict] = {}
     for i, engine in enumerate(engines, 1):
@@ -68,12 +71,12 @@ def _add_ratios(results: dict[str, dict]) -> None:
 
 def format_table(results: dict[str, dict], clips: int, threads: int) -> str:
     lines = [
-        f"{'engine':12} {'RTFx':>7} {'x fw-int8':>9} {'WER %':>7} {'CER %':>7} {'peak MB':>8} {'load s':>7}",
+        f"{'engine':18} {'RTFx':>7} {'x fw-int8':>9} {'WER %':>7} {'CER %':>7} {'peak MB':>8} {'load s':>7}",
     ]
     for name, r in results.items():
         ratio = f"{r['rtfx_vs_fw_int8']:.2f}" if r.get("rtfx_vs_fw_int8") is not None else "-"
         lines.append(
-            f"{name:12} {r['rtfx']:7.2f} {ratio:>9} {r['wer']:7.2f} {r['cer']:7.2f} {r['peak_rss_mb']:8.0f} "
+            f"{name:18} {r['rtfx']:7.2f} {ratio:>9} {r['wer']:7.2f} {r['cer']:7.2f} {r['peak_rss_mb']:8.0f} "
             f"{r['load_s']:7.1f}"
         )
     lines.append(f"({clips} clips, {threads} threads, greedy, temperature 0; RTFx = audio s / wall s)")

@@ -49,21 +49,33 @@ def _hf_pipeline(model_dir: str, threads: int):
     return run
 
 
-def _ours(model_dir: str, kind: str, threads: int):
+def _ours(model_dir: str, kind: str, threads: int, pack: bool):
     from asrops.engines import DecodeOptions, load_engine
 
     engine = load_engine(Path(model_dir), kind, "cpu", threads)
     options = DecodeOptions(temperature_increment=None)  # like the peers here: temperature 0 only
-    return lambda audios: [t.text for t in engine.transcribe(audios, options)]
+    return lambda audios: [t.text for t in engine.transcribe(audios, options, pack=pack)]
+
+
+def parse_engine(spec: str) -> tuple[str, bool, int]:
+    """`KIND[+pack][@BATCH]` → (kind, pack, batch size): `onnx-int8+pack@8` packs short clips of
+    batches of 8 into shared windows (engines/packing.py), as a replica does under load."""
+    spec, _, batch = spec.partition("@")
+    kind, _, flag = spec.partition("+")
+    if flag not in ("", "pack") or (batch and not batch.isdigit()) or batch == "0":
+        raise ValueError(f"engine {spec!r}: expected KIND[+pack][@BATCH], e.g. onnx-int8+pack@8")
+    if flag and (kind.startswith("fw-") or kind == "hf-pipeline"):
+        raise ValueError(f"engine {spec!r}: only our engines pack windows")
+    return kind, flag == "pack", int(batch or 1)
 
 
 def build(job: dict):
-    name, threads = job["engine"], job["threads"]
+    (name, pack, _), threads = parse_engine(job["engine"]), job["threads"]
     if name.startswith("fw-"):
         return _faster_whisper(job["ct2_dir"], name.removeprefix("fw-"), threads)
     if name == "hf-pipeline":
         return _hf_pipeline(job["model_dir"], threads)
-    return _ours(job["model_dir"], name, threads)
+    return _ours(job["model_dir"], name, threads, pack)
 
 
 def main() -> None:
@@ -80,7 +92,9 @@ def main() -> None:
         if done % 25 == 0 or done == total:
             print(f"  {job['engine']}: {done}/{total}", file=sys.stderr, flush=True)
 
-    report = evaluate(transcribe, items, slice_fields=[], progress=progress, engine=job["engine"])
+    batch_size = parse_engine(job["engine"])[2]
+    report = evaluate(transcribe, items, slice_fields=[], batch_size=batch_size, progress=progress,
+                      engine=job["engine"])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "engine": job["engine"],

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from asrops.audio_format import SAMPLE_RATE
+from asrops.engines import packing
 from asrops.engines.alignment import WordAligner, word_probabilities
 from asrops.engines.decoding import (
     COMPRESSION_RATIO_THRESHOLD,
@@ -95,13 +96,68 @@ class WhisperEngine:
         )
 
     def transcribe(self, audios: list[np.ndarray], options: DecodeOptions | None = None,
-                   on_segments: Callable[[int, list[Segment]], None] | None = None) -> list[Transcription]:
+                   on_segments: Callable[[int, list[Segment]], None] | None = None,
+                   pack: bool = False) -> list[Transcription]:
         """`on_segments(i, segments)`, when given, is called with each window's new segments of
-        audio `i` as soon as that window is decoded (what a streamed answer sends)."""
+        audio `i` as soon as that window is decoded (what a streamed answer sends). `pack`: short
+        clips share windows (packing.py) where the options allow it; what cannot be packed or
+        cut back cleanly is decoded on its own."""
         options = options or DecodeOptions()
         prompt = self.tokenizer.encode(" " + options.prompt.strip()) if options.prompt else []
         initial = self.decoder.initial_tokens(prompt, options.timestamps)
-        states = [_Progress(np.asarray(a, dtype=np.float32)) for a in audios]
+        audios = [np.asarray(a, dtype=np.float32) for a in audios]
+        done: dict[int, Transcription] = {}
+        if pack and options.timestamps and not options.word_timestamps and options.temperature == 0:
+            done = self._transcribe_packed(audios, initial, options, on_segments)
+        rest = [i for i in range(len(audios)) if i not in done]
+        if rest:
+            def rest_segments(j: int, segments: list[Segment]) -> None:
+                if on_segments is not None:
+                    on_segments(rest[j], segments)
+
+            done.update(zip(rest, self._transcribe_windows([audios[i] for i in rest], initial, options,
+                                                            rest_segments), strict=True))
+        return [done[i] for i in range(len(audios))]
+
+    def _transcribe_packed(self, audios: list[np.ndarray], initial: list[int], options: DecodeOptions,
+                           on_segments: Callable[[int, list[Segment]], None] | None) -> dict[int, Transcription]:
+        """The clips whose packed window decoded confidently and cut cleanly (packing.split); a
+        window that would need a temperature fallback is not kept: its clips go on alone."""
+        audible = [bool(len(a)) and float(np.abs(a).max()) >= SILENCE_PEAK for a in audios]
+        bins = packing.plan([len(a) for a in audios], audible)
+        if not bins:
+            return {}
+        packed = [packing.pack(members, audios) for members in bins]
+        windows = self.decoder.decode(self.log_mel([p.audio for p in packed]), initial, options)
+        done: dict[int, Transcription] = {}
+        for window, window_audio in zip(windows, packed, strict=True):
+            pieces = None
+            if not window.is_silence and not needs_fallback(window, self._text(window)):
+                pieces = packing.split(window, window_audio, self.special)
+            if pieces is None:
+                log.debug("packed window of %d clips not kept; decoding them one by one", len(window_audio.members))
+                continue
+            kept = {i: self._packed_result(window, clip_pieces, len(audios[i]))
+                    for i, clip_pieces in zip(window_audio.members, pieces, strict=True)}
+            if all(t.text for t in kept.values()):  # a clip left blank: its words may sit in a neighbour's
+                done.update(kept)
+        if on_segments is not None:
+            for i, t in done.items():
+                on_segments(i, t.segments)
+        return done
+
+    def _packed_result(self, window: DecodedWindow, pieces: list[packing.ClipPiece], samples: int) -> Transcription:
+        avg, duration_s = packing.clip_avg_logprob(window, pieces), samples / SAMPLE_RATE
+        segments = [self._segment(window, p.start, p.end, p.positions, avg, 0) for p in pieces]
+        segments = [s.model_copy(update={"id": n, "start": min(s.start, duration_s), "end": min(s.end, duration_s)})
+                    for n, s in enumerate(s for s in segments if s.text.strip())]
+        return Transcription(text="".join(s.text for s in segments).strip(), segments=segments,
+                             duration_s=duration_s)
+
+    def _transcribe_windows(self, audios: list[np.ndarray], initial: list[int], options: DecodeOptions,
+                            on_segments: Callable[[int, list[Segment]], None]) -> list[Transcription]:
+        """Each audio in 30-s windows, every audio's next window decoded in one batch."""
+        states = [_Progress(a) for a in audios]
         position = {id(state): i for i, state in enumerate(states)}
         while live := [s for s in states if not s.done]:
             chunks = [s.audio[s.seek : s.seek + N_SAMPLES] for s in live]
@@ -120,7 +176,7 @@ class WhisperEngine:
             if options.word_timestamps:
                 self.aligner.align(mel, new, offsets, [chunks[i] for i in audible])
             for i, segments in zip(audible, new, strict=True):
-                if on_segments is not None and segments:
+                if segments:
                     on_segments(position[id(live[i])], segments)
         return [self._result(s) for s in states]
 
@@ -162,29 +218,34 @@ class WhisperEngine:
             state.seek += chunk_len  # silence: skip the window, as openai/whisper does
             return
         pieces, consumed_s = split_segments(window, offset_s, window_s, self.special)
+        duration_s = len(state.audio) / SAMPLE_RATE  # Whisper may stamp an end past the audio's
         for start, end, positions in pieces:
-            tokens = [window.tokens[i] for i in positions]
-            text = self.tokenizer.decode(tokens)
-            if not text.strip():
-                continue
-            probs = [math.exp(window.token_logprobs[i]) for i in positions] if window.token_logprobs else None
-            state.segments.append(
-                Segment(
-                    id=len(state.segments),
-                    start=round(start, 3),
-                    end=round(max(end, start), 3),
-                    text=text,
-                    tokens=tokens,
-                    avg_logprob=window.avg_logprob,
-                    no_speech_prob=window.no_speech_prob,
-                    compression_ratio=compression_ratio(text),
-                    temperature=window.temperature,
-                    token_probs=probs,
-                    word_probs=None if probs is None else word_probabilities(tokens, probs, self.tokenizer.decode,
-                                                                             self.special.eot),
-                )
-            )
+            segment = self._segment(window, min(start, duration_s), min(end, duration_s), positions,
+                                    window.avg_logprob, len(state.segments))
+            if segment.text.strip():
+                state.segments.append(segment)
         state.seek += max(1, min(chunk_len, round(consumed_s * SAMPLE_RATE)))
+
+    def _segment(self, window: DecodedWindow, start: float, end: float, positions: list[int],
+                 avg_logprob: float, index: int) -> Segment:
+        """The segment made of `window.tokens[positions]`, from `start` to `end` seconds."""
+        tokens = [window.tokens[i] for i in positions]
+        text = self.tokenizer.decode(tokens)
+        probs = [math.exp(window.token_logprobs[i]) for i in positions] if window.token_logprobs else None
+        return Segment(
+            id=index,
+            start=round(start, 3),
+            end=round(max(end, start), 3),
+            text=text,
+            tokens=tokens,
+            avg_logprob=avg_logprob,
+            no_speech_prob=window.no_speech_prob,
+            compression_ratio=compression_ratio(text),
+            temperature=window.temperature,
+            token_probs=probs,
+            word_probs=None if probs is None else word_probabilities(tokens, probs, self.tokenizer.decode,
+                                                                     self.special.eot),
+        )
 
     def _result(self, state: _Progress) -> Transcription:
         return Transcription(
