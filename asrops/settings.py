@@ -220,6 +220,10 @@ class DriftSettings(BaseModel):
 
     window_s: float = Field(default=300.0, gt=0)
     """Length of one current window, in seconds; the monitor runs once per window."""
+    bootstrap_reference: bool = True
+    """With no reference when `asrops serve` starts, the monitor first makes one from clean
+    synthetic speech through the stable version (a few minutes of CPU; it stops early and keeps
+    yours if you pin one meanwhile). Off when you pin your own (`asrops drift reference`)."""
     min_samples: int = Field(default=30, ge=1)
     """A window with fewer successful requests gets no drift judgement (no verdict on thin data)."""
     drift_share: float = Field(default=0.5, gt=0, le=1)

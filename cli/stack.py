@@ -63,7 +63,8 @@ def start_monitoring(settings: Settings, say: Callable[[str], None] = log.info) 
     m = settings.monitoring
     stack = MonitoringStack()
     background = functools.partial(os.nice, m.background_niceness)  # serving comes first
-    stack.monitor = subprocess.Popen([*SIDE_PROCESS, "monitor", "--bootstrap-reference"], preexec_fn=background)
+    bootstrap = ["--bootstrap-reference"] if m.drift.bootstrap_reference else []
+    stack.monitor = subprocess.Popen([*SIDE_PROCESS, "monitor", *bootstrap], preexec_fn=background)
     stack.notes.append(f"drift monitor: metrics at http://127.0.0.1:{m.monitor_port}/metrics, reports under "
                        f"{settings.production_log_uri}/drift-reports/ (open the .html in a browser)")
     if settings.promotion.enabled:

@@ -71,6 +71,9 @@ def demo_env(data_dir: Path, replay: Path, golden: Path, acoustic: Path, general
         "ASROPS_MONITORING__SCRAPE_INTERVAL_S": "2",
         "ASROPS_MONITORING__DRIFT__WINDOW_S": "20",
         "ASROPS_MONITORING__DRIFT__MIN_SAMPLES": "20",
+        # The demo pins a minute of its own clean traffic as the reference: no synthetic bootstrap
+        # beside it in the monitor (two minutes of CPU the first windows would wait for).
+        "ASROPS_MONITORING__DRIFT__BOOTSTRAP_REFERENCE": "false",
         "ASROPS_MONITORING__PRODUCTION_LOG__RECENT_AUDIO_S": "1800",
         # 150 corrections (the default asks for 50): with the drift's acoustics over broad text
         # beside them, enough for the retrain and a held-out template split of about 20.

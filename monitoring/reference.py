@@ -75,10 +75,13 @@ def pin_window(store: ObjectStore, start: datetime, end: datetime) -> pd.DataFra
 
 
 def from_manifest(store: ObjectStore, manifest: Path, engine, version: str, batch_size: int,
-                  progress: Callable[[str], None] = log.info, limit: int | None = None) -> pd.DataFrame:
+                  progress: Callable[[str], None] = log.info, limit: int | None = None,
+                  yield_to_pinned: bool = False) -> pd.DataFrame:
     """Transcribe every clip of `manifest` (jsonl with `audio`) with `engine`, keep its features.
     What is transcribed is saved batch by batch (`PARTIAL_PREFIX`): a run stopped half way
-    resumes where it was, for the same version and clips, instead of starting again."""
+    resumes where it was, for the same version and clips, instead of starting again.
+    `yield_to_pinned` (the first-run bootstrap): when a reference appears while this runs (an
+    operator pinned one), stop and keep that one rather than overwrite it."""
     rows = read_rows(manifest)[:limit]
     partial_key = f"{PARTIAL_PREFIX}{version}-{_fingerprint(rows)}.parquet"
     try:
@@ -87,6 +90,10 @@ def from_manifest(store: ObjectStore, manifest: Path, engine, version: str, batc
     except KeyError:
         done = pd.DataFrame()
     for start in range(len(done), len(rows), batch_size):
+        if yield_to_pinned and (pinned := load_reference(store)) is not None:
+            progress(f"reference: one was stored meanwhile ({len(pinned)} rows); keeping it, bootstrap stopped")
+            store.delete_prefix(PARTIAL_PREFIX)
+            return pinned
         chunk = rows[start : start + batch_size]
         decoded = [decode_audio((manifest.parent / r["audio"]).read_bytes()) for r in chunk]
         records = [to_record(FinishedRequest(
@@ -126,4 +133,5 @@ def synthetic_reference(store: ObjectStore, registry, settings, progress: Callab
         manifest = generate(PRESETS["clean"].model_copy(update={"n": n, "seed": 1}), Path(tmp), progress=progress)
         engine = load_engine(registry.fetch(version), settings.engine.kind, settings.engine.device,
                              settings.engine.threads)
-        return from_manifest(store, manifest, engine, version, settings.engine.offline_batch_size, progress)
+        return from_manifest(store, manifest, engine, version, settings.engine.offline_batch_size, progress,
+                             yield_to_pinned=True)

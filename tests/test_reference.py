@@ -40,3 +40,28 @@ def test_an_interrupted_reference_resumes_where_it_stopped(engines, tmp_path):
     # Other clips (or another version) start from the beginning.
     other = from_manifest(store, manifest, engine, "v2", batch_size=3, progress=lines.append)
     assert len(other) == 6 and not any("resuming" in line for line in lines[3:])
+
+
+def test_a_bootstrap_keeps_a_reference_pinned_while_it_ran(engines, tmp_path):
+    """The first-run bootstrap runs in the monitor while an operator may pin a window: it stops at
+    its next batch and keeps theirs, instead of overwriting it when it ends."""
+    import pandas as pd
+
+    from asrops.monitoring.reference import save_reference
+
+    manifest = generate(PRESETS["clean"].model_copy(update={"n": 6, "seed": 7}), tmp_path / "clips")
+    store, engine = LocalStore(tmp_path / "store"), engines["onnx-int8"]
+    pinned = pd.DataFrame({"request_id": ["pinned-0", "pinned-1"], "status": [200, 200],
+                           "text": ["an operator's window", "of known good traffic"]})
+
+    def pin_after_the_first_batch(line: str) -> None:
+        if line.startswith("reference: 2/6"):
+            save_reference(store, pinned)
+
+    lines: list[str] = []
+    frame = from_manifest(store, manifest, engine, "v1", batch_size=2, yield_to_pinned=True,
+                          progress=lambda line: (lines.append(line), pin_after_the_first_batch(line)))
+    assert list(frame["request_id"]) == ["pinned-0", "pinned-1"]
+    assert list(load_reference(store)["request_id"]) == ["pinned-0", "pinned-1"]
+    assert "keeping it" in lines[-1] and not any(line.startswith("reference: 4/6") for line in lines)
+    assert not store.list_prefix(PARTIAL_PREFIX)
