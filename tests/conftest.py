@@ -14,15 +14,24 @@ from loadtests.service_bench import free_port
 
 SERVICE_GROUP = "ray-service"
 """The xdist group of every test that uses the session's service (see pytest_collection_modifyitems)."""
+TRAINING_GROUP = "ray-training"
+TRAINING_MODULES = {"tests.test_retrain_job", "tests.test_retrain_generalisation"}
+"""The modules that train on Ray for minutes, each wanting both cores: in one group they train one
+after the other instead of side by side (in a CI run where they overlapped with each other and the
+drift-window test, the three took 473, 402 and 412 s, against 359, 292 and 269 s in one where
+they did not)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Groups for pytest-xdist's `--dist loadgroup` (scripts/test.sh runs one worker per core):
     every test on the session's service in one group, so that one worker starts Ray and Serve
-    once and runs them in order; every other module in a group of its own, so that its module
-    fixtures (a Prometheus, a trained model) are built once. Without xdist the marks do nothing."""
+    once and runs them in order; the training modules in one group (TRAINING_MODULES); every
+    other module in a group of its own, so that its module fixtures (a Prometheus, a trained
+    model) are built once. Without xdist the marks do nothing."""
     for item in items:
-        group = SERVICE_GROUP if "service" in item.fixturenames else item.module.__name__
+        module = item.module.__name__
+        group = SERVICE_GROUP if "service" in item.fixturenames else (
+            TRAINING_GROUP if module in TRAINING_MODULES else module)
         item.add_marker(pytest.mark.xdist_group(group))
 
 

@@ -3,10 +3,11 @@
 Whisper's encoder always sees 30 s, so a 6-s clip pays five times its encoder cost. Under load a
 replica holds several short clips at once; laid end to end with a second of silence between them
 they fill one window, which is decoded with timestamps and cut back into each clip's segments by
-those timestamps. A clip's answer may only ever hold its own words, so a packed window is kept
-only when every segment falls inside one clip's stretch of the window and every clip got text;
-otherwise (and whenever the window needs a temperature fallback) its clips are decoded one by
-one as usual. Plain functions: the engine (engine.py) decides when to pack.
+those timestamps. A clip's answer may only ever hold its own words (and all of them), so a packed
+window is kept only when it can be cut cleanly (`split`); otherwise, and whenever the window
+needs a temperature fallback, its clips are decoded one by one as usual. The engine (engine.py)
+packs only when asked (`engine.pack_windows`, off by default: on 2 CPU cores with tiny.en it is
+slower than plain batches, see settings.py).
 """
 
 from __future__ import annotations
@@ -48,17 +49,19 @@ class PackedWindow:
     audio: np.ndarray
     spans: tuple[tuple[float, float], ...]
 
+    def clip(self, member: int) -> np.ndarray:
+        start, end = self.spans[member]
+        return self.audio[round(start * SAMPLE_RATE) : round(end * SAMPLE_RATE)]
+
     def is_quiet(self, member: int, until_s: float) -> bool:
         """Whether `member`'s audio is silence from its start until `until_s` (window seconds)."""
-        start, end = self.spans[member]
-        clip = self.audio[round(start * SAMPLE_RATE) : round(end * SAMPLE_RATE)]
-        head = clip[: max(1, round((until_s - start) * SAMPLE_RATE))]
+        clip = self.clip(member)
+        head = clip[: max(1, round((until_s - self.spans[member][0]) * SAMPLE_RATE))]
         return _rms(head) <= QUIET_RMS_RATIO * _rms(clip)
 
     def speech_end(self, member: int) -> float:
         """Seconds from `member`'s start to the end of its last audible frame."""
-        start, end = self.spans[member]
-        clip = self.audio[round(start * SAMPLE_RATE) : round(end * SAMPLE_RATE)]
+        clip = self.clip(member)
         frame = round(FRAME_S * SAMPLE_RATE)
         frames = clip[: len(clip) // frame * frame].reshape(-1, frame)
         frame_rms = np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
