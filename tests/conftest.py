@@ -17,9 +17,9 @@ SERVICE_GROUP = "ray-service"
 TRAINING_GROUP = "ray-training"
 TRAINING_MODULES = {"tests.test_retrain_job", "tests.test_retrain_generalisation"}
 """The modules that train on Ray for minutes, each wanting both cores: in one group they train one
-after the other instead of side by side (in a CI run where they overlapped with each other and the
-drift-window test, the three took 473, 402 and 412 s, against 359, 292 and 269 s in one where
-they did not)."""
+after the other instead of side by side. Measured on clean clones, one run each: pytest 1452 s
+with the group, 1486 s and 1120 s without; on 2 cores the suite's wall time is bound by these two
+and the drift-window test (each 270-470 s, depending on what runs beside it)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
