@@ -69,8 +69,8 @@ def parse_engine(spec: str) -> tuple[str, bool, int]:
     return kind, flag == "pack", int(batch or 1)
 
 
-def build(job: dict):
-    (name, pack, _), threads = parse_engine(job["engine"]), job["threads"]
+def build(job: dict, name: str, pack: bool):
+    threads = job["threads"]
     if name.startswith("fw-"):
         return _faster_whisper(job["ct2_dir"], name.removeprefix("fw-"), threads)
     if name == "hf-pipeline":
@@ -81,8 +81,9 @@ def build(job: dict):
 def main() -> None:
     job = json.loads(sys.stdin.read())
     items = [EvalItem.model_validate(i) for i in job["items"]]
+    kind, pack, batch_size = parse_engine(job["engine"])
     started = time.perf_counter()
-    transcribe = build(job)
+    transcribe = build(job, kind, pack)
     from asrops.audio import decode_audio
 
     transcribe([decode_audio(items[0].audio).samples])  # warm-up, not timed
@@ -92,7 +93,6 @@ def main() -> None:
         if done % 25 == 0 or done == total:
             print(f"  {job['engine']}: {done}/{total}", file=sys.stderr, flush=True)
 
-    batch_size = parse_engine(job["engine"])[2]
     report = evaluate(transcribe, items, slice_fields=[], batch_size=batch_size, progress=progress,
                       engine=job["engine"])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

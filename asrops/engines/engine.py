@@ -147,10 +147,9 @@ class WhisperEngine:
         return done
 
     def _packed_result(self, window: DecodedWindow, pieces: list[packing.ClipPiece], samples: int) -> Transcription:
-        avg, duration_s = packing.clip_avg_logprob(window, pieces), samples / SAMPLE_RATE
-        segments = [self._segment(window, p.start, p.end, p.positions, avg, 0) for p in pieces]
-        segments = [s.model_copy(update={"id": n, "start": min(s.start, duration_s), "end": min(s.end, duration_s)})
-                    for n, s in enumerate(s for s in segments if s.text.strip())]
+        duration_s = samples / SAMPLE_RATE
+        segments = self._segments(window, [(p.start, p.end, p.positions) for p in pieces],
+                                  packing.clip_avg_logprob(window, pieces), 0, duration_s)
         return Transcription(text="".join(s.text for s in segments).strip(), segments=segments,
                              duration_s=duration_s)
 
@@ -218,24 +217,31 @@ class WhisperEngine:
             state.seek += chunk_len  # silence: skip the window, as openai/whisper does
             return
         pieces, consumed_s = split_segments(window, offset_s, window_s, self.special)
-        duration_s = len(state.audio) / SAMPLE_RATE  # Whisper may stamp an end past the audio's
-        for start, end, positions in pieces:
-            segment = self._segment(window, min(start, duration_s), min(end, duration_s), positions,
-                                    window.avg_logprob, len(state.segments))
-            if segment.text.strip():
-                state.segments.append(segment)
+        state.segments += self._segments(window, pieces, window.avg_logprob, len(state.segments),
+                                         len(state.audio) / SAMPLE_RATE)
         state.seek += max(1, min(chunk_len, round(consumed_s * SAMPLE_RATE)))
 
-    def _segment(self, window: DecodedWindow, start: float, end: float, positions: list[int],
-                 avg_logprob: float, index: int) -> Segment:
-        """The segment made of `window.tokens[positions]`, from `start` to `end` seconds."""
-        tokens = [window.tokens[i] for i in positions]
-        text = self.tokenizer.decode(tokens)
+    def _segments(self, window: DecodedWindow, pieces: list[tuple[float, float, list[int]]], avg_logprob: float,
+                  first_id: int, duration_s: float) -> list[Segment]:
+        """A segment per (start s, end s, positions in `window.tokens`) piece whose text is not
+        blank, numbered from `first_id`; times end at the audio's end (Whisper may stamp later)."""
+        segments: list[Segment] = []
+        for start, end, positions in pieces:
+            tokens = [window.tokens[i] for i in positions]
+            text = self.tokenizer.decode(tokens)
+            if text.strip():
+                segments.append(self._segment(window, tokens, text, positions, avg_logprob, first_id + len(segments),
+                                              min(round(start, 3), duration_s),
+                                              min(round(max(end, start), 3), duration_s)))
+        return segments
+
+    def _segment(self, window: DecodedWindow, tokens: list[int], text: str, positions: list[int],
+                 avg_logprob: float, index: int, start: float, end: float) -> Segment:
         probs = [math.exp(window.token_logprobs[i]) for i in positions] if window.token_logprobs else None
         return Segment(
             id=index,
-            start=round(start, 3),
-            end=round(max(end, start), 3),
+            start=start,
+            end=end,
             text=text,
             tokens=tokens,
             avg_logprob=avg_logprob,
