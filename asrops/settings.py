@@ -272,8 +272,8 @@ class MonitoringSettings(BaseModel):
     busy node they take what the model replicas (Ray workers at niceness 0) leave."""
     scrape_interval_s: float = Field(default=5.0, gt=0)
     ray_metrics_port: int = 8080
-    """Ray's own Prometheus endpoint on each node (replica metrics); Ray lists its nodes in a
-    service-discovery file that Prometheus reads."""
+    """Ray's own Prometheus endpoint on each node (replica metrics). The local Prometheus scrapes
+    it on loopback; with RAY_ADDRESS it reads the nodes from Ray's service-discovery file."""
     drift: DriftSettings = DriftSettings()
     production_log: ProductionLogSettings = ProductionLogSettings()
 

@@ -33,6 +33,16 @@ class PrometheusError(AsropsError):
     """Prometheus is unreachable, did not start, or refused a query."""
 
 
+class ScrapeTarget(BaseModel):
+    """One target Prometheus scrapes, as its last scrape left it."""
+
+    job: str
+    url: str
+    health: str
+    """"up", "down" or "unknown" (not scraped yet)."""
+    last_error: str = ""
+
+
 class Sample(BaseModel):
     """One series of an instant query: its labels and its value at evaluation time."""
 
@@ -258,6 +268,21 @@ class PrometheusClient:
         if kind == "scalar":
             return [Sample(labels={}, value=float(result[1]))]
         raise PrometheusError(f"{promql!r} gives a {kind}, not an instant vector or scalar")
+
+    def targets(self) -> list[ScrapeTarget]:
+        """The active scrape targets and how their last scrape went: what to show when a query
+        finds no data (a target down, timing out, or never discovered)."""
+        try:
+            response = httpx.get(f"{self.base_url}/api/v1/targets", params={"state": "active"},
+                                 timeout=self.timeout_s)
+            active = response.json()["data"]["activeTargets"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            raise PrometheusError(f"Prometheus at {self.base_url} did not list its targets: {exc}") from exc
+        return [
+            ScrapeTarget(job=t["labels"].get("job", ""), url=t.get("scrapeUrl", ""), health=t.get("health", ""),
+                         last_error=t.get("lastError", ""))
+            for t in active
+        ]
 
     def query_value(self, promql: str) -> float | None:
         """The one number `promql` evaluates to, or None when it has no data. No data must be

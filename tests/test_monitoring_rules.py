@@ -290,6 +290,9 @@ def test_prometheus_server_scrapes_a_target_and_answers_queries(tmp_path: Path) 
             while not (samples := client.query('up{job="asrops-monitor"}')) and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert [s.value for s in samples] == [0.0]
+            health = {t.job: (t.health, t.last_error) for t in client.targets()}
+            assert health["fixture"] == ("up", "")
+            assert health["asrops-monitor"][0] == "down" and "connection refused" in health["asrops-monitor"][1]
             # The rules file is loaded and evaluated: a zero-filled recording exists.
             deadline = time.monotonic() + 15
             recorded = "asrops:production_log_write_failures:rate5m"
