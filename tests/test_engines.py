@@ -217,3 +217,32 @@ def test_an_onnx_engine_transcribes_without_importing_torch(stable_dir, speech_d
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "ask not what your country can do for you" in normalize_english(result["text"])
     assert not result["torch"] and not result["transformers"], result
+
+
+def test_a_version_with_the_two_decoder_graphs_of_an_older_asrops_decodes_the_same(engines, stable_dir, speech_dir,
+                                                                                  tmp_path):
+    """Versions published before the decoders were merged carry optimum's two decoder graphs;
+    their engine merges them in memory and gives the same segments."""
+    import warnings
+
+    from optimum.exporters.onnx import main_export
+
+    from asrops.engines import load_engine
+    from asrops.engines.onnx_graphs import DECODER, EXPORTED_DECODERS
+
+    old = tmp_path / "old"
+    for entry in stable_dir.iterdir():
+        if entry.name != "onnx":
+            (old / entry.name).parent.mkdir(parents=True, exist_ok=True)
+            (old / entry.name).symlink_to(entry)
+    (old / "onnx").mkdir()
+    (old / "onnx" / "int8").symlink_to(stable_dir / "onnx" / "int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(str(stable_dir), output=str(old / "onnx" / "fp32"), task="automatic-speech-recognition-with-past",
+                    no_post_process=True, do_validation=False, device="cpu")
+    assert {p.name for p in (old / "onnx" / "fp32").glob("decoder*.onnx")} == set(EXPORTED_DECODERS)
+    audios = [_audio(speech_dir, r)
+              for r in ("faster_whisper/jfk.flac", "cuttledoc_fleurs_voxpopuli/voxpopuli-en-000.ogg")]
+    assert load_engine(old, "onnx-int8", "cpu", 2).transcribe(audios) == engines["onnx-int8"].transcribe(audios)
+    assert not (old / "onnx" / "fp32" / DECODER).exists()  # a published version is never written to

@@ -1,8 +1,9 @@
 """Inference engines behind one interface (`WhisperEngine.transcribe`).
 
 A version directory holds a transformers checkpoint at its root, its fp32 ONNX export in
-`onnx/fp32/` and an int8 encoder in `onnx/int8/`; `load_engine` picks the backend that runs
-them. `onnx-int8` is the int8 encoder with the fp32 decoders (see models/onnx_export.py). A
+`onnx/fp32/` (an encoder and one merged decoder, engines/onnx_graphs.py) and an int8 encoder in
+`onnx/int8/`; `load_engine` picks the backend that runs them. `onnx-int8` is the int8 encoder
+with the fp32 decoder (see models/onnx_export.py). A
 retrained version may also carry a slice gate and its parent's encoder (engines/slice_gate.py).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from asrops.engines.engine import WhisperEngine
+from asrops.engines.onnx_graphs import ENCODER
 from asrops.engines.slice_gate import TORCH_ENCODER, gated
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.errors import ModelImportError
@@ -21,7 +23,7 @@ from asrops.errors import ModelImportError
 log = logging.getLogger(__name__)
 
 EngineKind = Literal["torch", "onnx", "onnx-int8"]
-ENCODERS = {"onnx": "onnx/fp32/encoder_model.onnx", "onnx-int8": "onnx/int8/encoder_model.onnx"}
+ENCODERS = {"onnx": f"onnx/fp32/{ENCODER}", "onnx-int8": f"onnx/int8/{ENCODER}"}
 DECODERS = "onnx/fp32"
 
 __all__ = ["DecodeOptions", "EngineKind", "Segment", "Transcription", "WhisperEngine", "load_engine", "resolve_device"]

@@ -1,12 +1,18 @@
-"""The ONNX Runtime backend, over the three graphs optimum exports for Whisper:
-`encoder_model.onnx`, `decoder_model.onnx` (first pass, also yields the cross-attention
-keys/values) and `decoder_with_past_model.onnx` (one token at a time)."""
+"""The ONNX Runtime backend, over a version's encoder graph and its one merged decoder
+(engines/onnx_graphs.py): the first pass also yields the cross-attention keys/values; every
+later step feeds the cache back with `use_cache_branch` set."""
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from asrops.engines.onnx_graphs import DECODER, EXPORTED_DECODERS, merge_decoders
+
+log = logging.getLogger(__name__)
 
 
 def _providers(device: str) -> list[str]:
@@ -18,7 +24,7 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _session(path: Path, device: str, threads: int):
+def _session(model: Path | bytes, device: str, threads: int, *, prepack: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -29,7 +35,20 @@ def _session(path: Path, device: str, threads: int):
     # Idle intra-op threads must sleep, not spin: our decoding loop runs Python between ONNX
     # calls, and spinning threads steal its core (measured: 20 % slower on 2 cores).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=_providers(device))
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=opts,
+                                providers=_providers(device))
+
+
+def _decoder_graph(decoder_dir: Path) -> Path | bytes:
+    """The merged decoder; a version published before the merge gets it built in memory."""
+    if (decoder_dir / DECODER).exists() or not all((decoder_dir / n).exists() for n in EXPORTED_DECODERS):
+        return decoder_dir / DECODER
+    log.warning("%s holds the two decoder graphs of an older asrops: merging them in memory (about 10 s "
+                "and 400 MB while loading); re-publish the version to skip this", decoder_dir)
+    with tempfile.TemporaryDirectory(prefix="asrops-decoder-") as tmp:
+        return merge_decoders(decoder_dir, Path(tmp) / DECODER).read_bytes()
 
 
 def onnx_encoder(encoder: Path, device: str = "cpu", threads: int = 0):
@@ -39,32 +58,36 @@ def onnx_encoder(encoder: Path, device: str = "cpu", threads: int = 0):
 
 
 class OnnxWhisperBackend:
-    """`encoder` is the encoder graph's path (fp32 or int8); `decoder_dir` holds the decoders."""
+    """`encoder` is the encoder graph's path (fp32 or int8); `decoder_dir` holds the decoder."""
 
     def __init__(self, encoder: Path, decoder_dir: Path, device: str = "cpu", threads: int = 0):
-        def session(path: Path):
-            return _session(path, device, threads)
-
-        self.encoder = session(Path(encoder))
-        self.decoder = session(Path(decoder_dir) / "decoder_model.onnx")
-        self.decoder_past = session(Path(decoder_dir) / "decoder_with_past_model.onnx")
-        self._present = [o.name for o in self.decoder.get_outputs()][1:]
-        self._past_in = [i.name for i in self.decoder_past.get_inputs() if i.name.startswith("past_key_values.")]
-        self._past_out = [o.name for o in self.decoder_past.get_outputs()][1:]
+        self.encoder = _session(Path(encoder), device, threads)
+        # Prepacking would keep a packed copy of the output projection beside the matrix the
+        # token lookup reads (+60 MB); the decoder runs at the same speed without it (measured).
+        self.decoder = _session(_decoder_graph(Path(decoder_dir)), device, threads, prepack=False)
+        inputs = self.decoder.get_inputs()
+        self._past_in = [i.name for i in inputs if i.name.startswith("past_key_values.")]
+        _, self._heads, _, self._head_dim = next(i.shape for i in inputs if i.name in self._past_in)
+        self._width = next(i.shape for i in inputs if i.name == "encoder_hidden_states")[2]
+        self._present = [o.name.replace("present.", "past_key_values.") for o in self.decoder.get_outputs()][1:]
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         return self.encoder.run(None, {"input_features": mel})[0]
 
     def start(self, encoded: np.ndarray, tokens: np.ndarray):
-        logits, *present = self.decoder.run(None, {"input_ids": tokens, "encoder_hidden_states": encoded})
-        cache = {name.replace("present.", "past_key_values."): v for name, v in zip(self._present, present)}
-        return logits, cache
+        empty = np.zeros((len(tokens), self._heads, 0, self._head_dim), np.float32)
+        logits, *present = self.decoder.run(None, {
+            "input_ids": tokens, "encoder_hidden_states": encoded, "use_cache_branch": np.array([False]),
+            **{name: empty for name in self._past_in}})
+        return logits, dict(zip(self._present, present))
 
     def step(self, tokens: np.ndarray, cache: dict[str, np.ndarray]):
-        feeds = {"input_ids": tokens, **{name: cache[name] for name in self._past_in}}
-        logits, *present = self.decoder_past.run(None, feeds)
-        for name, value in zip(self._past_out, present):  # self-attention grows; cross stays
-            cache[name.replace("present.", "past_key_values.")] = value
+        logits, *present = self.decoder.run(None, {
+            "input_ids": tokens, "encoder_hidden_states": np.zeros((len(tokens), 0, self._width), np.float32),
+            "use_cache_branch": np.array([True]), **{name: cache[name] for name in self._past_in}})
+        for name, value in zip(self._present, present):
+            if ".decoder." in name:  # self-attention grows; the cross-attention's stays (this
+                cache[name] = value  # branch outputs placeholders for it)
         return logits[:, -1], cache
 
     def reorder(self, cache: dict[str, np.ndarray], index: np.ndarray):
