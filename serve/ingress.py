@@ -17,7 +17,6 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from asrops.audio_format import SAMPLE_RATE
 from asrops.engines.types import DecodeOptions
 from asrops.errors import VersionNotFoundError
 from asrops.evaluation import score
@@ -179,7 +178,7 @@ class ServeTranscriber:
     async def transcribe(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str,
                          request_id: str) -> TranscribeResult:
         plan = self._plan(model, client, request_id)
-        request = ModelRequest(audio=audio, options=options)
+        request = ModelRequest.of(audio, options)
         version, route, reply = await self._first_answer(plan, request, request_id, self._call)
         self.breaker(version).record(failed=False)
         if plan.shadow and route is Route.SHADOW:
@@ -194,7 +193,7 @@ class ServeTranscriber:
         """`transcribe`, streamed: routing and fallback are the same up to a version's first event
         (nothing has reached the client yet); a failure after it ends the stream by raising."""
         plan = self._plan(model, client, request_id)
-        request = ModelRequest(audio=audio, options=options)
+        request = ModelRequest.of(audio, options)
         version, route, (first, rest) = await self._first_answer(plan, request, request_id, self._open_stream)
         self.stats.count(route)
         log.info("request %s: streamed by %s via route %s", request_id, version, route.value)
@@ -266,7 +265,7 @@ class ServeTranscriber:
     def _timeout(self, request: ModelRequest) -> float:
         """How long a version with somewhere to fall back to gets: longer for longer audio."""
         s = self.settings.serve
-        return s.canary_timeout_s + len(request.audio) / SAMPLE_RATE * s.canary_timeout_per_audio_s
+        return s.canary_timeout_s + request.duration_s * s.canary_timeout_per_audio_s
 
     async def _call(self, version: str, request: ModelRequest, timeout_s: float | None) -> ModelReply:
         """One version's answer. A replica that dies mid-request is retried: Serve sends the

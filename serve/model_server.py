@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from ray import serve
 
-from asrops.audio_format import SAMPLE_RATE
+from asrops.audio_format import SAMPLE_RATE, from_pcm16, to_pcm16
 from asrops.engines import load_engine, resolve_device
 from asrops.engines.slice_gate import GatedBackend
 from asrops.engines.types import DecodeOptions, Segment, Transcription
@@ -36,10 +36,34 @@ def model_app_name(version_id: str) -> str:
 
 
 class ModelRequest(BaseModel):
+    """What the ingress sends a model replica (and a shadow its copy)."""
+
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
-    audio: np.ndarray
+    pcm16: np.ndarray
+    """The audio as 16-bit PCM, 16 kHz mono: half the bytes of float32 between processes."""
     options: DecodeOptions
+
+    @field_validator("pcm16")
+    @classmethod
+    def _is_pcm16(cls, value: np.ndarray) -> np.ndarray:
+        if value.dtype != np.int16 or value.ndim != 1:
+            raise ValueError(f"expected 1-D int16 samples, got {value.ndim}-D {value.dtype}")
+        return value
+
+    @classmethod
+    def of(cls, samples: np.ndarray, options: DecodeOptions) -> ModelRequest:
+        """From float samples in [-1, 1] (what the ingress decoded)."""
+        return cls(pcm16=to_pcm16(samples), options=options)
+
+    @property
+    def audio(self) -> np.ndarray:
+        """float32 samples, as the engine takes them."""
+        return from_pcm16(self.pcm16)
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.pcm16) / SAMPLE_RATE
 
 
 class ModelReply(BaseModel):

@@ -348,3 +348,15 @@ def test_real_headerless_raw_is_undecodable():
     row = _pick(rows, lambda r: r["audio"].endswith(".raw"))
     with pytest.raises(UndecodableAudioError, match="unrecognised binary data"):
         decode_audio(SPEECH_DIR / row["audio"])
+
+
+def test_pcm16_carries_16_bit_audio_exactly_and_clips_the_rest():
+    """Audio crosses from the ingress to a replica as 16-bit PCM (asrops/audio_format.py)."""
+    from asrops.audio_format import from_pcm16, to_pcm16
+
+    pcm = np.random.default_rng(0).integers(-32768, 32768, 16_000).astype(np.int16)
+    samples = from_pcm16(pcm)
+    assert samples.dtype == np.float32 and samples.min() >= -1.0 and samples.max() < 1.0
+    np.testing.assert_array_equal(to_pcm16(samples), pcm)
+    np.testing.assert_array_equal(to_pcm16(np.array([1.5, -1.5, 1.0, -1.0], np.float32)),
+                                  np.array([32767, -32768, 32767, -32768], np.int16))

@@ -111,7 +111,21 @@ def test_a_canary_gets_longer_for_longer_audio_before_it_counts_as_failing():
 
     settings = Settings(data_dir="/nonexistent")
     me = SimpleNamespace(settings=settings)
-    short = ModelRequest(audio=np.zeros(16_000, np.float32), options=DecodeOptions())
-    long = ModelRequest(audio=np.zeros(600 * 16_000, np.float32), options=DecodeOptions())
+    short = ModelRequest.of(np.zeros(16_000, np.float32), DecodeOptions())
+    long = ModelRequest.of(np.zeros(600 * 16_000, np.float32), DecodeOptions())
     assert ServeTranscriber._timeout(me, short) == pytest.approx(30.5)
     assert ServeTranscriber._timeout(me, long) == pytest.approx(330.0)
+
+
+def test_a_model_request_carries_16_bit_pcm_only():
+    import numpy as np
+
+    from asrops.engines.types import DecodeOptions
+    from asrops.serve.model_server import ModelRequest
+
+    samples = np.array([0.0, 0.5, -0.25], np.float32)
+    request = ModelRequest.of(samples, DecodeOptions())
+    assert request.pcm16.dtype == np.int16 and request.pcm16.nbytes == samples.nbytes // 2
+    np.testing.assert_array_equal(request.audio, samples)
+    with pytest.raises(ValueError, match="int16"):
+        ModelRequest(pcm16=samples, options=DecodeOptions())
