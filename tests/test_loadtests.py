@@ -140,3 +140,20 @@ def test_peer_health_and_bad_audio():
         r = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"not audio", "audio/wav")})
         assert r.status_code == 400
         assert r.json()["error"]["message"]
+
+
+def test_a_profile_counts_own_time_per_function_per_request():
+    from loadtests.profile_request import RATE_HZ, summarise
+
+    collapsed = "\n".join([
+        "process 12 (ray::ServeReplica);thread 1;_run (lanes.py:80);run (onnx_backend.py:70) 150",
+        "process 12 (ray::ServeReplica);thread 1;_run (lanes.py:80) 30",
+        "process 12 (ray::ServeReplica);thread 1;_run (lanes.py:80);run (onnx_backend.py:70) 50",
+        "not a sample line",
+    ])
+    profile = summarise("model", 12, collapsed, requests=10)
+    per_sample_ms = 1000 / RATE_HZ / 10
+    assert profile.samples == 230
+    assert profile.cpu_ms_per_request == round(230 * per_sample_ms, 1)
+    assert profile.top_functions == [("run (onnx_backend.py:70)", round(200 * per_sample_ms, 2)),
+                                     ("_run (lanes.py:80)", round(30 * per_sample_ms, 2))]
