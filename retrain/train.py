@@ -50,6 +50,7 @@ from pydantic import BaseModel
 
 from asrops.audio_format import SAMPLE_RATE
 from asrops.clip_manifest import read_rows
+from asrops.engines import ENCODERS
 from asrops.engines.decoding import CHUNK_S, TIME_PRECISION, SpecialTokens
 from asrops.engines.torch_backend import TorchWhisperBackend
 from asrops.engines.types import DecodeOptions
@@ -208,7 +209,7 @@ def _int8_encoder(parent_dir: Path, s: TrainSettings):
     """The parent's int8 ONNX encoder (what serves it on CPU), or None when it has none. With the
     encoder frozen, training the decoder on its outputs matches serving exactly and encodes about
     three times faster than the fp32 torch encoder on a CPU."""
-    path = parent_dir / "onnx" / "int8" / "encoder_model.onnx"
+    path = parent_dir / ENCODERS["onnx-int8"]
     if not path.exists():
         return None
     import onnxruntime as ort
