@@ -221,8 +221,9 @@ class DriftSettings(BaseModel):
     window_s: float = Field(default=300.0, gt=0)
     """Length of one current window, in seconds; the monitor runs once per window."""
     bootstrap_reference: bool = True
-    """With no reference when `asrops serve` starts, the monitor first makes one from clean
-    synthetic speech through the stable version (a few minutes of CPU; it stops early and keeps
+    """With no reference when `asrops serve` starts, it first makes one from clean synthetic
+    speech through the stable version, before serving (about a minute on 2 cores, once per data
+    directory; `asrops serve --config` leaves it to the monitor, which stops early and keeps
     yours if you pin one meanwhile). Off when you pin your own (`asrops drift reference`)."""
     min_samples: int = Field(default=30, ge=1)
     """A window with fewer successful requests gets no drift judgement (no verdict on thin data)."""

@@ -65,3 +65,30 @@ def test_a_bootstrap_keeps_a_reference_pinned_while_it_ran(engines, tmp_path):
     assert list(load_reference(store)["request_id"]) == ["pinned-0", "pinned-1"]
     assert "keeping it" in lines[-1] and not any(line.startswith("reference: 4/6") for line in lines)
     assert not store.list_prefix(PARTIAL_PREFIX)
+
+
+def test_asrops_serve_makes_the_first_reference_before_serving_and_only_once(tmp_path, monkeypatch):
+    """`asrops serve` on a fresh data directory makes the reference before Ray starts (so the first
+    clients never share the CPU with it); with one stored, it makes none."""
+    import pandas as pd
+
+    import asrops.models.importer as importer
+    import asrops.monitoring.reference as reference
+    from asrops.cli.stack import make_first_reference
+    from asrops.prodlog import store_for
+    from asrops.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    made: list[str] = []
+
+    def synthetic(store, registry, settings, progress):
+        made.append("reference")
+        reference.save_reference(store, pd.DataFrame({"request_id": ["r0"], "status": [200], "text": ["clean"]}))
+
+    monkeypatch.setattr(importer, "import_embedded_default", lambda registry, progress: made.append("import"))
+    monkeypatch.setattr(reference, "synthetic_reference", synthetic)
+    make_first_reference(settings, say=lambda line: None)
+    assert made == ["import", "reference"]
+    assert list(load_reference(store_for(settings))["request_id"]) == ["r0"]
+    make_first_reference(settings, say=lambda line: None)
+    assert made == ["import", "reference", "import"]  # stored already: not made again
