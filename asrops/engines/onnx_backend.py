@@ -46,7 +46,7 @@ def _decoder_graph(decoder_dir: Path) -> Path | bytes:
     if (decoder_dir / DECODER).exists() or not all((decoder_dir / n).exists() for n in EXPORTED_DECODERS):
         return decoder_dir / DECODER
     log.warning("%s holds the two decoder graphs of an older asrops: merging them in memory (about 10 s "
-                "and 400 MB while loading); re-publish the version to skip this", decoder_dir)
+                "and 1.5 GB of memory while loading); re-publish the version to skip this", decoder_dir)
     with tempfile.TemporaryDirectory(prefix="asrops-decoder-") as tmp:
         return merge_decoders(decoder_dir, Path(tmp) / DECODER).read_bytes()
 
