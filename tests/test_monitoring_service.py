@@ -30,7 +30,7 @@ from asrops.promotion import rollout
 from asrops.promotion.metrics import ControllerMetrics
 from asrops.registry import ModelRegistry
 from asrops.synth import SynthSpec, generate
-from tests.conftest import ADMIN_TOKEN, free_port
+from tests.conftest import ADMIN_TOKEN, prometheus_settings
 from tests.fakes import FakeVersion, publish_dummy, wait_routable
 
 pytestmark = pytest.mark.slow
@@ -80,15 +80,8 @@ def controller_metrics(service_settings):
 
 @pytest.fixture(scope="module")
 def prometheus(service, service_settings, monitor_metrics, controller_metrics, tmp_path_factory):
-    """A real Prometheus (Debian's) scraping the local Ray node, the monitor and the controller
-    every 3 s, at the tests' priority. Ray's endpoint is large (about 900 kB, 2,300 series on a
-    fresh node, more as replicas come and go) and its scrape timeout is the interval: at 1 s, at
-    `asrops serve`'s background niceness, with a retrain in the other xdist worker, every Ray
-    series once went missing for the 90 s a test waited."""
-    settings = service_settings.model_copy(deep=True)
-    settings.monitoring.prometheus_port = free_port()
-    settings.monitoring.scrape_interval_s = 3
-    settings.monitoring.background_niceness = 0
+    """A real Prometheus (Debian's) scraping the local Ray node, the monitor and the controller."""
+    settings = prometheus_settings(service_settings)
     with PrometheusServer(settings, tmp_path_factory.mktemp("prometheus")) as server:
         yield PrometheusClient(server.url)
 

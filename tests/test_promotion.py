@@ -21,14 +21,14 @@ from ray import serve
 
 from asrops.cli.controller import prometheus_query
 from asrops.errors import RolloutRefusedError
-from asrops.monitoring.prometheus import PrometheusClient, PrometheusServer
+from asrops.monitoring.prometheus import PrometheusClient, PrometheusError, PrometheusServer
 from asrops.promotion import rollout
 from asrops.promotion.checks import DEFAULT_CHECKS
 from asrops.promotion.controller import PromotionController
 from asrops.promotion.state import AnalysisState, Phase
 from asrops.registry import ModelRegistry
 from asrops.settings import AnalysisSpec, Settings
-from tests.conftest import free_port
+from tests.conftest import prometheus_settings
 from tests.fakes import QUIET, FakeVersion, SteadyLoad, publish_dummy, wait_routable
 
 pytestmark = pytest.mark.slow
@@ -49,10 +49,7 @@ def registry(service, data_dir) -> ModelRegistry:
 
 @pytest.fixture(scope="module")
 def prometheus(service, service_settings, tmp_path_factory) -> Iterator[PrometheusServer]:
-    settings = service_settings.model_copy(deep=True)
-    settings.monitoring.prometheus_port = free_port()
-    settings.monitoring.scrape_interval_s = 1
-    with PrometheusServer(settings, tmp_path_factory.mktemp("prometheus")) as server:
+    with PrometheusServer(prometheus_settings(service_settings), tmp_path_factory.mktemp("prometheus")) as server:
         yield server
 
 
@@ -107,13 +104,23 @@ def _analysis(registry: ModelRegistry, version: str) -> AnalysisState | None:
     return state if state is not None and state.canary_version == version else None
 
 
-def _wait(predicate, timeout_s: float, what: str):
+def _wait(predicate, timeout_s: float, what: str, explain=None):
+    """`predicate`'s first true value; on timeout, fails with `explain()` (what was seen) if given."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if value := predicate():
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}" + (f"; {explain()}" if explain else ""))
+
+
+def _seen(registry: ModelRegistry, version: str, prometheus: PrometheusServer) -> str:
+    """The controller's last analysis and Prometheus's scrape targets: why no check passed."""
+    try:
+        targets = ", ".join(f"{t.job} {t.health} {t.last_error}" for t in PrometheusClient(prometheus.url).targets())
+    except PrometheusError as exc:
+        targets = str(exc)
+    return f"analysis: {_analysis(registry, version)!r}; targets: {targets}"
 
 
 def _ended(registry, version):
@@ -127,7 +134,8 @@ def test_a_good_canary_is_promoted_through_every_step_with_no_failed_request(
     version = fake_canary("echo")
     with SteadyLoad(service, clients=4) as load, RunningController(registry, SPEC, prometheus.url):
         rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="good canary")
-        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end")
+        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end",
+                      lambda: _seen(registry, version, prometheus))
         time.sleep(3)  # traffic goes on across the promotion
     assert state.phase == Phase.SUCCEEDED, [d.reason for d in state.history]
     actions = [(d.action, d.weight) for d in state.history]
@@ -152,7 +160,8 @@ def test_a_canary_with_errors_out_of_range_is_rolled_back_within_threshold_inter
     time.sleep(2.5)
     with SteadyLoad(service, clients=4) as load, RunningController(registry, SPEC, prometheus.url):
         rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="bad canary")
-        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end")
+        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end",
+                      lambda: _seen(registry, version, prometheus))
     assert state.phase == Phase.FAILED, [d.reason for d in state.history]
     after_init = [d for d in state.history if d.action in ("check-failed", "rollback", "advance")]
     # Every check after the canary began serving failed, and the threshold-th rolled it back.
@@ -184,7 +193,8 @@ def test_with_prometheus_stopped_no_step_advances_and_nothing_is_promoted(
         assert len(outage) >= 3 and all(d.action == "check-failed" for d in outage)
         # Back up: the checks pass again and the rollout goes on to the end.
         prometheus.start()
-        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end")
+        state = _wait(lambda: _ended(registry, version), 180, "the rollout to end",
+                      lambda: _seen(registry, version, prometheus))
     assert state.phase == Phase.SUCCEEDED and registry.resolve("stable") == version
     assert load.failures() == [], load.failures()[:5]
 
@@ -208,7 +218,8 @@ def test_operators_pause_resume_and_abort_through_the_cli_and_status_shows_every
     slow = SPEC.model_copy(update={"step_weights": [20, 40, 60, 80]})
     with SteadyLoad(service, clients=4) as load, RunningController(registry, slow, prometheus.url):
         rollout.deploy_canary(registry, version, weight=0, shadow_share=0, actor="tests", reason="operators")
-        _wait(lambda: (s := _analysis(registry, version)) and s.last and s.last.passed, 120, "a passed check")
+        _wait(lambda: (s := _analysis(registry, version)) and s.last and s.last.passed, 120, "a passed check",
+              lambda: _seen(registry, version, prometheus))
         status = cli("status")
         assert "phase progressing" in status and "error-ratio" in status and "latency-p95" in status, status
         assert "<= stable + 0.005" in status and "<= stable x 1.2" in status and "pass" in status, status
