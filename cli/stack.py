@@ -1,7 +1,7 @@
 """What `asrops serve` starts, and how the processes are wired together.
 
 On one machine: Ray and Serve (the ingress and one model application per version the rollout
-references), then beside them the drift monitor (`asrops monitor`, whose verdicts go to the
+references) and beside them, started first, the drift monitor (`asrops monitor`, whose verdicts go to the
 retrain trigger), the promotion controller (`asrops controller`) and a local Prometheus that
 scrapes Ray's nodes, the monitor and the controller. All of it stops with `asrops serve`.
 """
@@ -103,21 +103,25 @@ def make_first_reference(settings: Settings, say: Callable[[str], None] = log.in
 
 def run_service(settings: Settings, config: Path | None = None, say: Callable[[str], None] = typer.echo) -> None:
     """The service and everything beside it, until Ctrl-C or SIGTERM."""
+    import ray
     from ray import serve
 
     from asrops.serve.launcher import VersionReconciler, curl_example, run_config, run_local
 
     if not config and settings.monitoring.drift.bootstrap_reference:
         make_first_reference(settings, say)
-    url = run_config(settings, config, say) if config else run_local(settings, say)
+    # The side processes start first: their start-up (a few CPU-seconds of imports each) then
+    # overlaps Ray's, not the first clients' requests (it took 0.4 of a core during the first
+    # benchmark loop when they started after the service was ready).
     stack = start_monitoring(settings, say)
-    typer.echo(f"asrops is serving at {url}  (OpenAI API at {url}/v1, docs at {url}/docs)")
-    typer.echo(f"try:  {curl_example(url, settings)}")
-    for note in stack.notes:
-        typer.echo(note)
-    typer.echo("Ctrl-C stops it.")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
     try:
+        url = run_config(settings, config, say) if config else run_local(settings, say)
+        typer.echo(f"asrops is serving at {url}  (OpenAI API at {url}/v1, docs at {url}/docs)")
+        typer.echo(f"try:  {curl_example(url, settings)}")
+        for note in stack.notes:
+            typer.echo(note)
+        typer.echo("Ctrl-C stops it.")
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it as Ctrl-C does
         if config:  # the config file says which applications run
             while True:
                 time.sleep(3600)
@@ -127,7 +131,8 @@ def run_service(settings: Settings, config: Path | None = None, say: Callable[[s
         pass
     finally:
         stack.stop()
-        serve.shutdown()
+        if ray.is_initialized():  # not when Ray failed to start (shutdown would start one)
+            serve.shutdown()
 
 
 def drift_monitor(settings: Settings, with_trigger: bool = False,
