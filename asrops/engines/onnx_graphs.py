@@ -12,7 +12,10 @@ from about 720 MB to 450 MB (measured in the commit that made this).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 ENCODER = "encoder_model.onnx"
 DECODER = "decoder_model_merged.onnx"
@@ -32,8 +35,10 @@ def merge_decoders(decoder_dir: Path, out: Path) -> Path:
     # with-past graph only reads; optimum gives that branch placeholder outputs for them.
     # optimum checks the merged model through a file: it needs a path to save to.
     merged = optimum_merge(first, with_past, strict=False, save_path=out)
-    _embed_by_output_projection(merged)
-    onnx.save(merged, str(out))
+    if _embed_by_output_projection(merged):
+        onnx.save(merged, str(out))
+    else:  # a checkpoint that unties them keeps both matrices (optimum's save above stands)
+        log.info("the decoder's token embedding and output projection differ: both kept")
     return out
 
 
@@ -46,11 +51,11 @@ def _nodes(graph):
                 yield from _nodes(attribute.g)
 
 
-def _embed_by_output_projection(model) -> None:
+def _embed_by_output_projection(model) -> bool:
     """Replace the token embedding's lookup `Gather(E, ids)` by `Gather(P, ids, axis=1)` then a
     transpose, where `P` (hidden x vocabulary) is the output projection's matrix, equal to `E`
-    transposed (Whisper ties them); then drop `E`. Refuses, changing nothing, when the two are
-    not one matrix."""
+    transposed (Whisper ties them); then drop `E`. Returns False, changing nothing, when the two
+    are not one matrix (a checkpoint that unties them)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -60,7 +65,7 @@ def _embed_by_output_projection(model) -> None:
                       if node.op_type == "MatMul" and node.name.endswith("proj_out/MatMul"))
     if not np.array_equal(numpy_helper.to_array(initializers[embedding]).T,
                           numpy_helper.to_array(initializers[projection])):
-        raise ValueError("the decoder's token embedding and output projection are not tied")
+        return False
     lookups = [(graph, node) for graph, node in _nodes(model.graph)
                if node.op_type == "Gather" and node.input[0] == embedding]
     for i, (graph, node) in enumerate(lookups):
@@ -72,3 +77,4 @@ def _embed_by_output_projection(model) -> None:
         graph.node.insert(at + 1, helper.make_node("Transpose", [by_column], [node.output[0]],
                                                    name=f"{node.name}/transpose_{i}", perm=[1, 2, 0]))
     model.graph.initializer.remove(initializers[embedding])
+    return True
