@@ -223,12 +223,9 @@ def test_a_version_with_the_two_decoder_graphs_of_an_older_asrops_decodes_the_sa
                                                                                   tmp_path):
     """Versions published before the decoders were merged carry optimum's two decoder graphs;
     their engine merges them in memory and gives the same segments."""
-    import warnings
-
-    from optimum.exporters.onnx import main_export
-
     from asrops.engines import load_engine
     from asrops.engines.onnx_graphs import DECODER, EXPORTED_DECODERS
+    from asrops.models.onnx_export import export_optimum_graphs
 
     old = tmp_path / "old"
     for entry in stable_dir.iterdir():
@@ -237,10 +234,7 @@ def test_a_version_with_the_two_decoder_graphs_of_an_older_asrops_decodes_the_sa
             (old / entry.name).symlink_to(entry)
     (old / "onnx").mkdir()
     (old / "onnx" / "int8").symlink_to(stable_dir / "onnx" / "int8")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        main_export(str(stable_dir), output=str(old / "onnx" / "fp32"), task="automatic-speech-recognition-with-past",
-                    no_post_process=True, do_validation=False, device="cpu")
+    export_optimum_graphs(stable_dir, old / "onnx" / "fp32")
     assert {p.name for p in (old / "onnx" / "fp32").glob("decoder*.onnx")} == set(EXPORTED_DECODERS)
     audios = [_audio(speech_dir, r)
               for r in ("faster_whisper/jfk.flac", "cuttledoc_fleurs_voxpopuli/voxpopuli-en-000.ogg")]

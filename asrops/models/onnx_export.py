@@ -23,22 +23,30 @@ from asrops.engines.onnx_graphs import DECODER, ENCODER, merge_decoders
 log = logging.getLogger(__name__)
 
 
-def export_onnx(model_dir: Path, out_dir: Path, progress: Callable[[str], None] = log.info) -> Path:
-    """Write the fp32 encoder and merged decoder of `model_dir` into `out_dir`."""
+def export_optimum_graphs(model_dir: Path, out_dir: Path) -> Path:
+    """optimum's three fp32 graphs of `model_dir` (encoder, first-pass decoder, decoder with past)
+    in `out_dir`, as it writes them."""
     from optimum.exporters.onnx import main_export
 
-    started = time.monotonic()
-    progress(f"exporting {model_dir.name} to ONNX (fp32, about 30 s on 2 cores)")
-    with tempfile.TemporaryDirectory(prefix="asrops-onnx-") as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings are about branches Whisper never takes
         main_export(
             str(model_dir),
-            output=tmp,
+            output=str(out_dir),
             task="automatic-speech-recognition-with-past",
             no_post_process=True,  # we merge the two decoders ourselves (engines/onnx_graphs.py)
             do_validation=False,
             device="cpu",
         )
+    return out_dir
+
+
+def export_onnx(model_dir: Path, out_dir: Path, progress: Callable[[str], None] = log.info) -> Path:
+    """Write the fp32 encoder and merged decoder of `model_dir` into `out_dir`."""
+    started = time.monotonic()
+    progress(f"exporting {model_dir.name} to ONNX (fp32, about 30 s on 2 cores)")
+    with tempfile.TemporaryDirectory(prefix="asrops-onnx-") as tmp:
+        export_optimum_graphs(model_dir, Path(tmp))
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(Path(tmp) / ENCODER), out_dir / ENCODER)
         progress("merging the two decoder graphs into one")
