@@ -14,6 +14,9 @@ from asrops.engines.onnx_graphs import DECODER, EXPORTED_DECODERS, merge_decoder
 
 log = logging.getLogger(__name__)
 
+_FIRST_PASS, _WITH_CACHE = np.array([False]), np.array([True])
+"""The merged decoder's `use_cache_branch`, made once rather than at every token."""
+
 
 def _providers(device: str) -> list[str]:
     import onnxruntime as ort
@@ -77,14 +80,14 @@ class OnnxWhisperBackend:
     def start(self, encoded: np.ndarray, tokens: np.ndarray):
         empty = np.zeros((len(tokens), self._heads, 0, self._head_dim), np.float32)
         logits, *present = self.decoder.run(None, {
-            "input_ids": tokens, "encoder_hidden_states": encoded, "use_cache_branch": np.array([False]),
+            "input_ids": tokens, "encoder_hidden_states": encoded, "use_cache_branch": _FIRST_PASS,
             **{name: empty for name in self._past_in}})
         return logits, dict(zip(self._present, present))
 
     def step(self, tokens: np.ndarray, cache: dict[str, np.ndarray]):
         logits, *present = self.decoder.run(None, {
             "input_ids": tokens, "encoder_hidden_states": np.zeros((len(tokens), 0, self._width), np.float32),
-            "use_cache_branch": np.array([True]), **{name: cache[name] for name in self._past_in}})
+            "use_cache_branch": _WITH_CACHE, **{name: cache[name] for name in self._past_in}})
         for name, value in zip(self._present, present):
             if ".decoder." in name:  # self-attention grows; the cross-attention's stays (this
                 cache[name] = value  # branch outputs placeholders for it)
