@@ -219,24 +219,54 @@ def test_an_onnx_engine_transcribes_without_importing_torch(stable_dir, speech_d
     assert not result["torch"] and not result["transformers"], result
 
 
-def test_a_version_with_the_two_decoder_graphs_of_an_older_asrops_decodes_the_same(engines, stable_dir, speech_dir,
-                                                                                  tmp_path):
-    """Versions published before the decoders were merged carry optimum's two decoder graphs;
-    their engine merges them in memory and gives the same segments."""
-    from asrops.engines import load_engine
-    from asrops.engines.onnx_graphs import DECODER, EXPORTED_DECODERS
+def _older_version(stable_dir, out, *, two_decoders: bool):
+    """A version laid out as an older asrops published it: no int8 decoder, and with
+    `two_decoders`, optimum's two fp32 decoder graphs instead of the merged one."""
+    from asrops.engines import ENCODERS
     from asrops.models.onnx_export import export_optimum_graphs
 
-    old = tmp_path / "old"
     for entry in stable_dir.iterdir():
         if entry.name != "onnx":
-            (old / entry.name).parent.mkdir(parents=True, exist_ok=True)
-            (old / entry.name).symlink_to(entry)
-    (old / "onnx").mkdir()
-    (old / "onnx" / "int8").symlink_to(stable_dir / "onnx" / "int8")
-    export_optimum_graphs(stable_dir, old / "onnx" / "fp32")
+            (out / entry.name).parent.mkdir(parents=True, exist_ok=True)
+            (out / entry.name).symlink_to(entry)
+    (out / ENCODERS["onnx-int8"]).parent.mkdir(parents=True)
+    (out / ENCODERS["onnx-int8"]).symlink_to(stable_dir / ENCODERS["onnx-int8"])
+    if two_decoders:
+        export_optimum_graphs(stable_dir, out / "onnx" / "fp32")
+    else:
+        (out / "onnx" / "fp32").symlink_to(stable_dir / "onnx" / "fp32")
+    return out
+
+
+def test_versions_of_an_older_asrops_decode_with_their_fp32_decoder(stable_dir, speech_dir, tmp_path):
+    """Versions published before the int8 decoder have only the fp32 one, and those published
+    before the decoders were merged carry optimum's two graphs (merged in memory when loaded):
+    both serve, with the same segments."""
+    from asrops.engines import load_engine
+    from asrops.engines.onnx_graphs import DECODER, EXPORTED_DECODERS
+
+    merged = _older_version(stable_dir, tmp_path / "merged", two_decoders=False)
+    old = _older_version(stable_dir, tmp_path / "old", two_decoders=True)
     assert {p.name for p in (old / "onnx" / "fp32").glob("decoder*.onnx")} == set(EXPORTED_DECODERS)
     audios = [_audio(speech_dir, r)
               for r in ("faster_whisper/jfk.flac", "cuttledoc_fleurs_voxpopuli/voxpopuli-en-000.ogg")]
-    assert load_engine(old, "onnx-int8", "cpu", 2).transcribe(audios) == engines["onnx-int8"].transcribe(audios)
+    expected = load_engine(merged, "onnx-int8", "cpu", 2).transcribe(audios)
+    assert "ask not what your country can do for you" in normalize_english(expected[0].text)
+    assert load_engine(old, "onnx-int8", "cpu", 2).transcribe(audios) == expected
     assert not (old / "onnx" / "fp32" / DECODER).exists()  # a published version is never written to
+
+
+def test_the_int8_decoder_reads_as_the_fp32_one(engines, stable_dir, speech_dir, tmp_path):
+    """`onnx-int8` decodes with the version's block-quantised decoder (a third of the fp32 one's
+    size) and hears what the fp32 decoder hears."""
+    from asrops.engines import DECODERS, load_engine
+    from asrops.engines.onnx_graphs import DECODER
+
+    int8, fp32 = (stable_dir / DECODERS[k] / DECODER for k in ("onnx-int8", "onnx"))
+    assert int8.stat().st_size < fp32.stat().st_size * 0.5
+    fp32_engine = load_engine(_older_version(stable_dir, tmp_path / "fp32", two_decoders=False), "onnx-int8", "cpu", 2)
+    for rel in ("faster_whisper/jfk.flac", "cuttledoc_fleurs_voxpopuli/voxpopuli-en-000.ogg",
+                "voiceagent_minilibrispeech/dev-clean-2-0002.wav"):
+        audio = _audio(speech_dir, rel)
+        ours, reference = engines["onnx-int8"].transcribe([audio])[0].text, fp32_engine.transcribe([audio])[0].text
+        assert score([reference], [ours]).wer <= 3.0, (rel, reference, ours)

@@ -85,8 +85,8 @@ def test_import_default_is_idempotent(data_dir):
     manifest = json.loads(_cli(data_dir, "models", "show", "stable"))
     assert manifest["id"] == stable_id and manifest["family"] == "whisper-tiny.en"
     paths = {f["path"] for f in manifest["files"]}
-    assert {"model.safetensors", "onnx/int8/encoder_model.onnx", "onnx/fp32/decoder_model_merged.onnx"} <= paths
-    assert not any(p.startswith("onnx/int8/decoder") for p in paths)  # int8 decoders cost WER
+    assert {"model.safetensors", "onnx/fp32/encoder_model.onnx", "onnx/fp32/decoder_model_merged.onnx",
+            "onnx/int8/encoder_model.onnx", "onnx/int8/decoder_model_merged.onnx"} <= paths
     assert all(re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) for f in manifest["files"])
 
 

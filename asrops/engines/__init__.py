@@ -1,10 +1,11 @@
 """Inference engines behind one interface (`WhisperEngine.transcribe`).
 
 A version directory holds a transformers checkpoint at its root, its fp32 ONNX export in
-`onnx/fp32/` (an encoder and one merged decoder, engines/onnx_graphs.py) and an int8 encoder in
-`onnx/int8/`; `load_engine` picks the backend that runs them. `onnx-int8` is the int8 encoder
-with the fp32 decoder (see models/onnx_export.py). A
-retrained version may also carry a slice gate and its parent's encoder (engines/slice_gate.py).
+`onnx/fp32/` (an encoder and one merged decoder, engines/onnx_graphs.py) and their int8
+quantisations in `onnx/int8/` (models/onnx_export.py); `load_engine` picks the backend that runs
+them. A version published before the int8 decoder has only the fp32 one, which `onnx-int8` then
+reads. A retrained version may also carry a slice gate and its parent's encoder
+(engines/slice_gate.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from asrops.engines.engine import WhisperEngine
-from asrops.engines.onnx_graphs import ENCODER
+from asrops.engines.onnx_graphs import DECODER, ENCODER
 from asrops.engines.slice_gate import TORCH_ENCODER, gated
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.errors import ModelImportError
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 EngineKind = Literal["torch", "onnx", "onnx-int8"]
 ENCODERS = {"onnx": f"onnx/fp32/{ENCODER}", "onnx-int8": f"onnx/int8/{ENCODER}"}
-DECODERS = "onnx/fp32"
+DECODERS = {"onnx": "onnx/fp32", "onnx-int8": "onnx/int8"}
 
 __all__ = ["DecodeOptions", "EngineKind", "Segment", "Transcription", "WhisperEngine", "load_engine", "resolve_device"]
 
@@ -62,7 +63,12 @@ def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "
         encoder = model_dir / ENCODERS[kind]
         if not encoder.exists():
             raise ModelImportError(f"{model_dir} has no {ENCODERS[kind]}; re-publish it (publishing exports ONNX).")
-        backend = OnnxWhisperBackend(encoder, model_dir / DECODERS, device=device, threads=threads)
+        decoders = model_dir / DECODERS[kind]
+        if not (decoders / DECODER).exists():
+            log.info("%s has no %s: its fp32 decoder is used", model_dir.name, decoders / DECODER)
+            decoders = model_dir / DECODERS["onnx"]
+        backend = OnnxWhisperBackend(encoder, decoders, device=device, threads=threads,
+                                     prepack_decoder=decoders == model_dir / DECODERS["onnx-int8"])
 
         def parent_encoder(root: Path):
             return onnx_encoder(root / ENCODERS[kind], device, threads)
