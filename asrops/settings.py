@@ -59,6 +59,11 @@ class EngineSettings(BaseModel):
     onnx-int8@8,onnx-int8+pack@8`); worth measuring for a model whose encoder dominates. Only at
     temperature 0 with timestamps and without word timestamps; work off the request path never
     packs."""
+    short_windows: bool = True
+    """Encode a short clip's window over its audio and at least 5 s of padding (10 s at least,
+    in steps of 5 s), not 30 s: the encoder is most of an engine's time, and its attention grows
+    with the square of the frames (engines/engine.py). ONNX engines only, and only over graphs
+    exported by this asrops; off, every window is 30 s, as Whisper was trained."""
     offline_batch_size: int = Field(default=8, ge=1)
     """Clips one engine call transcribes in work off the request path: a retrain's evaluation,
     self-labelling and validation, and the drift reference (8 x 30-s windows: ~1 GB peak on CPU)."""

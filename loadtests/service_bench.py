@@ -416,7 +416,7 @@ def _bare_engine_worker(job: dict) -> None:
 
     settings = load_settings()
     version_dir = ModelRegistry.from_settings(settings).fetch("stable")
-    engine = load_engine(version_dir, "onnx-int8", "cpu", job["threads"])
+    engine = load_engine(version_dir, "onnx-int8", "cpu", job["threads"], settings.engine.short_windows)
     # What the API passes for a plain request (see serve/api.py `_options`).
     options = settings.engine.decode_options()
     audios = [decode_audio(clip.wav).samples for clip in load_clips(job["clips"])]

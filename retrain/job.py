@@ -181,7 +181,7 @@ def self_label(settings: Settings, parent_dir: Path, manifest: Path, out: Path, 
 def _serving_engine(settings: Settings, model_dir: Path):
     """A version on the engine that serves it (`engine.kind`), with the retrain's threads."""
     return load_engine(model_dir, settings.engine.kind, settings.engine.device,
-                       settings.retrain.train.threads or settings.engine.threads)
+                       settings.retrain.train.threads or settings.engine.threads, settings.engine.short_windows)
 
 
 class Comparisons(BaseModel):

@@ -103,7 +103,7 @@ class ModelServer:
         # One engine for every lane: its ONNX Runtime sessions run concurrent calls, and its
         # decoding keeps no state between calls. A copy per lane cost 150 MB and ran slower
         # (measured on 2 cores, 2 lanes, 120 clips: RTFx 19.8/18.6 with two, 21.7/20.1 with one).
-        self.engine = load_engine(version_dir, engine.kind, engine.device, engine.threads)
+        self.engine = load_engine(version_dir, engine.kind, engine.device, engine.threads, engine.short_windows)
         self.engine.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
         self.pack_windows = engine.pack_windows
         self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,

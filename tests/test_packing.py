@@ -100,9 +100,10 @@ def test_a_clips_average_logprob_counts_its_own_tokens_only():
 def test_the_engine_benchmark_names_packed_and_batched_runs():
     from asrops.benchmarks.engine_worker import parse_engine
 
-    assert parse_engine("onnx-int8") == ("onnx-int8", False, 1)
-    assert parse_engine("onnx-int8@8") == ("onnx-int8", False, 8)
-    assert parse_engine("onnx-int8+pack@8") == ("onnx-int8", True, 8)
+    assert parse_engine("onnx-int8") == ("onnx-int8", "", 1)
+    assert parse_engine("onnx-int8@8") == ("onnx-int8", "", 8)
+    assert parse_engine("onnx-int8+pack@8") == ("onnx-int8", "pack", 8)
+    assert parse_engine("onnx+full") == ("onnx", "full", 1)
     for bad in ("onnx-int8+packed", "onnx-int8@0", "onnx-int8@x", "fw-int8+pack"):
         with pytest.raises(ValueError):
             parse_engine(bad)

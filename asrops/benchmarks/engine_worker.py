@@ -49,41 +49,43 @@ def _hf_pipeline(model_dir: str, threads: int):
     return run
 
 
-def _ours(model_dir: str, kind: str, threads: int, pack: bool):
+def _ours(model_dir: str, kind: str, threads: int, flag: str):
     from asrops.engines import DecodeOptions, load_engine
 
-    engine = load_engine(Path(model_dir), kind, "cpu", threads)
+    pack = flag == "pack"
+    engine = load_engine(Path(model_dir), kind, "cpu", threads, short_windows=flag != "full")
     options = DecodeOptions(temperature_increment=None)  # like the peers here: temperature 0 only
     return lambda audios: [t.text for t in engine.transcribe(audios, options, pack=pack)]
 
 
-def parse_engine(spec: str) -> tuple[str, bool, int]:
-    """`KIND[+pack][@BATCH]` → (kind, pack, batch size): `onnx-int8+pack@8` packs short clips of
-    batches of 8 into shared windows (engines/packing.py), as a replica does under load."""
+def parse_engine(spec: str) -> tuple[str, str, int]:
+    """`KIND[+FLAG][@BATCH]` → (kind, flag, batch size). Flags: `pack`, short clips of a batch
+    share windows (engines/packing.py), as a replica does under load; `full`, every window is
+    encoded over 30 s (short windows off, engines/engine.py). `onnx-int8+pack@8`: batches of 8."""
     spec, _, batch = spec.partition("@")
     kind, _, flag = spec.partition("+")
-    if flag not in ("", "pack") or (batch and not batch.isdigit()) or batch == "0":
-        raise ValueError(f"engine {spec!r}: expected KIND[+pack][@BATCH], e.g. onnx-int8+pack@8")
+    if flag not in ("", "pack", "full") or (batch and not batch.isdigit()) or batch == "0":
+        raise ValueError(f"engine {spec!r}: expected KIND[+pack|+full][@BATCH], e.g. onnx-int8+pack@8")
     if flag and (kind.startswith("fw-") or kind == "hf-pipeline"):
-        raise ValueError(f"engine {spec!r}: only our engines pack windows")
-    return kind, flag == "pack", int(batch or 1)
+        raise ValueError(f"engine {spec!r}: only our engines take +{flag}")
+    return kind, flag, int(batch or 1)
 
 
-def build(job: dict, name: str, pack: bool):
+def build(job: dict, name: str, flag: str):
     threads = job["threads"]
     if name.startswith("fw-"):
         return _faster_whisper(job["ct2_dir"], name.removeprefix("fw-"), threads)
     if name == "hf-pipeline":
         return _hf_pipeline(job["model_dir"], threads)
-    return _ours(job["model_dir"], name, threads, pack)
+    return _ours(job["model_dir"], name, threads, flag)
 
 
 def main() -> None:
     job = json.loads(sys.stdin.read())
     items = [EvalItem.model_validate(i) for i in job["items"]]
-    kind, pack, batch_size = parse_engine(job["engine"])
+    kind, flag, batch_size = parse_engine(job["engine"])
     started = time.perf_counter()
-    transcribe = build(job, kind, pack)
+    transcribe = build(job, kind, flag)
     from asrops.audio import decode_audio
 
     transcribe([decode_audio(items[0].audio).samples])  # warm-up, not timed

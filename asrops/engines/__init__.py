@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from asrops.engines.engine import WhisperEngine
-from asrops.engines.onnx_graphs import DECODER, ENCODER
-from asrops.engines.slice_gate import TORCH_ENCODER, gated
+from asrops.engines.onnx_graphs import DECODER, ENCODER, accepts_short_windows
+from asrops.engines.slice_gate import PARENT_DIR, TORCH_ENCODER, gate_dir, gated
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.errors import ModelImportError
 
@@ -46,8 +46,10 @@ def resolve_device(device: str, kind: str = "torch") -> str:
 
 
 def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "auto",
-                threads: int = 0) -> WhisperEngine:
-    """Build an engine over a (verified) version directory."""
+                threads: int = 0, short_windows: bool = True) -> WhisperEngine:
+    """Build an engine over a (verified) version directory. `short_windows`: encode a short
+    clip's window over less than 30 s where every encoder graph of the version allows it
+    (engines/engine.py); off, every window is 30 s."""
     model_dir = Path(model_dir)
     device = resolve_device(device, kind)
     if kind == "torch":
@@ -73,6 +75,8 @@ def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "
         def parent_encoder(root: Path):
             return onnx_encoder(root / ENCODERS[kind], device, threads)
     backend = gated(backend, model_dir, parent_encoder)
+    short_windows = short_windows and kind != "torch" and all(accepts_short_windows(e)
+                                                               for e in _encoders(model_dir, kind))
     gen = json.loads((model_dir / "generation_config.json").read_text())
     log.info("loaded %s engine (%s) from %s", kind, device, model_dir)
     return WhisperEngine(
@@ -81,4 +85,12 @@ def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "
         model_dir=model_dir,
         suppress_tokens=gen["suppress_tokens"],
         begin_suppress_tokens=gen["begin_suppress_tokens"],
+        short_windows=short_windows,
     )
+
+
+def _encoders(model_dir: Path, kind: str):
+    """The ONNX encoder graphs an engine over `model_dir` runs: its own and its gates' parents'."""
+    yield model_dir / ENCODERS[kind]
+    if (directory := gate_dir(model_dir)) is not None:
+        yield from _encoders(directory / PARENT_DIR, kind)

@@ -74,7 +74,8 @@ class WhisperBackend(Protocol):
     """The network, and nothing else. Arrays are numpy; `cache` is the backend's own."""
 
     def encode(self, mel: np.ndarray) -> Any:
-        """[B, n_mels, 3000] float32 log-mel → encoder output (opaque)."""
+        """[B, n_mels, frames] float32 log-mel → encoder output (opaque): 3,000 frames, or fewer
+        where the encoder takes short windows (engines/engine.py)."""
 
     def start(self, encoded: Any, tokens: np.ndarray) -> tuple[np.ndarray, Any]:
         """First decoder pass over [B, T] int64 tokens → (logits [B, T, V] float32, cache)."""

@@ -23,6 +23,47 @@ DECODER = "decoder_model_merged.onnx"
 every `past_key_values.*`; outputs `logits` and every `present.*`."""
 EXPORTED_DECODERS = ("decoder_model.onnx", "decoder_with_past_model.onnx")
 """What optimum writes, and what versions published before the merge still carry."""
+FRAMES_INPUT = "input_features"
+
+
+def accept_short_windows(encoder) -> bool:
+    """Let an exported encoder take fewer than 3,000 log-mel frames (engines/engine.py decides
+    how many): optimum's graph adds all 1,500 position embeddings to its frames; it now adds as
+    many as there are frames, and its input's frame count is free. Returns False, changing
+    nothing, where the position embedding is not found."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = encoder.graph
+    frames = next(i for i in graph.input if i.name == FRAMES_INPUT).type.tensor_type.shape.dim[2]
+    n_frames = frames.dim_value  # the convolutions halve them: one position per two frames
+    positions = {t.name for t in graph.initializer if len(t.dims) == 2 and t.dims[0] * 2 == n_frames}
+    add = next((n for n in graph.node if n.op_type == "Add" and any(i in positions for i in n.input)), None)
+    if add is None:
+        return False
+    index = [i in positions for i in add.input].index(True)
+    hidden, table = add.input[1 - index], add.input[index]
+    zero, count, used = f"{table}/zero", f"{table}/count", f"{table}/used"
+    graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), zero))
+    at = list(graph.node).index(add)
+    graph.node.insert(at, helper.make_node("Shape", [hidden], [count], name=count, start=1, end=2))
+    graph.node.insert(at + 1, helper.make_node("Slice", [table, zero, count, zero], [used], name=used))
+    add.input[index] = used
+    frames.dim_param = "frames"
+    for output in graph.output:
+        for dim in output.type.tensor_type.shape.dim:
+            if dim.dim_value * 2 == n_frames:
+                dim.dim_param = "encoder_frames"
+    del graph.value_info[:]  # shapes inferred for the full window
+    return True
+
+
+def accepts_short_windows(encoder: Path) -> bool:
+    """Whether an encoder graph's frame count is free (`accept_short_windows`)."""
+    import onnx
+
+    graph = onnx.load(str(encoder), load_external_data=False).graph
+    return not next(i for i in graph.input if i.name == FRAMES_INPUT).type.tensor_type.shape.dim[2].dim_value
 
 
 def merge_decoders(decoder_dir: Path, out: Path) -> Path:

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from asrops.engines.onnx_graphs import DECODER, ENCODER, embed_by_quantized_projection, merge_decoders
+from asrops.engines.onnx_graphs import (
+    DECODER,
+    ENCODER,
+    accept_short_windows,
+    embed_by_quantized_projection,
+    merge_decoders,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +54,19 @@ def export_optimum_graphs(model_dir: Path, out_dir: Path) -> Path:
 
 
 def export_onnx(model_dir: Path, out_dir: Path, progress: Callable[[str], None] = log.info) -> Path:
-    """Write the fp32 encoder and merged decoder of `model_dir` into `out_dir`."""
+    """Write the fp32 encoder (taking windows shorter than 30 s) and merged decoder of
+    `model_dir` into `out_dir`."""
+    import onnx
+
     started = time.monotonic()
     progress(f"exporting {model_dir.name} to ONNX (fp32, about 30 s on 2 cores)")
     with tempfile.TemporaryDirectory(prefix="asrops-onnx-") as tmp:
         export_optimum_graphs(model_dir, Path(tmp))
         out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(Path(tmp) / ENCODER), out_dir / ENCODER)
+        encoder = onnx.load(str(Path(tmp) / ENCODER))
+        if not accept_short_windows(encoder):
+            log.warning("%s: the encoder's position embedding was not found; it takes 30-s windows only", model_dir)
+        onnx.save(encoder, str(out_dir / ENCODER))
         progress("merging the two decoder graphs into one")
         merge_decoders(Path(tmp), out_dir / DECODER)
     progress(f"ONNX export done in {time.monotonic() - started:.0f} s")
