@@ -60,7 +60,7 @@ class EngineSettings(BaseModel):
     temperature 0 with timestamps and without word timestamps; work off the request path never
     packs."""
     short_windows: bool = True
-    """Encode a short clip's window over its audio and at least 5 s of padding (10 s at least,
+    """Encode a short clip's window over its audio and at least 10 s of padding (15 s at least,
     in steps of 5 s), not 30 s: the encoder is most of an engine's time, and its attention grows
     with the square of the frames (engines/engine.py). ONNX engines only, and only over graphs
     exported by this asrops; off, every window is 30 s, as Whisper was trained."""
