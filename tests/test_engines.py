@@ -288,7 +288,9 @@ def test_short_clips_are_encoded_over_short_windows_and_heard_the_same(engines, 
     try:
         assert engine.short_windows
         short = [engine.transcribe([a])[0].text for a in audios]
-        assert set(frames) == {100 * context_s(len(a)) for a in audios} and sum(frames) < 1500 * len(frames)
+        first_tries = {100 * context_s(len(a)) for a in audios}
+        assert first_tries <= set(frames) <= first_tries | {3000}  # doubtful ones again over 30 s
+        assert sum(frames) < 0.75 * 3000 * len(frames)
         engine.short_windows = False
         full = [engine.transcribe([a])[0].text for a in audios]
     finally:

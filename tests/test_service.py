@@ -79,9 +79,11 @@ def test_concurrent_requests_are_batched(service, speech_dir):
     assert all(normalize_english(t) == "there was not a single note of gloom" for _, t in results)
 
 
-def test_different_sentences_sent_together_each_get_only_their_own_words(service, speech_dir):
+def test_different_sentences_sent_together_each_get_only_their_own_words(service, speech_dir, engines):
     """Eight short clips of different speakers and sentences at once: the replica batches them
-    (and packs them into shared windows); each answer is its own sentence, with no word of another."""
+    (and packs them into shared windows); each answer is its own sentence (as close to it as the
+    clip decoded alone, give or take), with no word of another."""
+    from asrops.audio import decode_audio
     from asrops.evaluation import core_english_filter, load_manifest, score
 
     items = [i for i in load_manifest(speech_dir / "manifest.jsonl", filter=core_english_filter)
@@ -97,7 +99,8 @@ def test_different_sentences_sent_together_each_get_only_their_own_words(service
         results = list(pool.map(post, items))
     assert max(size for size, _ in results) > 1, results
     for k, (item, (_, text)) in enumerate(zip(items, results, strict=True)):
-        assert score([item.text], [text]).wer <= 30.0, (item.text, text)
+        alone = engines["onnx-int8"].transcribe([decode_audio(item.audio).samples])[0].text
+        assert score([item.text], [text]).wer <= min(30.0, score([item.text], [alone]).wer) + 10.0, (item.text, text)
         own = set(normalize_english(item.text).split())
         others = {w for j, other in enumerate(items) if j != k for w in normalize_english(other.text).split()}
         leaked = {w for w in set(normalize_english(text).split()) - own if w in others and len(w) >= 4}

@@ -210,18 +210,26 @@ class WhisperEngine:
     def _decode_in_context(self, mel: np.ndarray, samples: list[int], initial: list[int],
                            options: DecodeOptions) -> list[DecodedWindow]:
         """`_decode` of full-window features, each window encoded over its `context_s` (the windows
-        of one context length in one batch), or all over 30 s where the encoder needs it."""
+        of one context length in one batch), or all over 30 s where the encoder needs it. A short
+        window whose decoding is doubtful (it loops or is improbable: `needs_fallback`) is decoded
+        again over 30 s, temperature fallback included: on noisy speech that loops, short windows
+        loop at every temperature where 30-s windows recover (tests/test_service.py)."""
         if not self.short_windows:
             return self._decode(mel, initial, options)
         seconds = [context_s(n) for n in samples]
-        windows: list[DecodedWindow | None] = [None] * len(samples)
-        for context in sorted(set(seconds)):
+        windows: dict[int, DecodedWindow] = {}
+        first_try = options.model_copy(update={"temperature_increment": None})
+        for context in sorted(set(seconds) - {CHUNK_S}):
             rows = [i for i, s in enumerate(seconds) if s == context]
             frames = mel.shape[-1] * context // CHUNK_S
-            decoded = self._decode(np.ascontiguousarray(mel[rows, :, :frames]), initial, options)
-            for i, window in zip(rows, decoded, strict=True):
-                windows[i] = window
-        return windows
+            decoded = self._decode(np.ascontiguousarray(mel[rows, :, :frames]), initial, first_try)
+            windows.update((i, w) for i, w in zip(rows, decoded, strict=True) if not needs_fallback(w, self._text(w)))
+        full = [i for i in range(len(samples)) if i not in windows]
+        if len(full) > seconds.count(CHUNK_S):
+            log.debug("%d short windows decoded again over 30 s", len(full) - seconds.count(CHUNK_S))
+        if full:
+            windows.update(zip(full, self._decode(mel[full], initial, options), strict=True))
+        return [windows[i] for i in range(len(samples))]
 
     def _decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions) -> list[DecodedWindow]:
         """The windows decoded at the request's temperature, and those that need it decoded again
