@@ -39,3 +39,12 @@ def test_features_match_transformers(extractors, chunks):
     got = ours(chunks)
     assert got.shape == expected.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_short_window_has_the_first_frames_of_the_30_s_features(extractors):
+    """Short windows (engines/engine.py) compute features over 15-25 s only: the same frames."""
+    ours, _ = extractors
+    chunks = [_tone_in_noise(4.0, 5), _tone_in_noise(9.5, 6)]
+    full, short = ours(chunks), ours(chunks, 20)
+    assert short.shape == (2, 80, 2000)
+    np.testing.assert_array_equal(short, full[:, :, :2000])

@@ -188,15 +188,16 @@ class WhisperEngine:
                 live[i].seek += len(chunks[i])
             if not audible:
                 continue
-            mel = self.log_mel([chunks[i] for i in audible])
-            windows = self._decode_in_context(mel, [len(chunks[i]) for i in audible], initial, options)
+            heard = [chunks[i] for i in audible]
+            mel = self.log_mel(heard) if options.word_timestamps or not self.short_windows else None
+            windows = self._decode_in_context(heard, mel, initial, options)
             new, offsets = [], [live[i].seek / SAMPLE_RATE for i in audible]
             for i, window in zip(audible, windows, strict=True):
                 before = len(live[i].segments)
                 self._advance(live[i], len(chunks[i]), window)
                 new.append(live[i].segments[before:])
             if options.word_timestamps:
-                self.aligner.align(mel, new, offsets, [chunks[i] for i in audible])
+                self.aligner.align(mel, new, offsets, heard)
             for i, segments in zip(audible, new, strict=True):
                 if segments:
                     on_segments(position[id(live[i])], segments)
@@ -207,29 +208,31 @@ class WhisperEngine:
         """Word timing for this engine's version (its torch weights load on first use)."""
         return WordAligner(self.model_dir, self.special, self.tokenizer.decode)
 
-    def _decode_in_context(self, mel: np.ndarray, samples: list[int], initial: list[int],
+    def _decode_in_context(self, chunks: list[np.ndarray], mel: np.ndarray | None, initial: list[int],
                            options: DecodeOptions) -> list[DecodedWindow]:
-        """`_decode` of full-window features, each window encoded over its `context_s` (the windows
-        of one context length in one batch), or all over 30 s where the encoder needs it. A short
-        window whose decoding is doubtful (it loops or is improbable: `needs_fallback`) is decoded
-        again over 30 s, temperature fallback included: on noisy speech that loops, short windows
-        loop at every temperature where 30-s windows recover (tests/test_service.py)."""
+        """`_decode` of the chunks, each window encoded over its `context_s` (the windows of one
+        context length in one batch, their features computed over that length only), or all over
+        30 s where the encoder needs it. `mel`: the chunks' 30-s features where the caller has
+        them (required without short windows). A short window whose decoding is doubtful (it loops
+        or is improbable: `needs_fallback`) is decoded again over 30 s, temperature fallback
+        included: on noisy speech that loops, short windows loop at every temperature where 30-s
+        windows recover (tests/test_service.py)."""
         if not self.short_windows:
             return self._decode(mel, initial, options)
-        seconds = [context_s(n) for n in samples]
+        seconds = [context_s(len(c)) for c in chunks]
         windows: dict[int, DecodedWindow] = {}
         first_try = options.model_copy(update={"temperature_increment": None})
         for context in sorted(set(seconds) - {CHUNK_S}):
             rows = [i for i, s in enumerate(seconds) if s == context]
-            frames = mel.shape[-1] * context // CHUNK_S
-            decoded = self._decode(np.ascontiguousarray(mel[rows, :, :frames]), initial, first_try)
+            decoded = self._decode(self.log_mel([chunks[i] for i in rows], context), initial, first_try)
             windows.update((i, w) for i, w in zip(rows, decoded, strict=True) if not needs_fallback(w, self._text(w)))
-        full = [i for i in range(len(samples)) if i not in windows]
+        full = [i for i in range(len(chunks)) if i not in windows]
         if len(full) > seconds.count(CHUNK_S):
             log.debug("%d short windows decoded again over 30 s", len(full) - seconds.count(CHUNK_S))
         if full:
-            windows.update(zip(full, self._decode(mel[full], initial, options), strict=True))
-        return [windows[i] for i in range(len(samples))]
+            full_mel = mel[full] if mel is not None else self.log_mel([chunks[i] for i in full])
+            windows.update(zip(full, self._decode(full_mel, initial, options), strict=True))
+        return [windows[i] for i in range(len(chunks))]
 
     def _decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions) -> list[DecodedWindow]:
         """The windows decoded at the request's temperature, and those that need it decoded again

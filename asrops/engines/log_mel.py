@@ -59,7 +59,9 @@ def mel_filters(config: MelConfig) -> np.ndarray:
 
 class LogMel:
     """Audio chunks (16 kHz, at most 30 s each) → [batch, feature_size, 3000] float32 features,
-    with the parameters of the version in `model_dir`."""
+    with the parameters of the version in `model_dir`; `seconds` shorter than 30 gives the first
+    frames of the same features (the padding is silence: it never sets the peak they are clamped
+    below), for an encoder that takes short windows (engines/engine.py)."""
 
     def __init__(self, model_dir: Path):
         raw = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
@@ -67,13 +69,14 @@ class LogMel:
         self.filters = mel_filters(config).astype(np.float32)
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(config.n_fft) / config.n_fft)).astype(np.float32)
 
-    def __call__(self, chunks: list[np.ndarray]) -> np.ndarray:
-        return np.stack([self._one(np.asarray(c, dtype=np.float32)) for c in chunks])
+    def __call__(self, chunks: list[np.ndarray], seconds: int | None = None) -> np.ndarray:
+        n_samples = self.config.n_samples if seconds is None else seconds * self.config.sampling_rate
+        return np.stack([self._one(np.asarray(c, dtype=np.float32), n_samples) for c in chunks])
 
-    def _one(self, audio: np.ndarray) -> np.ndarray:
+    def _one(self, audio: np.ndarray, n_samples: int) -> np.ndarray:
         c = self.config
-        padded = np.zeros(c.n_samples, dtype=np.float32)
-        padded[: min(len(audio), c.n_samples)] = audio[: c.n_samples]
+        padded = np.zeros(n_samples, dtype=np.float32)
+        padded[: min(len(audio), n_samples)] = audio[:n_samples]
         half = c.n_fft // 2
         signal = np.pad(padded, half, mode="reflect")
         frames = np.lib.stride_tricks.sliding_window_view(signal, c.n_fft)[:: c.hop_length]
