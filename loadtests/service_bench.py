@@ -2,7 +2,7 @@
 faster-whisper server (`loadtests.peer_server`), over HTTP, with the same real clips.
 
     python -m loadtests.service_bench [--ours URL] [--peer URL] [--clips 40] [--levels 1,4,16]
-                                      [--requests-per-level N] [--engine-clips 245]
+                                      [--requests-per-level N] [--wer-clips 245] [--engine-clips 245]
                                       [--out-dir out/service-bench]
 
 A server not given by URL is started here (ours: `python -m asrops.cli serve`, with
@@ -10,6 +10,8 @@ ASROPS_DATA_DIR from the environment; the peer: `python -m loadtests.peer_server
 afterwards. One server is measured at a time, so the two never compete for the CPU. Per
 concurrency level c: c warm-up requests (discarded), then a closed loop of c clients, each
 sending its next request as soon as its last one is answered, round-robin over the clips.
+Then each server transcribes every core clip once (`--wer-clips`, at concurrency 16): the WER
+of a level's few dozen requests moves 0.14 point per word, the core set's about 0.03.
 
 The bare-engine reference (our engine in-process, one clip at a time, in its own process) shows
 what serving costs at concurrency 1; the product target is ours p50 / bare p50 <= 1.15. The
@@ -50,6 +52,8 @@ THROUGHPUT_GOALS = {1: 1.0, 4: 1.5, 16: 2.0}
 """Ours / peer throughput wanted at each concurrency (issue 19)."""
 ENGINE_GOALS = {"rtfx": 1.5, "peak_rss": 1.5}
 """Our engine against faster-whisper int8: at least 1.5 x its RTFx, at most 1.5 x its peak RSS."""
+CORE_SET_CONCURRENCY = 16
+"""Clients while each server transcribes the whole core set for its WER (`--wer-clips`)."""
 MIN_CPU_SHARE = 0.01
 """Processes that used less than 1 % of a core during a loop are left out of its CPU list."""
 
@@ -133,6 +137,9 @@ class ServerResult(BaseModel):
     name: str
     url: str
     levels: list[LevelResult]
+    core_set: LevelResult | None = None
+    """Every clip of the core set once, at CORE_SET_CONCURRENCY: WER on enough words (about
+    4,000) that a difference of 0.2 point is 8 words, not a fraction of one."""
 
 
 class LevelRatio(BaseModel):
@@ -162,6 +169,8 @@ class EngineRatio(BaseModel):
     peer_rtfx: float
     peak_rss_mb: float
     peer_peak_rss_mb: float
+    wer: float | None = None
+    peer_wer: float | None = None
 
     @property
     def rtfx_ratio(self) -> float:
@@ -329,14 +338,19 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def bench_server(name: str, url: str, clips: list[Clip], levels: list[int], requests_per_level: int | None,
-                 say: Callable[[str], None]) -> ServerResult:
-    results = []
-    for c in levels:
-        r = asyncio.run(run_level(url, clips, c, requests_per_level or default_requests(c)))
-        say(f"{name:5} c={c:<3} {r.requests:4d} req  {r.throughput:7.2f} audio-s/s  {r.requests_per_s:6.2f} req/s  "
+                 core_set: list[Clip], say: Callable[[str], None]) -> ServerResult:
+    """The timed levels over `clips`, then (when given) every clip of `core_set` once for its WER."""
+
+    def said(label: str, r: LevelResult) -> LevelResult:
+        say(f"{name:5} {label:8} {r.requests:4d} req  {r.throughput:7.2f} audio-s/s  {r.requests_per_s:6.2f} req/s  "
             f"p50 {_fmt(r.p50_s)} s  p95 {_fmt(r.p95_s)} s  WER {_fmt(r.wer, '.2f')} %  errors {r.errors}")
-        results.append(r)
-    return ServerResult(name=name, url=url, levels=results)
+        return r
+
+    results = [said(f"c={c}", asyncio.run(run_level(url, clips, c, requests_per_level or default_requests(c))))
+               for c in levels]
+    whole = said("core set", asyncio.run(run_level(url, core_set, CORE_SET_CONCURRENCY, len(core_set)))) \
+        if core_set else None
+    return ServerResult(name=name, url=url, levels=results, core_set=whole)
 
 
 # --- servers -----------------------------------------------------------------------------
@@ -442,7 +456,8 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
         return None
     ours, peer = result["engines"]["onnx-int8"], result["engines"][PEER]
     return EngineRatio(clips=result["clips"], rtfx=ours["rtfx"], peer_rtfx=peer["rtfx"],
-                       peak_rss_mb=ours["peak_rss_mb"], peer_peak_rss_mb=peer["peak_rss_mb"])
+                       peak_rss_mb=ours["peak_rss_mb"], peer_peak_rss_mb=peer["peak_rss_mb"],
+                       wer=ours.get("wer"), peer_wer=peer.get("wer"))
 
 
 # --- report ------------------------------------------------------------------------------
@@ -469,6 +484,11 @@ def format_table(result: BenchResult) -> str:
             used = ", ".join(f"{c.process} {c.cores:.2f}" for c in r.cpu) or "-"
             lines.append(f"  {server.name} c={r.concurrency}: {used}")
     lines.append("")
+    if (ours := result.ours.core_set) and (peer := result.peer.core_set):
+        lines.append(f"core set ({ours.requests} clips, once each, c={ours.concurrency}): WER ours "
+                     f"{_fmt(ours.wer, '.2f')} % / peer {_fmt(peer.wer, '.2f')} %; throughput "
+                     f"{ours.throughput:.2f} / {peer.throughput:.2f} audio-s/s = "
+                     f"{_fmt(ratio(ours.throughput, peer.throughput), '.2f')}; errors {ours.errors} / {peer.errors}")
     if result.bare_engine:
         verdict = "" if result.overhead_c1 is None else (
             "meets" if result.overhead_c1 <= result.overhead_target else "MISSES")
@@ -481,7 +501,8 @@ def format_table(result: BenchResult) -> str:
             f"engine ({e.clips} clips): onnx-int8 RTFx {e.rtfx:.2f} / fw-int8 {e.peer_rtfx:.2f} = {e.rtfx_ratio:.2f} "
             f"({'meets' if e.rtfx_ratio >= ENGINE_GOALS['rtfx'] else 'MISSES'} >= {ENGINE_GOALS['rtfx']}); peak RSS "
             f"{e.peak_rss_mb:.0f} / {e.peer_peak_rss_mb:.0f} MB = {e.rss_ratio:.2f} "
-            f"({'meets' if e.rss_ratio <= ENGINE_GOALS['peak_rss'] else 'MISSES'} <= {ENGINE_GOALS['peak_rss']})")
+            f"({'meets' if e.rss_ratio <= ENGINE_GOALS['peak_rss'] else 'MISSES'} <= {ENGINE_GOALS['peak_rss']}); "
+            f"WER {_fmt(e.wer, '.2f')} / {_fmt(e.peer_wer, '.2f')} %")
     else:
         lines.append("engine ratio: not measured")
     lines.append(f"({result.clips} clips, {result.clip_audio_s:.0f} s of audio; throughput = audio s / wall s; "
@@ -529,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", default="1,4,16", help="concurrency levels (default 1,4,16)")
     parser.add_argument("--requests-per-level", type=int, help="timed requests per level (default max(4c, 24))")
     parser.add_argument("--threads", type=int, default=2, help="threads of the peer and the bare engine")
+    parser.add_argument("--wer-clips", type=int, default=245,
+                        help="core clips each server transcribes once more, untimed by level, for its WER (0 skips it)")
     parser.add_argument("--engine-clips", type=int, default=245,
                         help="core clips for the engine ratio (asrops bench engine, onnx-int8 vs fw-int8); 0 skips it")
     parser.add_argument("--out-dir", type=Path, default=Path("out/service-bench"))
@@ -544,6 +567,7 @@ def main(argv: list[str] | None = None) -> None:
     levels = [int(c) for c in args.levels.split(",")]
     try:
         clips = load_clips(args.clips)
+        core_set = load_clips(args.wer_clips) if args.wer_clips else []
     except FileNotFoundError as exc:
         sys.exit(str(exc))
     if not clips:
@@ -554,10 +578,10 @@ def main(argv: list[str] | None = None) -> None:
     py = sys.executable
     with running_server(args.ours, [py, "-m", "asrops.cli", "serve"], "/readyz",
                         args.out_dir / "ours.log", args.startup_timeout, say) as url:
-        ours = bench_server("ours", url, clips, levels, args.requests_per_level, say)
+        ours = bench_server("ours", url, clips, levels, args.requests_per_level, core_set, say)
     with running_server(args.peer, [py, "-m", "loadtests.peer_server", "--threads", str(args.threads)], "/healthz",
                         args.out_dir / "peer.log", args.startup_timeout, say) as url:
-        peer = bench_server("peer", url, clips, levels, args.requests_per_level, say)
+        peer = bench_server("peer", url, clips, levels, args.requests_per_level, core_set, say)
     bare = measure_bare_engine(len(clips), args.threads, say)
     engine = measure_engine_ratio(args.engine_clips, args.threads, say) if args.engine_clips else None
 
