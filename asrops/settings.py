@@ -134,7 +134,7 @@ class ServeSettings(BaseModel):
     max_batch_size: int = Field(default=8, ge=1)
     """Most requests one engine lane decodes together."""
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
-    """How long a replica gathers requests that arrive together, in seconds. None by default: under
+    """How long a replica gathers requests that arrive together, in seconds; 0: not at all. Under
     load, requests wait for a free engine lane and are batched then (serve/lanes.py); alone, a
     request should not wait (Serve's batcher holds the first request of a batch this long)."""
     max_ongoing_requests: int = Field(default=16, ge=1)
