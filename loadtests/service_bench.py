@@ -566,8 +566,8 @@ def main(argv: list[str] | None = None) -> None:
 
     levels = [int(c) for c in args.levels.split(",")]
     try:
-        clips = load_clips(args.clips)
-        core_set = load_clips(args.wer_clips) if args.wer_clips else []
+        loaded = load_clips(max(args.clips, args.wer_clips))  # the levels' clips open the core set
+        clips, core_set = loaded[: args.clips], loaded[: args.wer_clips]
     except FileNotFoundError as exc:
         sys.exit(str(exc))
     if not clips:

@@ -128,8 +128,9 @@ class ModelServer:
         return await self.transcribe_batch(request)
 
     # Serve gathers requests that arrive together; the lanes (not Serve) bound how many
-    # batches run at once, so Serve may hand over as many batches as it forms.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
+    # batches run at once, so Serve may hand over as many batches as it forms. Its batch size
+    # and wait are `settings.serve`'s, set in __init__.
+    @serve.batch(max_concurrent_batches=1024)
     async def transcribe_batch(self, requests: list[ModelRequest]) -> list[ModelReply]:
         return await self.lanes.run([_Work(r) for r in requests])
 

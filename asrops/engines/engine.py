@@ -211,7 +211,7 @@ class WhisperEngine:
     def _decode_in_context(self, chunks: list[np.ndarray], mel: np.ndarray | None, initial: list[int],
                            options: DecodeOptions) -> list[DecodedWindow]:
         """`_decode` of the chunks, each window encoded over its `context_s` (the windows of one
-        context length in one batch, their features computed over that length only), or all over
+        context length decoded in one batch, their features computed over that length only), or all over
         30 s where the encoder needs it. `mel`: the chunks' 30-s features where the caller has
         them (required without short windows). A short window whose decoding is doubtful (it loops
         or is improbable: `needs_fallback`) is decoded again over 30 s, temperature fallback
