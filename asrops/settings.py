@@ -133,10 +133,6 @@ class ServeSettings(BaseModel):
     """A transcription not answered in this many seconds gets 504."""
     max_batch_size: int = Field(default=8, ge=1)
     """Most requests one engine lane decodes together."""
-    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
-    """How long a replica gathers requests that arrive together, in seconds; 0: not at all. Under
-    load, requests wait for a free engine lane and are batched then (serve/lanes.py); alone, a
-    request should not wait (Serve's batcher holds the first request of a batch this long)."""
     max_ongoing_requests: int = Field(default=16, ge=1)
     """Requests in flight per model replica (a batch is built from these)."""
     max_queued_requests: int = Field(default=64, ge=-1)

@@ -1,11 +1,14 @@
 """Engine lanes: batches are cut when an engine is free, not when requests arrive.
 
-Why: `@serve.batch` closes a batch `batch_wait_timeout_s` after its first request arrives,
+Why not `@serve.batch`: it closes a batch a fixed wait after its first request arrives,
 even while the engine is still busy with the previous batch, so under steady load (requests
-arriving a few tens of milliseconds apart) it queues batches of one behind each other
-(measured: batch size 1.0-1.6 at 16 concurrent clients). Here a lane that finishes takes
+arriving a few tens of milliseconds apart) it queued batches of one behind each other
+(measured: batch size 1.0-1.6 at 16 concurrent clients), and it answers a batch only when all
+of it is done. Here a lane that finishes takes
 every waiting request with the same decode options, up to the batch limit, so batches grow
-with the load and a lone request never waits.
+with the load and a lone request never waits. A request is answered as soon as its own
+transcription is done (`deliver`), not when its whole batch is: one clip's temperature fallback
+(up to six more decodings) does not hold its batch-mates.
 
 Two lanes on a CPU replica keep both cores busy while one lane runs Python between ONNX
 calls (measured on 2 cores, 32 clips: 1 lane 7.5-9.3 RTFx, 2 lanes 10.1-12.0 RTFx).
@@ -30,14 +33,19 @@ class _Waiting(Generic[T, R]):
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
+Deliver = Callable[[int, R], None]
+"""`deliver(i, result)`: item i of a batch is answered now, before its batch-mates (any thread)."""
+
+
 class EngineLanes(Generic[T, R]):
-    """Runs `decode(lane, items) -> results` in worker threads, one batch per lane at a time.
+    """Runs `decode(lane, items, deliver) -> results` in worker threads, one batch per lane at a time.
 
     `decode` must return one result per item and must not raise for a single bad item (the
-    caller isolates failures); `key` says which items may share a batch.
+    caller isolates failures); it may `deliver` an item's result early (its caller is answered
+    then; the returned result of that item is ignored). `key` says which items may share a batch.
     """
 
-    def __init__(self, decode: Callable[[int, list[T]], list[R]], lanes: int, max_batch_size: int,
+    def __init__(self, decode: Callable[[int, list[T], Deliver], list[R]], lanes: int, max_batch_size: int,
                  key: Callable[[T], Hashable]):
         self._decode = decode
         self._key = key
@@ -91,17 +99,27 @@ class EngineLanes(Generic[T, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            loop = asyncio.get_running_loop()
+
+            def deliver(i: int, result: R, batch=batch, loop=loop) -> None:  # in the lane's thread
+                loop.call_soon_threadsafe(_settle, batch[i].future, result)
+
             self.busy += 1
             try:
-                results = await asyncio.to_thread(self._decode, lane, [w.item for w in batch])
+                results = await asyncio.to_thread(self._decode, lane, [w.item for w in batch], deliver)
             except Exception as exc:  # a bug in decode: fail this batch, keep the lane alive
                 results = [exc] * len(batch)
             finally:
                 self.busy -= 1
             for w, result in zip(batch, results, strict=True):
-                if w.future.done():
-                    continue
-                if isinstance(result, Exception):
-                    w.future.set_exception(result)
-                else:
-                    w.future.set_result(result)
+                _settle(w.future, result)
+
+
+def _settle(future: asyncio.Future, result) -> None:
+    """Answer a waiting caller, unless it was answered (delivered early) or went away."""
+    if future.done():
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

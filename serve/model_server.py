@@ -22,7 +22,7 @@ from asrops.engines import load_engine, resolve_device
 from asrops.engines.slice_gate import GatedBackend
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.registry import ModelRegistry
-from asrops.serve.lanes import EngineLanes
+from asrops.serve.lanes import Deliver, EngineLanes
 from asrops.serve.metrics import ModelMetrics
 from asrops.settings import Settings, load_settings
 
@@ -111,8 +111,6 @@ class ModelServer:
         self.metrics = ModelMetrics(self.version_id)
         if isinstance(self.engine.backend, GatedBackend):
             self.engine.backend.on_route = self.metrics.slice_gate
-        self.transcribe_batch.set_max_batch_size(settings.serve.max_batch_size)
-        self.transcribe_batch.set_batch_wait_timeout_s(settings.serve.batch_wait_timeout_s)
         log.info("model %s ready (%s engine, %d lanes)", self.version_id, engine.kind, lanes)
 
     def version(self) -> str:
@@ -125,14 +123,11 @@ class ModelServer:
                 "busy_lanes": self.lanes.busy, "queued": self.lanes.queued}
 
     async def transcribe(self, request: ModelRequest) -> ModelReply:
-        return await self.transcribe_batch(request)
-
-    # Serve gathers requests that arrive together; the lanes (not Serve) bound how many
-    # batches run at once, so Serve may hand over as many batches as it forms. Its batch size
-    # and wait are `settings.serve`'s, set in __init__.
-    @serve.batch(max_concurrent_batches=1024)
-    async def transcribe_batch(self, requests: list[ModelRequest]) -> list[ModelReply]:
-        return await self.lanes.run([_Work(r) for r in requests])
+        """Batched on the lanes with whatever else waits for one, and answered as soon as its
+        own transcription is done. (Not `@serve.batch`: it answers a batch when all of it is
+        done, and held a lone request for its wait.)"""
+        (reply,) = await self.lanes.run([_Work(request)])
+        return reply
 
     async def transcribe_stream(self, request: ModelRequest) -> AsyncIterator[PartialReply | ModelReply]:
         """A `PartialReply` per decoded window with new segments, then the `ModelReply` (called
@@ -152,24 +147,38 @@ class ModelServer:
         finally:
             done.cancel()  # the client went away: the lanes drop a request not yet taken
 
-    def _decode(self, lane: int, work: list[_Work]) -> list[ModelReply]:
-        """Runs in a lane's thread; a request that breaks the engine fails alone."""
+    def _decode(self, lane: int, work: list[_Work], deliver: Deliver[ModelReply]) -> list[ModelReply]:
+        """Runs in a lane's thread; each request is delivered when its transcription is done, and
+        a request that breaks the engine fails alone."""
         self.metrics.batch(len(work), self.lanes.queued)
+        delivered: set[int] = set()
 
         def on_segments(i: int, segments: list[Segment]) -> None:
             if work[i].on_segments is not None:
                 work[i].on_segments(segments)
 
+        def on_done(i: int, transcription: Transcription) -> None:
+            delivered.add(i)
+            deliver(i, ModelReply(transcription=transcription, version=self.version_id, batch_size=len(work)))
+
         try:
             results = self.engine.transcribe([w.request.audio for w in work], work[0].request.options,
-                                                    on_segments, pack=self.pack_windows)
+                                             on_segments, pack=self.pack_windows, on_done=on_done)
             return [ModelReply(transcription=t, version=self.version_id, batch_size=len(work)) for t in results]
         except Exception:
             if len(work) == 1:
                 log.exception("transcription failed in %s", self.version_id)
                 return [ModelReply(error="the model failed on this audio", version=self.version_id, batch_size=1)]
-            log.warning("batch of %d failed in %s; retrying one by one", len(work), self.version_id)
-            return [self._decode(lane, [w])[0] for w in work]
+            log.warning("batch of %d failed in %s; retrying the %d not answered one by one", len(work),
+                        self.version_id, len(work) - len(delivered))
+            replies = []
+            for i, w in enumerate(work):  # a delivered request's entry is ignored by the lanes
+                def deliver_alone(_: int, reply: ModelReply, i: int = i) -> None:
+                    deliver(i, reply)
+
+                replies.append(ModelReply(version=self.version_id, batch_size=len(work)) if i in delivered
+                               else self._decode(lane, [w], deliver_alone)[0])
+            return replies
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine stopped answering."""

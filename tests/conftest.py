@@ -129,7 +129,6 @@ def service_settings(data_dir):
     settings = Settings(data_dir=data_dir)
     settings.serve.port = free_port()
     settings.serve.max_batch_size = 8
-    settings.serve.batch_wait_timeout_s = 0.1
     settings.serve.admin_tokens = [ADMIN_TOKEN]
     settings.serve.canary_timeout_s = 3.0  # a hung canary is given up on quickly
     settings.monitoring.ray_metrics_port = free_port()

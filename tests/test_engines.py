@@ -69,6 +69,47 @@ def test_a_clip_is_heard_the_same_whatever_its_batch_mates(engines, speech_dir):
         assert [(seg.start, seg.end) for seg in b.segments] == [(seg.start, seg.end) for seg in s.segments], i
 
 
+def _finish_order(engine, audios: list[np.ndarray]):
+    """(results, [(audio index, decoder calls so far) per on_done call]) of one batch."""
+    calls, finished = [], []
+    original = engine.decoder.decode
+    engine.decoder.decode = lambda *args, **kw: calls.append(1) or original(*args, **kw)
+    try:
+        results = engine.transcribe(audios, on_done=lambda i, t: finished.append((i, len(calls), t)))
+    finally:
+        engine.decoder.decode = original
+    assert sorted(i for i, _, _ in finished) == list(range(len(audios)))  # each once
+    assert [t for _, _, t in sorted(finished, key=lambda f: f[0])] == results  # what the batch returns
+    return results, [(i, n) for i, n, _ in finished], len(calls)
+
+
+def test_a_short_clip_is_handed_over_before_its_long_batch_mate_is_done(engines, speech_dir):
+    """A server answers a clip when its own windows are done, not after a 69-s batch-mate's."""
+    long = _audio(speech_dir, "cuttledoc_fleurs_voxpopuli/voxpopuli-en-000.ogg")
+    short = _audio(speech_dir, "faster_whisper/jfk.flac")
+    _, finished, calls = _finish_order(engines["onnx-int8"], [long, short])
+    assert finished[0] == (1, 1), finished  # the short clip first, after the first decoding
+    assert finished[1][0] == 0 and calls >= 3
+
+
+def test_a_clip_needing_no_retry_is_handed_over_before_a_batch_mates_fallback(engines, speech_dir):
+    """A clip that loops is decoded again at rising temperatures; its batch-mate, decoded well
+    at once, is handed over before those retries (it used to wait for them)."""
+    from asrops.audio import audio_to_wav_bytes
+    from asrops.synth.effects import add_noise
+    from asrops.synth.voices import CATALOGUE, installed_voices, synthesize
+
+    if "en-us" not in installed_voices():
+        pytest.skip("espeak-ng's en-us voice is not installed")
+    speech = synthesize(CATALOGUE["en-us"], ". ".join(["go go go now"] * 6), 170)
+    looping = decode_audio(audio_to_wav_bytes(add_noise(speech, 0.0, np.random.default_rng(0)))).samples
+    short = _audio(speech_dir, "faster_whisper/jfk.flac")
+    results, finished, calls = _finish_order(engines["onnx-int8"], [looping, short])
+    assert any(s.temperature > 0 for s in results[0].segments), results[0].segments  # it was retried
+    assert finished[0][0] == 1 and finished[0][1] < calls, (finished, calls)
+    assert "ask not what your country can do for you" in normalize_english(results[1].text)
+
+
 def test_packed_clips_each_get_their_own_words_and_no_others(engines, speech_dir, monkeypatch):
     """Eight short real clips of different sentences and speakers, decoded in shared windows:
     fewer windows than clips, and each answer is its own sentence (as good as decoding it alone)

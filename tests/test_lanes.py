@@ -17,7 +17,7 @@ class SlowDecoder:
         self.batches: list[tuple[int, list]] = []
         self.lock = threading.Lock()
 
-    def __call__(self, lane: int, items: list) -> list:
+    def __call__(self, lane: int, items: list, deliver) -> list:
         time.sleep(self.seconds)
         with self.lock:
             self.batches.append((lane, list(items)))
@@ -85,7 +85,7 @@ def test_only_requests_with_the_same_key_share_a_batch():
 def test_a_decoder_bug_fails_its_batch_and_the_lane_keeps_serving():
     calls = []
 
-    def decode(lane, items):
+    def decode(lane, items, deliver):
         calls.append(items)
         if "boom" in items:
             raise RuntimeError("engine bug")
@@ -118,3 +118,26 @@ def test_a_cancelled_request_is_not_decoded():
     assert asyncio.run(scenario()) == ["done kept"]
     assert [items for _, items in decoder.batches] == [["first"], ["kept"]]
     assert lanes.queued == 0
+
+
+def test_a_request_delivered_early_is_answered_before_its_batch_is_done():
+    """The engine hands back a finished clip at once; its caller does not wait for the batch."""
+    release = threading.Event()
+
+    def decode(lane, items, deliver):
+        assert items == ["quick", "slow"]  # one batch
+        deliver(0, "quick done")
+        release.wait(5)  # the slow clip is still being decoded
+        return ["ignored" if item == "quick" else f"{item} done" for item in items]
+
+    lanes = EngineLanes(decode, lanes=1, max_batch_size=8, key=lambda item: "same")
+
+    async def scenario():
+        quick = asyncio.create_task(lanes.run(["quick"]))
+        slow = asyncio.create_task(lanes.run(["slow"]))
+        answered = await asyncio.wait_for(quick, 2)
+        assert not slow.done()
+        release.set()
+        return answered, await slow
+
+    assert asyncio.run(scenario()) == (["quick done"], ["slow done"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -120,10 +120,13 @@ class WhisperEngine:
 
     def transcribe(self, audios: list[np.ndarray], options: DecodeOptions | None = None,
                    on_segments: Callable[[int, list[Segment]], None] | None = None,
-                   pack: bool = False) -> list[Transcription]:
+                   pack: bool = False,
+                   on_done: Callable[[int, Transcription], None] | None = None) -> list[Transcription]:
         """`on_segments(i, segments)`, when given, is called with each window's new segments of
-        audio `i` as soon as that window is decoded (what a streamed answer sends). `pack`: short
-        clips share windows (packing.py) where the options allow it; what cannot be packed or
+        audio `i` as soon as that window is decoded (what a streamed answer sends); `on_done(i,
+        transcription)` once audio `i` is finished, which may be long before its batch-mates are (a
+        server answers it then, rather than after another clip's temperature fallback). `pack`:
+        short clips share windows (packing.py) where the options allow it; what cannot be packed or
         cut back cleanly is decoded on its own."""
         options = options or DecodeOptions()
         prompt = self.tokenizer.encode(" " + options.prompt.strip()) if options.prompt else []
@@ -132,14 +135,21 @@ class WhisperEngine:
         done: dict[int, Transcription] = {}
         if pack and options.timestamps and not options.word_timestamps and options.temperature == 0:
             done = self._transcribe_packed(audios, initial, options, on_segments)
+            if on_done is not None:
+                for i, transcription in done.items():
+                    on_done(i, transcription)
         rest = [i for i in range(len(audios)) if i not in done]
         if rest:
             def rest_segments(j: int, segments: list[Segment]) -> None:
                 if on_segments is not None:
                     on_segments(rest[j], segments)
 
+            def rest_done(j: int, transcription: Transcription) -> None:
+                if on_done is not None:
+                    on_done(rest[j], transcription)
+
             done.update(zip(rest, self._transcribe_windows([audios[i] for i in rest], initial, options,
-                                                            rest_segments), strict=True))
+                                                            rest_segments, rest_done), strict=True))
         return [done[i] for i in range(len(audios))]
 
     def _transcribe_packed(self, audios: list[np.ndarray], initial: list[int], options: DecodeOptions,
@@ -177,30 +187,45 @@ class WhisperEngine:
                              duration_s=duration_s)
 
     def _transcribe_windows(self, audios: list[np.ndarray], initial: list[int], options: DecodeOptions,
-                            on_segments: Callable[[int, list[Segment]], None]) -> list[Transcription]:
-        """Each audio in 30-s windows, every audio's next window decoded in one batch."""
+                            on_segments: Callable[[int, list[Segment]], None],
+                            on_done: Callable[[int, Transcription], None]) -> list[Transcription]:
+        """Each audio in 30-s windows, every audio's next window decoded in one batch; an audio's
+        segments and result are handed over as soon as its windows are final."""
         states = [_Progress(a) for a in audios]
-        position = {id(state): i for i, state in enumerate(states)}
-        while live := [s for s in states if not s.done]:
-            chunks = [s.audio[s.seek : s.seek + N_SAMPLES] for s in live]
-            audible = [i for i, c in enumerate(chunks) if np.abs(c).max() >= SILENCE_PEAK]
-            for i in set(range(len(live))) - set(audible):
-                live[i].seek += len(chunks[i])
-            if not audible:
+        handed_over: set[int] = set()
+
+        def hand_over_finished() -> None:
+            for i, state in enumerate(states):
+                if state.done and i not in handed_over:
+                    handed_over.add(i)
+                    on_done(i, self._result(state))
+
+        while live := [i for i, s in enumerate(states) if not s.done]:
+            chunks = {i: states[i].audio[states[i].seek : states[i].seek + N_SAMPLES] for i in live}
+            heard = [i for i in live if np.abs(chunks[i]).max() >= SILENCE_PEAK]
+            for i in set(live) - set(heard):
+                states[i].seek += len(chunks[i])
+            hand_over_finished()
+            if not heard:
                 continue
-            heard = [chunks[i] for i in audible]
-            mel = self.log_mel(heard) if options.word_timestamps or not self.short_windows else None
-            windows = self._decode_in_context(heard, mel, initial, options)
-            new, offsets = [], [live[i].seek / SAMPLE_RATE for i in audible]
-            for i, window in zip(audible, windows, strict=True):
-                before = len(live[i].segments)
-                self._advance(live[i], len(chunks[i]), window)
-                new.append(live[i].segments[before:])
-            if options.word_timestamps:
-                self.aligner.align(mel, new, offsets, heard)
-            for i, segments in zip(audible, new, strict=True):
-                if segments:
-                    on_segments(position[id(live[i])], segments)
+            audio = [chunks[i] for i in heard]
+            offsets = [states[i].seek / SAMPLE_RATE for i in heard]
+            mel = self.log_mel(audio) if options.word_timestamps or not self.short_windows else None
+            for group in self._decode_in_context(audio, mel, initial, options):
+                new = []
+                for j, window in group:
+                    state = states[heard[j]]
+                    before = len(state.segments)
+                    self._advance(state, len(audio[j]), window)
+                    new.append(state.segments[before:])
+                if options.word_timestamps:
+                    rows = [j for j, _ in group]
+                    self.aligner.align(mel[rows], new, [offsets[j] for j in rows], [audio[j] for j in rows])
+                for (j, _), segments in zip(group, new, strict=True):
+                    if segments:
+                        on_segments(heard[j], segments)
+                hand_over_finished()
+        hand_over_finished()
         return [self._result(s) for s in states]
 
     @cached_property
@@ -209,41 +234,50 @@ class WhisperEngine:
         return WordAligner(self.model_dir, self.special, self.tokenizer.decode)
 
     def _decode_in_context(self, chunks: list[np.ndarray], mel: np.ndarray | None, initial: list[int],
-                           options: DecodeOptions) -> list[DecodedWindow]:
+                           options: DecodeOptions) -> Iterator[list[tuple[int, DecodedWindow]]]:
         """`_decode` of the chunks, each window encoded over its `context_s` (the windows of one
         context length decoded in one batch, their features computed over that length only), or all over
         30 s where the encoder needs it. `mel`: the chunks' 30-s features where the caller has
         them (required without short windows). A short window whose decoding is doubtful (it loops
         or is improbable: `needs_fallback`) is decoded again over 30 s, temperature fallback
         included: on noisy speech that loops, short windows loop at every temperature where 30-s
-        windows recover (tests/test_service.py)."""
+        windows recover (tests/test_service.py). Yields (chunk index, window) groups as they are
+        final, so the windows decoded well at once need not wait for the others' retries."""
         if not self.short_windows:
-            return self._decode(mel, initial, options)
+            yield from self._decode(mel, initial, options)
+            return
         seconds = [context_s(len(c)) for c in chunks]
-        windows: dict[int, DecodedWindow] = {}
+        full = [i for i, s in enumerate(seconds) if s == CHUNK_S]
         first_try = options.model_copy(update={"temperature_increment": None})
         for context in sorted(set(seconds) - {CHUNK_S}):
             rows = [i for i, s in enumerate(seconds) if s == context]
-            decoded = self._decode(self.log_mel([chunks[i] for i in rows], context), initial, first_try)
-            windows.update((i, w) for i, w in zip(rows, decoded, strict=True) if not needs_fallback(w, self._text(w)))
-        full = [i for i in range(len(chunks)) if i not in windows]
+            # Without a temperature step `_decode` yields every window at once.
+            (decoded,) = self._decode(self.log_mel([chunks[i] for i in rows], context), initial, first_try)
+            doubtful = {k for k, w in decoded if needs_fallback(w, self._text(w))}
+            if kept := [(rows[k], w) for k, w in decoded if k not in doubtful]:
+                yield kept
+            full += [rows[k] for k in sorted(doubtful)]
         if len(full) > seconds.count(CHUNK_S):
             log.debug("%d short windows decoded again over 30 s", len(full) - seconds.count(CHUNK_S))
         if full:
             full_mel = mel[full] if mel is not None else self.log_mel([chunks[i] for i in full])
-            windows.update(zip(full, self._decode(full_mel, initial, options), strict=True))
-        return [windows[i] for i in range(len(chunks))]
+            for group in self._decode(full_mel, initial, options):
+                yield [(full[k], w) for k, w in group]
 
-    def _decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions) -> list[DecodedWindow]:
+    def _decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions
+                ) -> Iterator[list[tuple[int, DecodedWindow]]]:
         """The windows decoded at the request's temperature, and those that need it decoded again
         at rising temperatures (only they: the rest of the batch keeps its first decoding). A
         window that fails at every temperature keeps its best try: the most probable one that does
         not loop, else the most probable (faster-whisper's choice; openai/whisper keeps the last,
-        which at 1.0 is often noise)."""
+        which at 1.0 is often noise). Yields (row, window) groups as they are final: first every
+        window that needs no retry, then those settled at each higher temperature."""
         windows = self.decoder.decode(mel, initial, options)
         step, temperature = options.temperature_increment, options.temperature
         tries: dict[int, list[DecodedWindow]] = {}
         retry = [i for i, w in enumerate(windows) if needs_fallback(w, self._text(w))] if step else []
+        if first := [(i, w) for i, w in enumerate(windows) if i not in set(retry)]:
+            yield first
         while retry and temperature + step <= 1.0 + 1e-6:
             temperature = round(temperature + step, 6)
             log.debug("temperature fallback: %d of %d windows again at %.1f", len(retry), len(windows), temperature)
@@ -251,12 +285,16 @@ class WhisperEngine:
             for i, window in zip(retry, again, strict=True):
                 tries.setdefault(i, [windows[i]]).append(window)
                 windows[i] = window
-            retry = [i for i in retry if needs_fallback(windows[i], self._text(windows[i]))]
+            doubtful = [i for i in retry if needs_fallback(windows[i], self._text(windows[i]))]
+            if settled := [(i, windows[i]) for i in retry if i not in doubtful]:
+                yield settled
+            retry = doubtful
         for i in retry:  # failed at every temperature
             tried = tries.get(i, [windows[i]])
             calm = [w for w in tried if compression_ratio(self._text(w)) <= COMPRESSION_RATIO_THRESHOLD]
             windows[i] = max(calm or tried, key=lambda w: w.avg_logprob)
-        return windows
+        if retry:
+            yield [(i, windows[i]) for i in retry]
 
     def _text(self, window: DecodedWindow) -> str:
         return self.tokenizer.decode([t for t in window.tokens if t < self.special.timestamp_begin])
