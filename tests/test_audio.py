@@ -127,6 +127,28 @@ def test_pyav_encoded_formats_decode_to_16k_mono(container, codec, rate, channel
     assert d.codec == {"libmp3lame": "mp3float", "libopus": "opus", "aac": "aac"}[codec]
 
 
+def test_plain_16k_mono_wav_reads_as_ffmpeg_decodes_it(monkeypatch):
+    """The 16-kHz mono 16-bit WAV shortcut (libsndfile) gives FFmpeg's samples to the bit, and a
+    header that claims more audio than the upload holds is read for what it holds."""
+    import asrops.audio as audio
+
+    rng = np.random.default_rng(3)
+    data = sf_encode(np.clip(rng.normal(0, 0.3, 3 * SAMPLE_RATE), -1, 1), SAMPLE_RATE, "WAV", "PCM_16")
+    fast = decode_audio(data)
+    at = data.index(b"data")
+    lying = data[: at + 4] + struct.pack("<I", 0x7FFFFFF0) + data[at + 8 :]
+    fast_lying = decode_audio(lying, AudioSettings(max_duration_s=5))
+    with monkeypatch.context() as m:
+        m.setattr(audio, "_decode_plain_wav", lambda data, limits: None)
+        slow = decode_audio(data)
+    assert np.array_equal(fast.samples, slow.samples) and fast.samples.dtype == np.float32
+    assert (fast.duration_s, fast.original_sample_rate, fast.original_channels, fast.codec, fast.container) == (
+        slow.duration_s, slow.original_sample_rate, slow.original_channels, slow.codec, slow.container)
+    assert np.array_equal(fast_lying.samples, slow.samples)
+    with pytest.raises(AudioTooLongError, match=r"Audio is 3\.0 s long; the limit is 2 s"):
+        decode_audio(data, AudioSettings(max_duration_s=2))
+
+
 def test_chirp_is_resampled_with_anti_aliasing():
     """A 48 kHz chirp 200 Hz -> 12 kHz: below 8 kHz it is tracked in time; above Nyquist it
     must vanish rather than fold back as aliases (proves a real low-pass resampler)."""
