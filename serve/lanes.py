@@ -1,14 +1,13 @@
 """Engine lanes: batches are cut when an engine is free, not when requests arrive.
 
-Why not `@serve.batch`: it closes a batch a fixed wait after its first request arrives,
-even while the engine is still busy with the previous batch, so under steady load (requests
-arriving a few tens of milliseconds apart) it queued batches of one behind each other
-(measured: batch size 1.0-1.6 at 16 concurrent clients), and it answers a batch only when all
-of it is done. Here a lane that finishes takes
-every waiting request with the same decode options, up to the batch limit, so batches grow
-with the load and a lone request never waits. A request is answered as soon as its own
-transcription is done (`deliver`), not when its whole batch is: one clip's temperature fallback
-(up to six more decodings) does not hold its batch-mates.
+Why not `@serve.batch`: it closes a batch a fixed wait after its first request arrives, even
+while the engine is still busy with the previous batch, so under steady load (requests arriving
+a few tens of milliseconds apart) it queued batches of one behind each other (measured: batch
+size 1.0-1.6 at 16 concurrent clients), and it answers a batch only when all of it is done.
+Here a lane that finishes takes every waiting request with the same decode options, up to the
+batch limit, so batches grow with the load and a lone request never waits. A request is
+answered as soon as its own transcription is done (`deliver`), not when its whole batch is:
+one clip's temperature fallback (up to six more decodings) does not hold its batch-mates.
 
 Two lanes on a CPU replica keep both cores busy while one lane runs Python between ONNX
 calls (measured on 2 cores, 32 clips: 1 lane 7.5-9.3 RTFx, 2 lanes 10.1-12.0 RTFx).
