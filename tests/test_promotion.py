@@ -27,7 +27,7 @@ from asrops.promotion.checks import DEFAULT_CHECKS
 from asrops.promotion.controller import PromotionController
 from asrops.promotion.state import AnalysisState, Phase
 from asrops.registry import ModelRegistry
-from asrops.settings import AnalysisSpec, Settings
+from asrops.settings import AnalysisSpec, Bound, Settings
 from tests.conftest import prometheus_settings
 from tests.fakes import QUIET, FakeVersion, SteadyLoad, publish_dummy, wait_routable
 
@@ -35,10 +35,17 @@ pytestmark = pytest.mark.slow
 
 INTERVAL_S = 6.0
 # Error ratio and p95 latency (the defaults' first two checks); the stand-ins report no
-# segments, so the quality-signal checks would have no data for them.
+# segments, so the quality-signal checks would have no data for them. Here both versions answer
+# near-silent clips in about 0.1 s, where the latency histogram's buckets are 0.05, 0.1 and 0.25 s
+# wide and the canary's p95 stands on its 20 % of the requests: one slow request moves it a
+# bucket, past the default 1.2 x (seen: 0.131 s against a stable under 0.11 s once the stable no
+# longer waited 0.1 s for a batch). A good stand-in is judged with room for that; one
+# doubling the stable's p95 still fails it.
+LATENCY_P95 = next(c for c in DEFAULT_CHECKS if c.name == "latency-p95").model_copy(
+    update={"max": Bound(value=2.0, relative_to_stable="times")})
 SPEC = AnalysisSpec(
     interval_s=INTERVAL_S, window_s=20, step_weights=[20, 50], threshold=2, min_requests=5,
-    init_timeout_s=90, checks=DEFAULT_CHECKS[:2],
+    init_timeout_s=90, checks=[DEFAULT_CHECKS[0], LATENCY_P95],
 )
 
 
@@ -222,7 +229,7 @@ def test_operators_pause_resume_and_abort_through_the_cli_and_status_shows_every
               lambda: _seen(registry, version, prometheus))
         status = cli("status")
         assert "phase progressing" in status and "error-ratio" in status and "latency-p95" in status, status
-        assert "<= stable + 0.005" in status and "<= stable x 1.2" in status and "pass" in status, status
+        assert "<= stable + 0.005" in status and "<= stable x 2" in status and "pass" in status, status
         assert "paused" in cli("pause", "--reason", "looking at a dashboard")
         held = _analysis(registry, version).weight
         time.sleep(3 * INTERVAL_S)
