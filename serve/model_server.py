@@ -151,34 +151,29 @@ class ModelServer:
         """Runs in a lane's thread; each request is delivered when its transcription is done, and
         a request that breaks the engine fails alone."""
         self.metrics.batch(len(work), self.lanes.queued)
-        delivered: set[int] = set()
+        replies: dict[int, ModelReply] = {}
 
         def on_segments(i: int, segments: list[Segment]) -> None:
             if work[i].on_segments is not None:
                 work[i].on_segments(segments)
 
-        def on_done(i: int, transcription: Transcription) -> None:
-            delivered.add(i)
-            deliver(i, ModelReply(transcription=transcription, version=self.version_id, batch_size=len(work)))
+        def on_done(i: int, transcription: Transcription) -> None:  # the engine calls it for every audio
+            replies[i] = ModelReply(transcription=transcription, version=self.version_id, batch_size=len(work))
+            deliver(i, replies[i])
 
         try:
-            results = self.engine.transcribe([w.request.audio for w in work], work[0].request.options,
-                                             on_segments, pack=self.pack_windows, on_done=on_done)
-            return [ModelReply(transcription=t, version=self.version_id, batch_size=len(work)) for t in results]
+            self.engine.transcribe([w.request.audio for w in work], work[0].request.options,
+                                   on_segments, pack=self.pack_windows, on_done=on_done)
         except Exception:
             if len(work) == 1:
                 log.exception("transcription failed in %s", self.version_id)
                 return [ModelReply(error="the model failed on this audio", version=self.version_id, batch_size=1)]
             log.warning("batch of %d failed in %s; retrying the %d not answered one by one", len(work),
-                        self.version_id, len(work) - len(delivered))
-            replies = []
-            for i, w in enumerate(work):  # a delivered request's entry is ignored by the lanes
-                def deliver_alone(_: int, reply: ModelReply, i: int = i) -> None:
-                    deliver(i, reply)
-
-                replies.append(ModelReply(version=self.version_id, batch_size=len(work)) if i in delivered
-                               else self._decode(lane, [w], deliver_alone)[0])
-            return replies
+                        self.version_id, len(work) - len(replies))
+            for i, w in enumerate(work):
+                if i not in replies:
+                    replies[i] = self._decode(lane, [w], lambda _, reply, i=i: deliver(i, reply))[0]
+        return [replies[i] for i in range(len(work))]
 
     def check_health(self) -> None:
         """Serve restarts a replica whose engine stopped answering."""

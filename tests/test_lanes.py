@@ -141,3 +141,36 @@ def test_a_request_delivered_early_is_answered_before_its_batch_is_done():
         return answered, await slow
 
     assert asyncio.run(scenario()) == (["quick done"], ["slow done"])
+
+
+def test_an_audio_that_breaks_the_engine_fails_alone_in_the_model_server():
+    """ModelServer._decode: a batch whose engine call raises is retried one request at a time;
+    the request delivered before the failure is not decoded again, the bad one gets an error."""
+    import numpy as np
+
+    from asrops.engines.types import DecodeOptions, Transcription
+    from asrops.serve.model_server import ModelRequest, ModelServer, _Work
+
+    calls, delivered = [], {}
+
+    class BreakableEngine:
+        def transcribe(self, audios, options, on_segments, pack, on_done):
+            calls.append([len(a) for a in audios])
+            for i, audio in enumerate(audios):
+                if len(audio) == 3:
+                    raise RuntimeError("engine bug")
+                on_done(i, Transcription(text=f"{len(audio)} samples", segments=[], duration_s=0.1))
+
+    class NoMetrics:
+        def batch(self, size, queued):
+            pass
+
+    server = object.__new__(ModelServer.func_or_class)
+    server.engine, server.metrics, server.version_id, server.pack_windows = BreakableEngine(), NoMetrics(), "v", False
+    server.lanes = EngineLanes(server._decode, lanes=1, max_batch_size=8, key=lambda item: "same")
+    work = [_Work(ModelRequest(pcm16=np.zeros(n, np.int16), options=DecodeOptions())) for n in (5, 3, 7)]
+    replies = server._decode(0, work, lambda i, reply: delivered.setdefault(i, reply))
+    assert calls == [[5, 3, 7], [3], [7]]  # the first was answered before the failure: not decoded again
+    assert [r.transcription.text if r.transcription else r.error for r in replies] == [
+        "5 samples", "the model failed on this audio", "7 samples"]
+    assert set(delivered) == {0, 2} and delivered[0] is replies[0] and delivered[2] is replies[2]

@@ -248,15 +248,13 @@ class WhisperEngine:
             return
         seconds = [context_s(len(c)) for c in chunks]
         full = [i for i, s in enumerate(seconds) if s == CHUNK_S]
-        first_try = options.model_copy(update={"temperature_increment": None})
         for context in sorted(set(seconds) - {CHUNK_S}):
             rows = [i for i, s in enumerate(seconds) if s == context]
-            # Without a temperature step `_decode` yields every window at once.
-            (decoded,) = self._decode(self.log_mel([chunks[i] for i in rows], context), initial, first_try)
-            doubtful = {k for k, w in decoded if needs_fallback(w, self._text(w))}
-            if kept := [(rows[k], w) for k, w in decoded if k not in doubtful]:
+            decoded = self.decoder.decode(self.log_mel([chunks[i] for i in rows], context), initial, options)
+            doubtful = [needs_fallback(w, self._text(w)) for w in decoded]  # no fallback over a short window
+            if kept := [(i, w) for i, w, d in zip(rows, decoded, doubtful, strict=True) if not d]:
                 yield kept
-            full += [rows[k] for k in sorted(doubtful)]
+            full += [i for i, d in zip(rows, doubtful, strict=True) if d]
         if len(full) > seconds.count(CHUNK_S):
             log.debug("%d short windows decoded again over 30 s", len(full) - seconds.count(CHUNK_S))
         if full:
@@ -276,7 +274,7 @@ class WhisperEngine:
         step, temperature = options.temperature_increment, options.temperature
         tries: dict[int, list[DecodedWindow]] = {}
         retry = [i for i, w in enumerate(windows) if needs_fallback(w, self._text(w))] if step else []
-        if first := [(i, w) for i, w in enumerate(windows) if i not in set(retry)]:
+        if first := [(i, w) for i, w in enumerate(windows) if i not in retry]:
             yield first
         while retry and temperature + step <= 1.0 + 1e-6:
             temperature = round(temperature + step, 6)
