@@ -56,6 +56,8 @@ class TranscribeResult(BaseModel):
     """The version that actually produced the text."""
     route: str = "stable"
     batch_size: int = 1
+    engine_s: float = 0.0
+    """The model's own time on this request (its batch on the engine, until its text was done)."""
 
 
 class SegmentsDecoded(BaseModel):
@@ -360,6 +362,7 @@ def build_api(
             "X-Model-Version": result.version,
             "X-Route": result.route,
             "X-Batch-Size": str(result.batch_size),
+            "Server-Timing": f"engine;dur={result.engine_s * 1000:.1f}",
         }
         return _render(result.transcription, response_format, headers)
 

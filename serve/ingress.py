@@ -186,7 +186,7 @@ class ServeTranscriber:
         self.stats.count(route)
         log.info("request %s: answered by %s via route %s", request_id, reply.version, route.value)
         return TranscribeResult(transcription=reply.transcription, version=reply.version, route=route.value,
-                                batch_size=reply.batch_size)
+                                batch_size=reply.batch_size, engine_s=reply.engine_s)
 
     async def transcribe_stream(self, model: str, audio: np.ndarray, options: DecodeOptions, client: str,
                                 request_id: str) -> AsyncIterator[SegmentsDecoded | TranscribeResult]:
@@ -214,7 +214,7 @@ class ServeTranscriber:
                 rest.cancel()
         self.breaker(version).record(failed=False)
         yield TranscribeResult(transcription=event.transcription, version=event.version, route=route.value,
-                               batch_size=event.batch_size)
+                               batch_size=event.batch_size, engine_s=event.engine_s)
 
     async def _first_answer(self, plan: RoutePlan, request: ModelRequest, request_id: str, ask):
         """(version, route, answer) from the first version in the plan's line that answers

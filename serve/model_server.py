@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -72,6 +73,9 @@ class ModelReply(BaseModel):
     """Set when this request failed inside the engine; its batch-mates are unaffected."""
     version: str
     batch_size: int
+    engine_s: float = 0.0
+    """From its batch's start on the engine to its own transcription being done: what the model
+    cost this request, beside what serving did (the API's `Server-Timing` header)."""
 
 
 class PartialReply(BaseModel):
@@ -158,9 +162,11 @@ class ModelServer:
                 work[i].on_segments(segments)
 
         def on_done(i: int, transcription: Transcription) -> None:  # the engine calls it for every audio
-            replies[i] = ModelReply(transcription=transcription, version=self.version_id, batch_size=len(work))
+            replies[i] = ModelReply(transcription=transcription, version=self.version_id, batch_size=len(work),
+                                    engine_s=time.perf_counter() - started)
             deliver(i, replies[i])
 
+        started = time.perf_counter()
         try:
             self.engine.transcribe([w.request.audio for w in work], work[0].request.options,
                                    on_segments, pack=self.pack_windows, on_done=on_done)

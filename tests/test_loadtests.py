@@ -22,6 +22,7 @@ from loadtests.service_bench import (
     cpu_by_process,
     cpu_snapshot,
     default_requests,
+    engine_time,
     percentile,
     process_label,
     ratio,
@@ -63,6 +64,18 @@ def test_summarize_counts_only_answered_requests():
     assert r.p95_s == pytest.approx(2.9)
     assert r.mean_batch_size == pytest.approx(3.0)
     assert r.wer == pytest.approx(100 / 9)  # one word wrong in the 9 of the answered requests
+
+
+def test_the_engine_time_of_each_answer_splits_its_latency():
+    assert engine_time("engine;dur=123.5") == pytest.approx(0.1235)
+    assert engine_time("db;dur=3, engine;desc=\"model\";dur=40") == pytest.approx(0.040)
+    assert engine_time("") is None and engine_time("total;dur=5") is None
+    samples = [Sample(0.30, 200, 5.0, 1, engine_s=0.22), Sample(0.50, 200, 5.0, 1, engine_s=0.45),
+               Sample(0.40, 200, 5.0, 1, engine_s=0.30), Sample(9.0, 503, 5.0)]
+    r = summarize(samples, concurrency=1, wall_s=2.0)
+    assert r.engine_p50_s == pytest.approx(0.30)
+    assert r.serving_p50_s == pytest.approx(0.08)  # of 0.08, 0.05 and 0.10: per request, not p50 - p50
+    assert summarize(samples[:1] + [Sample(0.2, 200, 1.0)], 1, 1.0).engine_p50_s == pytest.approx(0.22)
 
 
 def test_summarize_all_failed():
