@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
 set +e
-.venv/bin/python -m pytest -ra --durations=25 -n auto --dist loadgroup "$@"
+.venv/bin/python -m pytest -ra --durations=25 -n auto --dist loadgroup --no-loadscope-reorder "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then

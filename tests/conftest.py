@@ -16,23 +16,33 @@ SERVICE_GROUP = "ray-service"
 """The xdist group of every test that uses the session's service (see pytest_collection_modifyitems)."""
 TRAINING_GROUP = "ray-training"
 TRAINING_MODULES = {"tests.test_retrain_job", "tests.test_retrain_generalisation"}
-"""The modules that train on Ray for minutes, each wanting both cores: in one group they train one
-after the other instead of side by side. Measured on clean clones, one run each: pytest 1452 s
-with the group, 1486 s and 1120 s without; on 2 cores the suite's wall time is bound by these two
-and the drift-window test (each 270-470 s, depending on what runs beside it)."""
+"""The modules that train for minutes, each wanting both cores: in one group they train one after
+the other, beside the service's group rather than inside it (the retrain job brings its own Ray,
+`ray_node`)."""
+FIRST_GROUPS = (SERVICE_GROUP, TRAINING_GROUP, "tests.test_engines", "tests.test_k8s")
+"""The longest groups (minutes each on 2 cores), handed out first so that the short ones fill in
+around them rather than one of them starting last (scripts/test.sh keeps this order:
+--no-loadscope-reorder)."""
 
 
+@pytest.hookimpl(tryfirst=True)  # the marks must be there when xdist reads them
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Groups for pytest-xdist's `--dist loadgroup` (scripts/test.sh runs one worker per core):
     every test on the session's service in one group, so that one worker starts Ray and Serve
     once and runs them in order; the training modules in one group (TRAINING_MODULES); every
     other module in a group of its own, so that its module fixtures (a Prometheus, a trained
-    model) are built once. Without xdist the marks do nothing."""
+    model) are built once. The longest groups go first (FIRST_GROUPS), with or without xdist
+    (without it the marks do nothing). pytest 9.2 broke loadgroup (pytest-xdist#1386: every test
+    became its own unit, and each worker started its own service): pyproject pins pytest < 9.2."""
+    groups = {}
     for item in items:
         module = item.module.__name__
         group = SERVICE_GROUP if "service" in item.fixturenames else (
             TRAINING_GROUP if module in TRAINING_MODULES else module)
         item.add_marker(pytest.mark.xdist_group(group))
+        groups[item] = group
+    rank = {group: i for i, group in enumerate(FIRST_GROUPS)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))  # stable: each group keeps its order
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +159,22 @@ def prometheus_settings(service_settings):
     settings.monitoring.scrape_interval_s = 2
     settings.monitoring.background_niceness = 0
     return settings
+
+
+@pytest.fixture(scope="module")
+def ray_node(service_settings) -> Iterator[None]:
+    """Ray on this machine, for a module that runs Ray jobs without Serve (a retrain): the
+    session's service's Ray when this worker already runs it, else one of the module's own,
+    stopped after it (an idle Ray takes a fifth of a core on 2)."""
+    import ray
+
+    from asrops.raycluster import init_ray
+
+    started = not ray.is_initialized()
+    init_ray(service_settings)
+    yield
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

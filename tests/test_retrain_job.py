@@ -40,7 +40,7 @@ def _kill_the_worker_after_its_first_checkpoint(settings, work_dir, killed: list
 
 
 def test_a_retrain_survives_a_killed_worker_and_publishes_a_canary_with_its_reports(
-        service, service_settings, tmp_path):
+        ray_node, service_settings, tmp_path):
     settings = service_settings.model_copy(deep=True)
     drifted = generate(SynthSpec(n=40, voices=["en-gb-scotland", "en-029"], snr_db=10, domains=["medical", "numbers"],
                                  seed=31), tmp_path / "drifted")
