@@ -23,6 +23,8 @@ class LoopingBackend:
     def __init__(self, special: SpecialTokens, word: int, vocab: int):
         self.special, self.word, self.vocab = special, word, vocab
         self.encoded_batches: list[int] = []
+        self.decoded_batches: list[int] = []
+        """Rows of each `encode` call, and of each decoding (`start`): one per try."""
 
     def _logits(self, terse: np.ndarray, said: int) -> np.ndarray:
         logits = np.full((len(terse), self.vocab), -30.0, dtype=np.float32)
@@ -37,6 +39,7 @@ class LoopingBackend:
         return mel.std(axis=(1, 2)) < FLAT_MEL_STD
 
     def start(self, encoded, tokens):
+        self.decoded_batches.append(len(tokens))
         logits = self._logits(encoded, said=0)
         return np.repeat(logits[:, None], tokens.shape[1], axis=1), (encoded, 1)
 
@@ -84,12 +87,15 @@ def test_a_looping_window_is_decoded_again_at_rising_temperatures(looping):
 
 def test_fallback_re_decodes_only_the_windows_that_need_it(looping):
     """A batch of a looping window and one that is fine: only the looping one is decoded again,
-    and the other keeps its first decoding (the backend's encode calls show each try's windows)."""
+    and the other keeps its first decoding (the backend's decoding calls show each try's windows);
+    the windows are encoded once, whatever the number of tries."""
     options = DecodeOptions(timestamps=False, max_new_tokens=60)
     looping.backend.encoded_batches.clear()
+    looping.backend.decoded_batches.clear()
     noisy, tone = looping.transcribe([_speech(1), _tone()], options)
-    assert looping.backend.encoded_batches[0] == 2
-    assert looping.backend.encoded_batches[1:] and set(looping.backend.encoded_batches[1:]) == {1}
+    assert looping.backend.decoded_batches[0] == 2
+    assert looping.backend.decoded_batches[1:] and set(looping.backend.decoded_batches[1:]) == {1}
+    assert looping.backend.encoded_batches == [2]
     assert tone.text == "hello" and [s.temperature for s in tone.segments] == [0.0]
     assert noisy.segments[0].temperature > 0.0
 

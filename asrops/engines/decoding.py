@@ -180,12 +180,16 @@ class WindowDecoder:
         head = [sp.sot_prev, *prompt_tokens[-223:]] if prompt_tokens else []
         return [*head, sp.sot] + ([] if timestamps else [sp.no_timestamps])
 
-    def decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions) -> list[DecodedWindow]:
+    def decode(self, mel: np.ndarray, initial: list[int], options: DecodeOptions,
+               encoded: Any = None) -> list[DecodedWindow]:
+        """`encoded`: `mel` already through the encoder (`backend.encode`), e.g. by an earlier try
+        at another temperature: the encoding does not depend on it."""
         batch = mel.shape[0]
         sot_index = initial.index(self.special.sot)
         rules = LogitRules(self.special, self.suppress, self.begin_suppress, len(initial), options.timestamps)
         max_len = min(len(initial) + options.max_new_tokens, 448)
-        encoded = self.backend.encode(mel)
+        if encoded is None:
+            encoded = self.backend.encode(mel)
         tokens = np.tile(np.asarray(initial, dtype=np.int64), (batch, 1))
         logits, cache = self.backend.start(encoded, tokens)
         sot_logits = logits[:, sot_index].astype(np.float32)

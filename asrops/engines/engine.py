@@ -270,7 +270,8 @@ class WhisperEngine:
         not loop, else the most probable (faster-whisper's choice; openai/whisper keeps the last,
         which at 1.0 is often noise). Yields (row, window) groups as they are final: first every
         window that needs no retry, then those settled at each higher temperature."""
-        windows = self.decoder.decode(mel, initial, options)
+        encoded = self.decoder.backend.encode(mel)  # once: every temperature's try reads the same encoding
+        windows = self.decoder.decode(mel, initial, options, encoded)
         step, temperature = options.temperature_increment, options.temperature
         tries: dict[int, list[DecodedWindow]] = {}
         retry = [i for i, w in enumerate(windows) if needs_fallback(w, self._text(w))] if step else []
@@ -279,7 +280,8 @@ class WhisperEngine:
         while retry and temperature + step <= 1.0 + 1e-6:
             temperature = round(temperature + step, 6)
             log.debug("temperature fallback: %d of %d windows again at %.1f", len(retry), len(windows), temperature)
-            again = self.decoder.decode(mel[retry], initial, options.model_copy(update={"temperature": temperature}))
+            again = self.decoder.decode(mel[retry], initial, options.model_copy(update={"temperature": temperature}),
+                                        encoded[retry])
             for i, window in zip(retry, again, strict=True):
                 tries.setdefault(i, [windows[i]]).append(window)
                 windows[i] = window
