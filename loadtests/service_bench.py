@@ -289,7 +289,10 @@ def engine_time(server_timing: str) -> float | None:
             for param in params:
                 key, _, value = param.partition("=")
                 if key == "dur":
-                    return float(value) / 1000
+                    try:
+                        return float(value) / 1000
+                    except ValueError:
+                        return None
     return None
 
 

@@ -156,6 +156,7 @@ class ModelServer:
         a request that breaks the engine fails alone."""
         self.metrics.batch(len(work), self.lanes.queued)
         replies: dict[int, ModelReply] = {}
+        started = time.perf_counter()
 
         def on_segments(i: int, segments: list[Segment]) -> None:
             if work[i].on_segments is not None:
@@ -166,7 +167,6 @@ class ModelServer:
                                     engine_s=time.perf_counter() - started)
             deliver(i, replies[i])
 
-        started = time.perf_counter()
         try:
             self.engine.transcribe([w.request.audio for w in work], work[0].request.options,
                                    on_segments, pack=self.pack_windows, on_done=on_done)

@@ -69,7 +69,7 @@ def test_summarize_counts_only_answered_requests():
 def test_the_engine_time_of_each_answer_splits_its_latency():
     assert engine_time("engine;dur=123.5") == pytest.approx(0.1235)
     assert engine_time("db;dur=3, engine;desc=\"model\";dur=40") == pytest.approx(0.040)
-    assert engine_time("") is None and engine_time("total;dur=5") is None
+    assert engine_time("") is None and engine_time("total;dur=5") is None and engine_time("engine;dur=x") is None
     samples = [Sample(0.30, 200, 5.0, 1, engine_s=0.22), Sample(0.50, 200, 5.0, 1, engine_s=0.45),
                Sample(0.40, 200, 5.0, 1, engine_s=0.30), Sample(9.0, 503, 5.0)]
     r = summarize(samples, concurrency=1, wall_s=2.0)
