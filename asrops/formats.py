@@ -1,4 +1,5 @@
-"""Response formats of the OpenAI transcription API, as a small registry of writers."""
+"""Response formats of the OpenAI transcription API, as a small registry of writers; and the
+`Server-Timing` header an answer carries (written by the API, read by clients and benchmarks)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,31 @@ from asrops.engines.types import Transcription
 def usage(t: Transcription) -> dict:
     """OpenAI's usage for audio models billed by duration: whole seconds, rounded up."""
     return {"type": "duration", "seconds": math.ceil(t.duration_s)}
+
+
+SERVER_TIMING_ENGINE = "engine"
+"""The `Server-Timing` metric a transcription's answer carries: the model's own time on it."""
+
+
+def server_timing(engine_s: float) -> str:
+    """The `Server-Timing` header value for a transcription the model took `engine_s` on."""
+    return f"{SERVER_TIMING_ENGINE};dur={engine_s * 1000:.1f}"
+
+
+def engine_time(header: str) -> float | None:
+    """Seconds of the engine metric in a `Server-Timing` header value, if it holds one (a
+    client's side of `server_timing`; other metrics and malformed durations read as none)."""
+    for metric in header.split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        if name == SERVER_TIMING_ENGINE:
+            for param in params:
+                key, _, value = param.partition("=")
+                if key == "dur":
+                    try:
+                        return float(value) / 1000
+                    except ValueError:
+                        return None
+    return None
 
 
 def _clock(seconds: float, decimal: str) -> str:

@@ -44,6 +44,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from asrops.evaluation import score
+from asrops.formats import engine_time
 from loadtests import CHECKOUT_SPEECH
 
 ENDPOINT = "/v1/audio/transcriptions"
@@ -279,21 +280,6 @@ async def _post(client: httpx.AsyncClient, url: str, clip: Clip) -> Sample:
         status, batch, text, engine_s = 0, "", None, None
     return Sample(time.perf_counter() - start, status, clip.audio_s, int(batch) if batch.isdigit() else None,
                   clip.text, text, engine_s)
-
-
-def engine_time(server_timing: str) -> float | None:
-    """Seconds of the `engine` metric in a `Server-Timing` header (`engine;dur=123.4`), if any."""
-    for metric in server_timing.split(","):
-        name, *params = (part.strip() for part in metric.split(";"))
-        if name == "engine":
-            for param in params:
-                key, _, value = param.partition("=")
-                if key == "dur":
-                    try:
-                        return float(value) / 1000
-                    except ValueError:
-                        return None
-    return None
 
 
 def level_clip(i: int, n_clips: int) -> int:

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from asrops.audio import decode_audio
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.feedback import FeedbackIn, FeedbackRecord
-from asrops.formats import WRITERS, usage
+from asrops.formats import WRITERS, server_timing, usage
 from asrops.request_id import RULE, is_valid, new_request_id
 from asrops.serve.auth import ClientKeys
 from asrops.serve.errors import (
@@ -362,7 +362,7 @@ def build_api(
             "X-Model-Version": result.version,
             "X-Route": result.route,
             "X-Batch-Size": str(result.batch_size),
-            "Server-Timing": f"engine;dur={result.engine_s * 1000:.1f}",
+            "Server-Timing": server_timing(result.engine_s),
         }
         return _render(result.transcription, response_format, headers)
 

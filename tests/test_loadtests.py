@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from asrops.audio import audio_to_wav_bytes
+from asrops.formats import engine_time, server_timing
 from loadtests.peer_server import build_app
 from loadtests.service_bench import (
     LevelResult,
@@ -22,7 +23,6 @@ from loadtests.service_bench import (
     cpu_by_process,
     cpu_snapshot,
     default_requests,
-    engine_time,
     percentile,
     process_label,
     ratio,
@@ -67,6 +67,7 @@ def test_summarize_counts_only_answered_requests():
 
 
 def test_the_engine_time_of_each_answer_splits_its_latency():
+    assert engine_time(server_timing(0.1235)) == pytest.approx(0.1235)  # what the API writes, read back
     assert engine_time("engine;dur=123.5") == pytest.approx(0.1235)
     assert engine_time("db;dur=3, engine;desc=\"model\";dur=40") == pytest.approx(0.040)
     assert engine_time("") is None and engine_time("total;dur=5") is None and engine_time("engine;dur=x") is None

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
+from asrops.formats import engine_time
 from asrops.textnorm import normalize_english
-from loadtests.service_bench import engine_time
 from tests.malformed import malformed_uploads
 
 pytestmark = pytest.mark.slow
