@@ -15,7 +15,10 @@ of a level's few dozen requests moves 0.14 point per word, the core set's about 
 
 The bare-engine reference (our engine in-process, one clip at a time, in its own process, over
 the very clips the concurrency-1 level sends, in its order) shows what serving costs at
-concurrency 1; the product target is ours p50 / bare p50 <= 1.15. The
+concurrency 1; the product target is ours p50 / bare p50 <= 1.15. It is timed twice: beside
+our idle service (after its levels, before it stops: what the stack's idle processes alone
+cost an engine on the same cores) and alone, right after the service stopped (the reference:
+minutes, not the whole run, from the concurrency-1 level, since this machine's speed drifts). The
 engine ratio (`asrops bench engine`, onnx-int8 against faster-whisper int8: RTFx and peak RSS)
 is measured in the same run, and every timed loop lists the CPU each process on the machine
 used (Ray's processes, the replicas, the side processes, this client), to show where it goes.
@@ -190,6 +193,13 @@ class EngineRatio(BaseModel):
         return self.peak_rss_mb / self.peer_peak_rss_mb
 
 
+class BareEngineBesideService(BaseModel):
+    """The bare engine timed while our service ran idle beside it, and the CPU the idle stack used."""
+
+    bare: BareEngine
+    stack_cpu: list[ProcessCpu]
+
+
 class BenchResult(BaseModel):
     clips: int
     clip_audio_s: float
@@ -199,8 +209,10 @@ class BenchResult(BaseModel):
     ratios: list[LevelRatio]
     """Ours / peer per concurrency level."""
     bare_engine: BareEngine | None
+    """Alone on the machine, right after our service stopped."""
+    bare_engine_beside_service: BareEngineBesideService | None = None
     overhead_c1: float | None
-    """Ours p50 at concurrency 1 / the bare engine's p50."""
+    """Ours p50 at concurrency 1 / the bare engine's p50 (alone)."""
     overhead_target: float = OVERHEAD_TARGET
     engine: EngineRatio | None = None
 
@@ -427,11 +439,25 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 # --- bare engine -------------------------------------------------------------------------
-def measure_bare_engine(order: list[int], threads: int, say: Callable[[str], None]) -> BareEngine | None:
+def measure_bare_engine_beside(url: str, order: list[int], threads: int,
+                               say: Callable[[str], None]) -> BareEngineBesideService | None:
+    """The bare engine while the service at `url` runs with no requests: what its idle processes
+    (Ray's, Serve's, the side processes) cost an engine sharing the cores with them."""
+    if httpx.get(url + "/readyz", timeout=10).status_code != 200:
+        say("our service is not ready: the bare engine beside it is not measured")
+        return None
+    before, start = cpu_snapshot(), time.perf_counter()
+    bare = measure_bare_engine(order, threads, say, beside="beside our idle service")
+    stack = cpu_by_process(before, cpu_snapshot(), time.perf_counter() - start)  # the worker has exited: not in it
+    return BareEngineBesideService(bare=bare, stack_cpu=stack) if bare else None
+
+
+def measure_bare_engine(order: list[int], threads: int, say: Callable[[str], None],
+                        beside: str = "alone") -> BareEngine | None:
     """Our engine's own time per clip, in a subprocess so its threads compete with nothing, over
     the clips `order` indexes: those the concurrency-1 level sent (a p50 over other clips, longer
     or shorter, compares nothing)."""
-    say(f"bare engine: onnx-int8, {threads} threads, {len(order)} clips, one at a time")
+    say(f"bare engine ({beside}): onnx-int8, {threads} threads, {len(order)} clips, one at a time")
     job = json.dumps({"order": order, "threads": threads})
     proc = subprocess.run([sys.executable, "-m", "loadtests.service_bench", "--bare-engine-worker", job],
                           capture_output=True, text=True)
@@ -520,6 +546,11 @@ def format_table(result: BenchResult) -> str:
         if ours_c1 := next((r for r in result.ours.levels if r.concurrency == 1), None):
             lines.append(f"  ours at c=1, per request (medians): the engine in its replica "
                          f"{_fmt(ours_c1.engine_p50_s)} s, serving around it {_fmt(ours_c1.serving_p50_s)} s")
+        if beside := result.bare_engine_beside_service:
+            used = ", ".join(f"{c.process} {c.cores:.2f}" for c in beside.stack_cpu) or "-"
+            lines.append(f"  the bare engine beside our idle service: p50 {beside.bare.p50_s:.3f} s = "
+                         f"{_fmt(ratio(beside.bare.p50_s, result.bare_engine.p50_s), '.2f')} x alone; the idle "
+                         f"stack used {sum(c.cores for c in beside.stack_cpu):.2f} cores ({used})")
     else:
         lines.append("bare engine: not measured")
     if e := result.engine:
@@ -602,14 +633,15 @@ def main(argv: list[str] | None = None) -> None:
     say(f"{len(clips)} clips ({sum(c.audio_s for c in clips):.0f} s of audio), levels {levels}")
 
     py = sys.executable
+    c1_order = [level_clip(i, len(clips)) for i in range(args.requests_per_level or default_requests(1))]
     with running_server(args.ours, [py, "-m", "asrops.cli", "serve"], "/readyz",
                         args.out_dir / "ours.log", args.startup_timeout, say) as url:
         ours = bench_server("ours", url, clips, levels, args.requests_per_level, core_set, say)
+        beside = measure_bare_engine_beside(url, c1_order, args.threads, say)
+    bare = measure_bare_engine(c1_order, args.threads, say)
     with running_server(args.peer, [py, "-m", "loadtests.peer_server", "--threads", str(args.threads)], "/healthz",
                         args.out_dir / "peer.log", args.startup_timeout, say) as url:
         peer = bench_server("peer", url, clips, levels, args.requests_per_level, core_set, say)
-    c1_requests = args.requests_per_level or default_requests(1)
-    bare = measure_bare_engine([level_clip(i, len(clips)) for i in range(c1_requests)], args.threads, say)
     engine = measure_engine_ratio(args.engine_clips, args.threads, say) if args.engine_clips else None
 
     ours_c1 = next((r for r in ours.levels if r.concurrency == 1), None)
@@ -621,6 +653,7 @@ def main(argv: list[str] | None = None) -> None:
         peer=peer,
         ratios=compare(ours, peer),
         bare_engine=bare,
+        bare_engine_beside_service=beside,
         overhead_c1=ratio(ours_c1.p50_s if ours_c1 else None, bare.p50_s if bare else None),
         engine=engine,
     )

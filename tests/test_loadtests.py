@@ -16,13 +16,18 @@ from asrops.audio import audio_to_wav_bytes
 from asrops.formats import engine_time, server_timing
 from loadtests.peer_server import build_app
 from loadtests.service_bench import (
+    BareEngine,
+    BareEngineBesideService,
+    BenchResult,
     LevelResult,
+    ProcessCpu,
     Sample,
     ServerResult,
     compare,
     cpu_by_process,
     cpu_snapshot,
     default_requests,
+    format_table,
     percentile,
     process_label,
     ratio,
@@ -96,6 +101,28 @@ def test_compare_is_ours_over_peer_at_shared_levels():
     assert [q.concurrency for q in ratios] == [1, 4]
     assert (ratios[0].throughput, ratios[0].p50) == (0.5, 2.0)
     assert (ratios[1].throughput, ratios[1].p50, ratios[1].p99) == (2.0, 0.5, 0.5)
+
+
+def test_the_table_splits_the_c1_overhead_into_the_idle_stack_and_serving():
+    ours_c1 = _level(1, 10.0, 0.30).model_copy(update={"engine_p50_s": 0.26, "serving_p50_s": 0.04})
+    ours = ServerResult(name="ours", url="", levels=[ours_c1])
+    peer = ServerResult(name="peer", url="", levels=[_level(1, 8.0, 0.25)])
+
+    def bare(p50: float) -> BareEngine:
+        return BareEngine(threads=2, clips=3, p50_s=p50, mean_s=p50, latencies_s=[p50] * 3)
+
+    stack = [ProcessCpu(process="ray::ServeController", cpu_s=1.0, cores=0.05),
+             ProcessCpu(process="gcs_server", cpu_s=0.4, cores=0.02)]
+    result = BenchResult(clips=1, clip_audio_s=5.0, levels=[1], ours=ours, peer=peer, ratios=compare(ours, peer),
+                         bare_engine=bare(0.20), bare_engine_beside_service=BareEngineBesideService(
+                             bare=bare(0.24), stack_cpu=stack), overhead_c1=0.30 / 0.20)
+    table = format_table(result)
+    assert "ours p50 at c=1 / bare = 1.50 (MISSES target <= 1.15)" in table
+    assert "the engine in its replica 0.260 s, serving around it 0.040 s" in table
+    assert "beside our idle service: p50 0.240 s = 1.20 x alone; the idle stack used 0.07 cores" in table
+    assert "ray::ServeController 0.05, gcs_server 0.02" in table
+    without = format_table(result.model_copy(update={"bare_engine_beside_service": None}))
+    assert "beside our idle service" not in without and "serving around it 0.040 s" in without
 
 
 def test_cpu_is_summed_by_process_kind_and_idle_ones_left_out():
