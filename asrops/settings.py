@@ -270,9 +270,10 @@ class MonitoringSettings(BaseModel):
     """Debian's `prometheus` package; `asrops serve` starts one unless `prometheus_enabled` is false."""
     prometheus_enabled: bool = True
     background_niceness: int = Field(default=10, ge=0, le=19)
-    """How much `asrops serve` lowers the priority of the processes it starts beside the service
-    (the drift monitor and its reference bootstrap, the promotion controller, Prometheus): on a
-    busy node they take what the model replicas (Ray workers at niceness 0) leave."""
+    """How much `asrops serve` lowers the priority of what runs beside the request path: the
+    processes it starts (the drift monitor, the promotion controller, Prometheus), itself, and
+    on a local cluster Ray's own (GCS, dashboard, agents, log monitor) and Serve's controller. On
+    a busy node they take what the model replicas, the ingress and the proxy (niceness 0) leave."""
     scrape_interval_s: float = Field(default=5.0, gt=0)
     ray_metrics_port: int = 8080
     """Ray's own Prometheus endpoint on each node (replica metrics). The local Prometheus scrapes

@@ -106,6 +106,7 @@ def run_service(settings: Settings, config: Path | None = None, say: Callable[[s
     import ray
     from ray import serve
 
+    from asrops.raycluster import lower_ray_background_priority
     from asrops.serve.launcher import VersionReconciler, curl_example, run_config, run_local
 
     if not config and settings.monitoring.drift.bootstrap_reference:
@@ -116,6 +117,7 @@ def run_service(settings: Settings, config: Path | None = None, say: Callable[[s
     stack = start_monitoring(settings, say)
     try:
         url = run_config(settings, config, say) if config else run_local(settings, say)
+        lower_ray_background_priority(settings.monitoring.background_niceness)  # and this driver's
         typer.echo(f"asrops is serving at {url}  (OpenAI API at {url}/v1, docs at {url}/docs)")
         typer.echo(f"try:  {curl_example(url, settings)}")
         for note in stack.notes:

@@ -1,0 +1,89 @@
+"""Ray's background processes get a lower priority than the request path: which processes
+that is, found in a process tree shaped like a local cluster's (fake processes, no Ray), and
+that every thread of each is lowered."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from asrops.raycluster import lower_priority, ray_background_processes
+
+SLEEPER = ("import threading, time\n"
+           "[threading.Thread(target=time.sleep, args=(120,)).start() for _ in range(3)]\n"
+           "time.sleep(120)")
+
+FAKE_DRIVER = textwrap.dedent("""
+    import subprocess, sys, time
+    raylet_exe, sleeper = sys.argv[1], sys.argv[2]
+    def spawn(argv0, code, exe=sys.executable):
+        return subprocess.Popen([argv0, "-c", code], executable=exe)
+    workers = ["ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::ServeController.listen_for_change",
+               "ray::ServeReplica:model-v1:model", "ray::ProxyActor", "ray::IDLE"]
+    raylet_code = "import subprocess, time\\n" + "".join(
+        f"subprocess.Popen([{w!r}, '-c', {sleeper!r}], executable={sys.executable!r})\\n" for w in workers
+    ) + "time.sleep(120)"
+    spawn("raylet", raylet_code, exe=raylet_exe)
+    spawn("gcs_server", "import subprocess, time\\nsubprocess.Popen(['dashboard-head', '-c', "
+          + repr(sleeper) + f"], executable={sys.executable!r})\\ntime.sleep(120)")
+    time.sleep(120)
+""")
+
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    """A driver whose children look like a local Ray cluster's: a `raylet` (by executable name)
+    with agents, a Serve controller, a replica, the proxy and an idle worker under it; a GCS with
+    a child of its own."""
+    raylet_exe = tmp_path / "raylet"
+    raylet_exe.symlink_to(sys.executable)
+    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER, str(raylet_exe), SLEEPER])
+    try:
+        process = psutil.Process(driver.pid)
+        deadline = time.monotonic() + 30
+        while sum(_threads(p) >= 4 for p in process.children(recursive=True)) < 7:  # every sleeper up
+            assert time.monotonic() < deadline, "the fake cluster did not start"
+            time.sleep(0.1)
+        yield process
+    finally:
+        for child in psutil.Process(driver.pid).children(recursive=True):
+            child.kill()
+        driver.kill()
+        driver.wait()
+
+
+def _threads(process: psutil.Process) -> int:
+    try:
+        return process.num_threads()
+    except psutil.Error:
+        return 0
+
+
+def _title(process: psutil.Process) -> str:
+    return " ".join(process.cmdline()).split(" -c ")[0]
+
+
+def test_ray_background_processes_leave_out_the_raylet_and_every_worker_that_can_serve(fake_cluster):
+    found = {_title(p) for p in ray_background_processes(fake_cluster)}
+    assert found == {"gcs_server", "dashboard-head", "ray::DashboardAgent", "ray::RuntimeEnvAgent",
+                     "ray::ServeController.listen_for_change"}
+
+
+def test_every_thread_is_lowered_and_a_lower_one_stays(fake_cluster):
+    processes = ray_background_processes(fake_cluster)
+    controller = next(p for p in processes if "ServeController" in _title(p))
+    already = controller.threads()[-1].id
+    os.setpriority(os.PRIO_PROCESS, already, 15)
+    threads = [t.id for p in processes for t in p.threads()]
+    assert len(threads) == 1 + 4 * 4  # the GCS stand-in's one; a main thread and three more in the others
+    assert lower_priority(processes, 7) == len(threads) - 1
+    assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads if t != already} == {7}
+    assert os.getpriority(os.PRIO_PROCESS, already) == 15
+    serving = [p for p in fake_cluster.children(recursive=True) if p not in processes]
+    assert {os.getpriority(os.PRIO_PROCESS, t.id) for p in serving for t in p.threads()} == {0}
