@@ -22,7 +22,7 @@ from asrops.errors import VersionNotFoundError
 from asrops.evaluation import score
 from asrops.feedback import RecentRequests
 from asrops.prodlog import ProductionLogWriter, store_for
-from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState
+from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState, referenced_versions
 from asrops.serve.admin import build_admin, serve_admin
 from asrops.serve.api import SegmentsDecoded, TranscribeResult, build_api
 from asrops.serve.breaker import CircuitBreaker
@@ -61,10 +61,13 @@ class ServeTranscriber:
         self._shadow_tasks: set[asyncio.Task] = set()
         self._former_canaries: set[str] = set()
         self._ask_again_at: dict[str, float] = {}  # model applications that did not say their version
+        self._statuses_due_at = 0.0  # when Serve's application statuses are read again though nothing changed
 
     async def refresh(self) -> None:
         """Re-read aliases, rollout state and which version each RUNNING `model-*` application
-        serves. On a registry failure the last good view is kept: loaded models keep serving."""
+        serves (the applications only when a referenced version is not routable, or one no longer
+        referenced still is, or `serve.status_resync_s` has passed). On a registry failure the last
+        good view is kept: loaded models keep serving."""
         try:
             aliases = (await asyncio.to_thread(self.registry.read_aliases)).value
             rollout = (await asyncio.to_thread(self.registry.read_rollout)).value
@@ -75,6 +78,11 @@ class ServeTranscriber:
             self.aliases, self.rollout = aliases, rollout
         except Exception:
             log.warning("registry unreachable; keeping aliases %s", self.aliases, exc_info=True)
+        now = time.monotonic()
+        if set(self.apps) == referenced_versions(self.aliases, self.rollout) and now < self._statuses_due_at:
+            self._export_gauges()
+            return
+        self._statuses_due_at = now + self.settings.serve.status_resync_s
         statuses = (await asyncio.to_thread(serve.status)).applications
         # An application gets traffic once it has been RUNNING (loaded and warm) and keeps it
         # while it exists: a replica that died and is being replaced makes it UNHEALTHY or
@@ -84,7 +92,6 @@ class ServeTranscriber:
             if name.startswith("model-") and (
                 app.status == "RUNNING" or (name in self._app_versions and app.status in ("DEPLOYING", "UNHEALTHY")))
         }
-        now = time.monotonic()
         to_ask = [name for name, deployed_at in apps.items()
                   if ((known := self._app_versions.get(name)) is None
                       or (known[1] != deployed_at and statuses[name].status == "RUNNING"))  # new, or redeployed

@@ -8,6 +8,7 @@ from asrops.registry.manifest import (
     RolloutState,
     VersionManifest,
     new_version_id,
+    referenced_versions,
     validate_version_id,
 )
 from asrops.registry.registry import ModelRegistry, hash_file, verify_dir
@@ -27,6 +28,7 @@ __all__ = [
     "hash_file",
     "new_version_id",
     "open_store",
+    "referenced_versions",
     "validate_version_id",
     "verify_dir",
 ]

@@ -96,6 +96,11 @@ class RolloutState(BaseModel):
         return value.astimezone(UTC) if value is not None else None
 
 
+def referenced_versions(aliases: Aliases, rollout: RolloutState) -> set[str]:
+    """The versions that must be running: every alias's and the rollout's canary."""
+    return {v for v in (aliases.stable, aliases.canary, aliases.fallback, rollout.canary_version) if v}
+
+
 T = TypeVar("T")
 
 
