@@ -129,3 +129,95 @@ def test_a_model_request_carries_16_bit_pcm_only():
     np.testing.assert_array_equal(request.audio, samples)
     with pytest.raises(ValueError, match="int16"):
         ModelRequest(pcm16=samples, options=DecodeOptions())
+
+
+class _Rollouts:
+    """A registry's aliases and rollout, as the ingress and the reconciler read them."""
+
+    def __init__(self, aliases: Aliases, rollout: RolloutState = RolloutState()):
+        self.aliases, self.rollout = aliases, rollout
+
+    def read_aliases(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(value=self.aliases, token=None)
+
+    def read_rollout(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(value=self.rollout, token=None)
+
+
+def _serve_apps(monkeypatch, module, apps: dict[str, float]) -> list[int]:
+    """Serve's status as the running `apps` (name → deployed at); returns the list of its reads."""
+    from types import SimpleNamespace
+
+    reads: list[int] = []
+
+    def status():
+        reads.append(1)
+        return SimpleNamespace(applications={n: SimpleNamespace(status="RUNNING", last_deployed_time_s=t)
+                                             for n, t in apps.items()})
+
+    monkeypatch.setattr(module.serve, "status", status)
+    return reads
+
+
+def test_the_reconciler_reads_serves_status_only_while_something_may_change(monkeypatch):
+    import time
+
+    from asrops.serve import launcher
+    from asrops.settings import Settings
+
+    apps = {"model-v1": 1.0}
+    reads = _serve_apps(monkeypatch, launcher, apps)
+    monkeypatch.setattr(launcher, "deploy_version", lambda settings, version: apps.update({f"model-{version}": 2.0}))
+    registry, settings = _Rollouts(Aliases(stable="v1")), Settings(data_dir="/nonexistent")
+    settings.serve.status_resync_s = 0.5
+    reconciler = launcher.VersionReconciler(settings, registry)
+    reconciler.step(), reconciler.step()
+    assert len(reads) == 1  # the stable runs and nothing else: settled
+    registry.rollout = RolloutState(canary_version="v2", canary_weight=10)
+    reconciler.step()
+    assert len(reads) == 2 and "model-v2" in apps  # a new canary: read, and deployed
+    reconciler.step(), reconciler.step()
+    assert len(reads) == 3  # once more after a deploy, then settled again
+    time.sleep(0.6)
+    reconciler.step()
+    assert len(reads) == 4  # past serve.status_resync_s
+
+
+def test_the_ingress_reads_serves_status_only_while_routing_may_change(monkeypatch):
+    import asyncio
+
+    from asrops.serve import ingress
+    from asrops.settings import Settings
+
+    apps = {"model-v1": 1.0}
+    reads = _serve_apps(monkeypatch, ingress, apps)
+    registry = _Rollouts(Aliases(stable="v1"))
+    transcriber = ingress.ServeTranscriber(registry, Settings(data_dir="/nonexistent"))
+
+    async def version_of(name: str) -> str:
+        return name.removeprefix("model-")
+
+    monkeypatch.setattr(transcriber, "_version_of", version_of)
+
+    async def refreshes(n: int) -> None:
+        for _ in range(n):
+            await transcriber.refresh()
+
+    asyncio.run(refreshes(3))
+    assert len(reads) == 1 and transcriber.running == {"v1"}
+    registry.rollout = RolloutState(canary_version="v2", canary_weight=10)  # not deployed yet
+    asyncio.run(refreshes(2))
+    assert len(reads) == 3 and transcriber.running == {"v1"}  # read on every refresh until it runs
+    apps["model-v2"] = 2.0
+    asyncio.run(refreshes(3))
+    assert len(reads) == 4 and transcriber.running == {"v1", "v2"}
+    registry.rollout = RolloutState()  # rolled back: v2 routable until it is removed
+    asyncio.run(refreshes(2))
+    assert len(reads) == 6 and transcriber.running == {"v1", "v2"}
+    del apps["model-v2"]
+    asyncio.run(refreshes(3))
+    assert len(reads) == 7 and transcriber.running == {"v1"}
