@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -194,8 +195,12 @@ class ProductionLogWriter:
     `on_event(name, count)` reports `written`, `dropped` and `write_failure` (for metrics)."""
 
     def __init__(self, open_store_fn: Callable[[], ObjectStore], settings: ProductionLogSettings,
-                 on_event: Callable[[str, int], None] | None = None, seed: int | None = None):
+                 on_event: Callable[[str, int], None] | None = None, seed: int | None = None,
+                 niceness: int = 0):
+        """`niceness`: the writer's thread runs at least this low a priority (the features it
+        computes after each answer would otherwise take the CPU from the next request's engine)."""
         self.settings = settings
+        self._niceness = niceness
         self._open_store = open_store_fn
         self._store: ObjectStore | None = None
         self._on_event = on_event or (lambda name, n: None)
@@ -249,6 +254,11 @@ class ProductionLogWriter:
     _busy = False
 
     def _run(self) -> None:
+        try:  # Linux keeps a niceness per thread: this lowers the writer, not the request path
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, max(self._niceness, os.getpriority(os.PRIO_PROCESS, tid)))
+        except OSError:
+            log.warning("production log: could not lower the writer's priority", exc_info=True)
         while not self._stopping:
             self._wake.wait(self.settings.flush_interval_s)
             self._wake.clear()

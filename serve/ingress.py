@@ -365,6 +365,7 @@ class Ingress:
         log_settings = self.settings.monitoring.production_log
         self.production_log = ProductionLogWriter(
             lambda: store_for(self.settings), log_settings, on_event=self.metrics.production_log_event,
+            niceness=self.settings.monitoring.background_niceness,
         ) if log_settings.enabled else None
         self.recent = RecentRequests(log_settings.recent_requests, log_settings.recent_audio_s)
         self._refresher = asyncio.get_event_loop().create_task(self._refresh_forever())

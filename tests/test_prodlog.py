@@ -3,6 +3,8 @@ audio with retention, and a failing store that neither blocks nor loses the call
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -93,6 +95,20 @@ def test_records_round_trip_through_parquet_with_sampled_audio(store):
     # A window that excludes the first two records.
     assert len(ProductionLogReader(store).read(now + timedelta(seconds=2), now + timedelta(minutes=1))) == 3
     assert ("written", 6) in events
+
+
+def test_the_writer_computes_features_at_background_priority_and_the_request_path_keeps_its_own(store):
+    writer = ProductionLogWriter(lambda: store, ProductionLogSettings(flush_interval_s=0.1), niceness=7)
+    try:
+        deadline = time.monotonic() + 10
+        while os.getpriority(os.PRIO_PROCESS, writer._thread.native_id) != 7:
+            assert time.monotonic() < deadline, "the writer's thread never lowered its priority"
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 7  # the submitting thread's
+        writer.submit(finished(1, datetime.now(UTC)))
+        assert writer.flush()
+    finally:
+        writer.close()
 
 
 def test_keep_audio_off_keeps_none_and_old_audio_is_purged(store):
