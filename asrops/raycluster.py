@@ -122,8 +122,8 @@ def lower_priority(processes: list[psutil.Process], niceness: int) -> int:
 def lower_ray_background_priority(niceness: int) -> None:
     """On a local cluster started by this process, Ray's and Serve's processes that serve no
     request, and this driver itself, run at `niceness`, as the side processes do: on 2 cores
-    their idle work (about 0.2 of a core) preempted the engine's two threads and made it 20-25 %
-    slower beside the idle service than alone (loadtests/service_bench.py measures both)."""
+    their idle work (0.15-0.2 of a core) preempts the engine's two threads; beside the idle
+    service the engine took up to 1.3x its time alone (loadtests/service_bench.py measures both)."""
     if niceness <= 0 or os.environ.get("RAY_ADDRESS") or not ray.is_initialized():
         return
     driver = psutil.Process()
