@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -39,6 +38,7 @@ from pydantic import BaseModel, ConfigDict
 from asrops.audio_format import SAMPLE_RATE
 from asrops.engines.types import Transcription
 from asrops.features import audio_features, transcript_features
+from asrops.priority import lower_thread
 from asrops.registry.store import ObjectStore, open_store
 from asrops.settings import ProductionLogSettings, Settings
 
@@ -254,9 +254,8 @@ class ProductionLogWriter:
     _busy = False
 
     def _run(self) -> None:
-        try:  # Linux keeps a niceness per thread: this lowers the writer, not the request path
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, max(self._niceness, os.getpriority(os.PRIO_PROCESS, tid)))
+        try:  # this thread only: the request path that submits keeps its own priority
+            lower_thread(threading.get_native_id(), self._niceness)
         except OSError:
             log.warning("production log: could not lower the writer's priority", exc_info=True)
         while not self._stopping:

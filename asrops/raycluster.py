@@ -20,6 +20,7 @@ import psutil
 import ray
 from ray._private import ray_constants
 
+from asrops.priority import lower_processes
 from asrops.settings import Settings
 
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -99,26 +100,6 @@ def ray_background_processes(driver: psutil.Process) -> list[psutil.Process]:
     return found
 
 
-def lower_priority(processes: list[psutil.Process], niceness: int) -> int:
-    """Raise every thread of `processes` to at least `niceness` (Linux keeps a niceness per
-    thread: a process's own call would reach its main thread only). Returns how many threads
-    changed; one that exited meanwhile is skipped."""
-    changed = 0
-    for process in processes:
-        try:
-            threads = process.threads()
-        except psutil.Error:
-            continue
-        for thread in threads:
-            try:
-                if os.getpriority(os.PRIO_PROCESS, thread.id) < niceness:
-                    os.setpriority(os.PRIO_PROCESS, thread.id, niceness)
-                    changed += 1
-            except OSError:
-                continue
-    return changed
-
-
 def lower_ray_background_priority(niceness: int) -> None:
     """On a local cluster started by this process, Ray's and Serve's processes that serve no
     request, and this driver itself, run at `niceness`, as the side processes do: on 2 cores
@@ -128,7 +109,7 @@ def lower_ray_background_priority(niceness: int) -> None:
         return
     driver = psutil.Process()
     processes = ray_background_processes(driver)
-    threads = lower_priority([*processes, driver], niceness)
+    threads = lower_processes([*processes, driver], niceness)
     log.info("Ray's background processes (%s) and this driver at niceness %d (%d threads)",
              ", ".join(sorted({_label(p) for p in processes})), niceness, threads)
 

@@ -13,7 +13,8 @@ import time
 import psutil
 import pytest
 
-from asrops.raycluster import lower_priority, ray_background_processes
+from asrops.priority import lower_processes
+from asrops.raycluster import ray_background_processes
 
 SLEEPER = ("import threading, time\n"
            "[threading.Thread(target=time.sleep, args=(120,)).start() for _ in range(3)]\n"
@@ -82,7 +83,7 @@ def test_every_thread_is_lowered_and_a_lower_one_stays(fake_cluster):
     os.setpriority(os.PRIO_PROCESS, already, 15)
     threads = [t.id for p in processes for t in p.threads()]
     assert len(threads) == 1 + 4 * 4  # the GCS stand-in's one; a main thread and three more in the others
-    assert lower_priority(processes, 7) == len(threads) - 1
+    assert lower_processes(processes, 7) == len(threads) - 1
     assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads if t != already} == {7}
     assert os.getpriority(os.PRIO_PROCESS, already) == 15
     serving = [p for p in fake_cluster.children(recursive=True) if p not in processes]
