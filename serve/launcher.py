@@ -15,7 +15,7 @@ from ray import serve
 from asrops.models.importer import import_embedded_default
 from asrops.raycluster import init_ray
 from asrops.registry import ModelRegistry, referenced_versions
-from asrops.serve.ingress import ingress_deployment
+from asrops.serve.ingress import StatusSchedule, ingress_deployment
 from asrops.serve.model_server import model_app_name, model_deployment
 from asrops.serve.ray_shims import WORKER_SETUP_HOOK
 from asrops.settings import Settings
@@ -48,20 +48,21 @@ class VersionReconciler:
     def __init__(self, settings: Settings, registry: ModelRegistry):
         self.settings, self.registry, self.drain_s = settings, registry, settings.serve.drain_s
         self._unreferenced_since: dict[str, float] = {}
-        self._settled_on: set[str] | None = None  # what was wanted when exactly that was deployed
-        self._resync_at = 0.0
+        self._deployed: set[str] | None = None  # what Serve's last status read showed, when settled
+        self._statuses = StatusSchedule(settings.serve.status_resync_s)
 
     def wanted(self) -> set[str]:
         return referenced_versions(self.registry.read_aliases().value, self.registry.read_rollout().value)
 
     def step(self, say: Callable[[str], None] = log.info) -> None:
-        wanted, now = self.wanted(), time.monotonic()
-        if wanted == self._settled_on and now < self._resync_at:
-            return  # nothing to deploy or remove, as of Serve's last status (`serve.status_resync_s`)
+        wanted = self.wanted()
+        if not self._statuses.due(self._deployed, wanted):
+            return  # nothing to deploy or remove, as of Serve's last status
         deployed = {name.removeprefix("model-"): name for name in serve.status().applications
                     if name.startswith("model-")}
-        self._settled_on = wanted if set(deployed) == wanted else None
-        self._resync_at = now + self.settings.serve.status_resync_s
+        # Settled only when this read found nothing to deploy or remove: after a deploy, or while
+        # an unreferenced version drains, the next pass reads Serve's status again.
+        self._deployed = wanted if set(deployed) == wanted else None
         for version in sorted(wanted - set(deployed)):
             say(f"deploying model {version} (referenced by the rollout)")
             deploy_version(self.settings, version)
