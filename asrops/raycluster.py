@@ -25,6 +25,19 @@ from asrops.settings import Settings
 
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 """Ray's single-machine mode: node address and every port on 127.0.0.1."""
+SERVE_TUNING = {
+    # Serve's hops (the proxy to the ingress, the ingress to a model replica) go over the
+    # replicas' own gRPC servers instead of Ray actor calls: the transport of Ray's documented
+    # throughput-optimised mode (RAY_SERVE_THROUGHPUT_OPTIMIZED, whose other parts are not
+    # wanted here: direct ingress opens a port per replica). 4-8 ms less per request on 2 cores.
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    # Serve's controller reconciles every 0.1 s by default: 0.04 of a core at rest, taken from
+    # the engine on a small node. Every 0.5 s it costs 0.01; a deploy or a replica's restart
+    # waits at most that much longer to be acted on.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+"""Ray Serve's environment for every Ray process of the service: set before a local cluster
+starts (an operator's own value wins), and in the Ray pods on KubeRay (k8s/, generated)."""
 METRICS_AGENT_WAIT_S = 120.0
 
 log = logging.getLogger(__name__)
@@ -38,6 +51,8 @@ def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
     # GCS and raylet, a load generator, a log shipper) takes the CPU from our replicas, which
     # are the node's whole purpose. An operator's explicit setting still wins.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    for name, value in SERVE_TUNING.items():
+        os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):  # a cluster (or, inside a Ray job, the job's own cluster)

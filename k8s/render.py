@@ -8,6 +8,7 @@ each:
 - the RayService's rayVersion and the image tags: pyproject's `ray[serve]==` pin and version
 - the PrometheusRule: monitoring/prometheus/alerts.yml
 - the Grafana dashboard ConfigMap: monitoring/grafana/asrops.json
+- the Ray pods' Serve tuning ConfigMap: asrops.raycluster.SERVE_TUNING
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ IMAGE_REPOSITORY = "asrops"
 IMAGE_VARIANTS = ("cpu", "cuda")
 """k8s/images/Dockerfile.<variant>; the manifests name each as `asrops-<variant>`."""
 KUSTOMIZE_COMPONENT = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component"}
+RAY_TUNING_CONFIGMAP = "asrops-ray-tuning"
+"""Ray Serve's environment (asrops.raycluster.SERVE_TUNING), for every Ray container's envFrom."""
 DASHBOARD_LABEL = {"grafana_dashboard": "1"}
 """What kube-prometheus-stack's Grafana sidecar looks for on a ConfigMap (its default)."""
 
@@ -111,6 +114,7 @@ def generated_files() -> dict[Path, str]:
     """Every generated file and the content the code gives it now."""
     from asrops.monitoring.dashboards import DASHBOARD_FILE
     from asrops.monitoring.prometheus import ALERT_RULES_FILE
+    from asrops.raycluster import SERVE_TUNING
     from asrops.serve.deploy_config import serve_deploy_config
 
     p = pins()
@@ -130,9 +134,15 @@ def generated_files() -> dict[Path, str]:
                                                                     **DASHBOARD_LABEL}},
         "data": {DASHBOARD_FILE.name: DASHBOARD_FILE.read_text()},
     }
-    patch, rule_file, dashboard_file = "rayservice.serve-config.yaml", "prometheusrule.asrops.yaml", \
-        "configmap.grafana-dashboard.yaml"
-    component = {**KUSTOMIZE_COMPONENT, "resources": [rule_file, dashboard_file], "patches": [{"path": patch}]}
+    ray_tuning = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": RAY_TUNING_CONFIGMAP, "labels": {"app.kubernetes.io/name": "asrops"}},
+        "data": dict(SERVE_TUNING),
+    }
+    patch, rule_file, dashboard_file, tuning_file = "rayservice.serve-config.yaml", "prometheusrule.asrops.yaml", \
+        "configmap.grafana-dashboard.yaml", "configmap.ray-tuning.yaml"
+    component = {**KUSTOMIZE_COMPONENT, "resources": [rule_file, dashboard_file, tuning_file],
+                 "patches": [{"path": patch}]}
     images = {**KUSTOMIZE_COMPONENT,
               "images": [{"name": f"asrops-{v}", "newName": IMAGE_REPOSITORY, "newTag": p.tag(v)}
                          for v in IMAGE_VARIANTS]}
@@ -142,6 +152,7 @@ def generated_files() -> dict[Path, str]:
         GENERATED_DIR / patch: _header("serve/deploy_config.py and pyproject's Ray pin") + to_yaml(rayservice_patch),
         GENERATED_DIR / rule_file: _header("monitoring/prometheus/alerts.yml") + to_yaml(rule),
         GENERATED_DIR / dashboard_file: _header("monitoring/grafana/asrops.json") + to_yaml(dashboard),
+        GENERATED_DIR / tuning_file: _header("asrops/raycluster.py SERVE_TUNING") + to_yaml(ray_tuning),
         IMAGES_DIR / "kustomization.yaml": _header("pyproject's version and Ray pin") + to_yaml(images),
     }
 

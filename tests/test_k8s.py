@@ -118,6 +118,19 @@ def test_serve_config_v2_is_the_deploy_config(objects):
         assert config["http_options"]["port"] == ServeSettings().port
 
 
+def test_every_ray_process_gets_the_serve_tuning_a_local_cluster_gets(objects):
+    """The Ray containers of every group (head, CPU and GPU workers) read Ray Serve's environment
+    from the generated ConfigMap, which holds what `asrops serve` sets on a local cluster: a
+    worker group without it would serve over actor calls with a busier controller."""
+    from asrops.raycluster import SERVE_TUNING
+
+    assert _one(objects, "ConfigMap", k8s.RAY_TUNING_CONFIGMAP)["data"] == SERVE_TUNING
+    for group, spec in _ray_groups(_one(objects, "RayService")).items():
+        for c in spec["template"]["spec"]["containers"]:
+            refs = [e["configMapRef"]["name"] for e in c.get("envFrom", []) if "configMapRef" in e]
+            assert k8s.RAY_TUNING_CONFIGMAP in refs, f"{group}/{c['name']}"
+
+
 def test_ray_version_and_image_tags_follow_the_pyproject_pin(objects):
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     ray_pin = next(d for d in pyproject["dependencies"] if d.startswith("ray[")).split("==")[1]

@@ -319,3 +319,23 @@ def test_a_looping_clip_comes_back_without_the_loop(client, engines):
     assert compression_ratio(answer.text) <= COMPRESSION_RATIO_THRESHOLD, answer.text
     # the looping window was decoded again; its temperature is reported with its segments
     assert any(s.temperature > 0 for s in answer.segments), answer.segments
+
+
+def test_serves_processes_run_with_the_serve_tuning(service):
+    """Serve's proxy, controller and every replica were started with asrops's Ray Serve
+    environment (gRPC between the hops, the slower controller loop): set after Ray had started,
+    it would reach none of them and every request would go over actor calls again."""
+    import psutil
+
+    from asrops.raycluster import SERVE_TUNING
+
+    assert httpx.get(f"{service}/readyz").status_code == 200
+    serve_processes = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = (proc.info["cmdline"] or [""])[0]
+        if title.startswith(("ray::ProxyActor", "ray::ServeController", "ray::ServeReplica")):
+            serve_processes[f"{title} ({proc.pid})"] = proc
+    assert any("ServeReplica" in t for t in serve_processes) and any("Proxy" in t for t in serve_processes)
+    for title, proc in serve_processes.items():
+        env = proc.environ()
+        assert {k: env.get(k) for k in SERVE_TUNING} == SERVE_TUNING, title
