@@ -29,7 +29,7 @@ CHECKOUT = K8S_DIR.parent
 PYPROJECT = CHECKOUT / "pyproject.toml"
 SERVE_CONFIG_FILE = CHECKOUT / "serve" / "serve_config.yaml"
 GENERATED_DIR = K8S_DIR / "components" / "generated"
-"""A kustomize Component the base includes: serveConfigV2 and rayVersion, alerts, dashboard."""
+"""A kustomize Component the base includes: serveConfigV2 and rayVersion, alerts, dashboard, Serve tuning."""
 IMAGES_DIR = K8S_DIR / "components" / "images"
 """A kustomize Component every overlay includes: the image tags (an overlay adds containers)."""
 OVERLAYS = ("cpu", "gpu", "local")

@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     clips = load_clips(args.clips)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with running_server(args.ours, [sys.executable, "-m", "asrops.cli", "serve"], "/readyz",
-                        args.out_dir / "ours.log", args.startup_timeout, say) as url:
+                        args.out_dir / "ours.log", args.startup_timeout, say) as server:
+        url = server.url
         send_one_at_a_time(url, clips, 5)  # warm every path before sampling
         pids = find_pids()
         if set(pids) != set(PROCESSES):

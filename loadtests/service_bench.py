@@ -15,10 +15,12 @@ of a level's few dozen requests moves 0.14 point per word, the core set's about 
 
 The bare-engine reference (our engine in-process, one clip at a time, in its own process, over
 the very clips the concurrency-1 level sends, in its order) shows what serving costs at
-concurrency 1; the product target is ours p50 / bare p50 <= 1.15. It is timed twice: beside
-our idle service (after its levels, before it stops: what the stack's idle processes alone
-cost an engine on the same cores) and alone, right after the service stopped (the reference:
-minutes, not the whole run, from the concurrency-1 level, since this machine's speed drifts). The
+concurrency 1; the product target is ours p50 / bare p50 <= 1.15. This machine's speed drifts
+by 15-25 % within minutes, so the two are timed interleaved, in blocks of a few clips: per
+block, ours one request at a time, the bare engine beside our idle service (what the stack's
+idle processes cost an engine on the same cores), and the bare engine alone, with every process
+of our service paused (SIGSTOP) for the second it takes; the CPU the rest of the machine used
+meanwhile is printed, to show it was alone. The
 engine ratio (`asrops bench engine`, onnx-int8 against faster-whisper int8: RTFx and peak RSS)
 is measured in the same run, and every timed loop lists the CPU each process on the machine
 used (Ray's processes, the replicas, the side processes, this client), to show where it goes.
@@ -34,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -193,11 +196,27 @@ class EngineRatio(BaseModel):
         return self.peak_rss_mb / self.peer_peak_rss_mb
 
 
-class BareEngineBesideService(BaseModel):
-    """The bare engine timed while our service ran idle beside it, and the CPU the idle stack used."""
+class C1AgainstBareEngine(BaseModel):
+    """Ours at concurrency 1 and the bare engine on the same clips, interleaved in blocks
+    (`measure_c1_against_bare_engine`)."""
 
-    bare: BareEngine
-    stack_cpu: list[ProcessCpu]
+    ours: LevelResult
+    ours_latencies_s: list[float]
+    ours_engine_s: list[float | None]
+    """Per request, in the order sent (the bare engines' latencies_s are in the same order)."""
+    bare_beside: BareEngine
+    """Beside our idle service: what its idle processes cost an engine sharing the cores."""
+    bare_alone: BareEngine | None
+    """With our service paused (None when it was not started here)."""
+    stack_cpu_beside: list[ProcessCpu]
+    """What the idle stack used while the bare engine ran beside it."""
+    stack_cpu_paused: list[ProcessCpu]
+    """What anything but the bare engine used while our service was paused (the check that it was)."""
+
+    @property
+    def overhead(self) -> float | None:
+        """Ours p50 / the bare engine's p50 alone: the product target is <= OVERHEAD_TARGET."""
+        return ratio(self.ours.p50_s, self.bare_alone.p50_s if self.bare_alone else None)
 
 
 class BenchResult(BaseModel):
@@ -208,11 +227,7 @@ class BenchResult(BaseModel):
     peer: ServerResult
     ratios: list[LevelRatio]
     """Ours / peer per concurrency level."""
-    bare_engine: BareEngine | None
-    """Alone on the machine, right after our service stopped."""
-    bare_engine_beside_service: BareEngineBesideService | None = None
-    overhead_c1: float | None
-    """Ours p50 at concurrency 1 / the bare engine's p50 (alone)."""
+    c1_against_bare_engine: C1AgainstBareEngine | None
     overhead_target: float = OVERHEAD_TARGET
     engine: EngineRatio | None = None
 
@@ -356,9 +371,21 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
 def cpu_by_process(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
                    wall_s: float) -> list[ProcessCpu]:
     """CPU used between two snapshots, summed by label (a process born in between counts from 0)."""
+    return as_cores(cpu_used(before, after), wall_s)
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+             exclude: int | None = None) -> Counter[str]:
+    """CPU seconds per label between two snapshots, leaving out the process `exclude`."""
     used: Counter[str] = Counter()
     for pid, (label, cpu) in after.items():
-        used[label] += cpu - before.get(pid, (label, 0.0))[1]
+        if pid != exclude:
+            used[label] += cpu - before.get(pid, (label, 0.0))[1]
+    return used
+
+
+def as_cores(used: Counter[str], wall_s: float) -> list[ProcessCpu]:
+    """Busiest first, those under MIN_CPU_SHARE of a core left out."""
     return [ProcessCpu(process=label, cpu_s=round(cpu, 2), cores=round(cpu / wall_s, 3))
             for label, cpu in used.most_common() if wall_s > 0 and cpu / wall_s >= MIN_CPU_SHARE]
 
@@ -407,12 +434,18 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: flo
     raise TimeoutError(f"{url} was not ready within {timeout_s:.0f} s (log: {log_path})")
 
 
+class RunningServer(NamedTuple):
+    url: str
+    pid: int | None
+    """The process started here (None for a server given by URL): its tree can be paused."""
+
+
 @contextmanager
 def running_server(url: str | None, command: list[str], ready_path: str, log_path: Path,
-                   timeout_s: float, say: Callable[[str], None]) -> Iterator[str]:
-    """`url` if given; otherwise start `command --port P`, yield its URL once ready, stop it."""
+                   timeout_s: float, say: Callable[[str], None]) -> Iterator[RunningServer]:
+    """`url` if given; otherwise start `command --port P`, yield it once ready, stop it."""
     if url:
-        yield url.rstrip("/")
+        yield RunningServer(url.rstrip("/"), None)
         return
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -422,7 +455,7 @@ def running_server(url: str | None, command: list[str], ready_path: str, log_pat
                                 start_new_session=True)  # its own group, so a hung one can be killed whole
         try:
             _wait_ready(url + ready_path, proc, log_path, timeout_s)
-            yield url
+            yield RunningServer(url, proc.pid)
         finally:
             _stop(proc)
 
@@ -438,39 +471,63 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-# --- bare engine -------------------------------------------------------------------------
-def measure_bare_engine_beside(url: str, order: list[int], threads: int,
-                               say: Callable[[str], None]) -> BareEngineBesideService | None:
-    """The bare engine while the service at `url` runs with no requests: what its idle processes
-    (Ray's, Serve's, the side processes) cost an engine sharing the cores with them."""
-    if httpx.get(url + "/readyz", timeout=10).status_code != 200:
-        say("our service is not ready: the bare engine beside it is not measured")
-        return None
-    before, start = cpu_snapshot(), time.perf_counter()
-    bare = measure_bare_engine(order, threads, say, beside="beside our idle service")
-    stack = cpu_by_process(before, cpu_snapshot(), time.perf_counter() - start)  # the worker has exited: not in it
-    return BareEngineBesideService(bare=bare, stack_cpu=stack) if bare else None
+# --- ours at concurrency 1 against the bare engine ---------------------------------------
+C1_BLOCK = 4
+"""Clips per block of the interleaved c=1 comparison: a block's three timings lie seconds apart."""
+C1_PASSES = 2
+"""Each clip is timed this many times each way: a p50 over 24 requests moves 5-8 % with the machine's jitter."""
+RESUME_SETTLE_S = 1.0
+"""After a pause, the service's periodic work that came due meanwhile runs before ours is timed again."""
 
 
-def measure_bare_engine(order: list[int], threads: int, say: Callable[[str], None],
-                        beside: str = "alone") -> BareEngine | None:
-    """Our engine's own time per clip, in a subprocess so its threads compete with nothing, over
-    the clips `order` indexes: those the concurrency-1 level sent (a p50 over other clips, longer
-    or shorter, compares nothing)."""
-    say(f"bare engine ({beside}): onnx-int8, {threads} threads, {len(order)} clips, one at a time")
+class BareEngineWorker:
+    """Our engine (the stable version's onnx-int8) in a process of its own (`bare_engine`), loaded
+    once with the clips `order` indexes; `time_clips` times some of them, one at a time."""
+
+    def __init__(self, proc: subprocess.Popen, stderr):
+        self._proc, self._stderr = proc, stderr
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def time_clips(self, positions: list[int]) -> list[float]:
+        """Seconds per clip for the clips at these positions of `order`."""
+        self._proc.stdin.write(json.dumps(positions) + "\n")
+        self._proc.stdin.flush()
+        return self.reply()
+
+    def reply(self):
+        line = self._proc.stdout.readline()
+        if not line:
+            self._stderr.seek(0)
+            raise RuntimeError(f"the bare engine exited (code {self._proc.wait()}):\n{self._stderr.read()[-2000:]}")
+        return json.loads(line)
+
+
+@contextmanager
+def bare_engine(order: list[int], threads: int) -> Iterator[BareEngineWorker]:
+    """A BareEngineWorker, loaded and warmed up; stopped on leaving."""
     job = json.dumps({"order": order, "threads": threads})
-    proc = subprocess.run([sys.executable, "-m", "loadtests.service_bench", "--bare-engine-worker", job],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        say(f"bare engine failed (exit {proc.returncode}); reporting without it:\n{proc.stderr[-2000:]}")
-        return None
-    latencies = json.loads(proc.stdout.strip().splitlines()[-1])
-    return BareEngine(threads=threads, clips=len(latencies), p50_s=percentile(latencies, 50),
-                      mean_s=float(np.mean(latencies)), latencies_s=latencies)
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "loadtests.service_bench", "--bare-engine-worker", job],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            worker = BareEngineWorker(proc, stderr)
+            worker.reply()  # loaded
+            yield worker
+        finally:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _bare_engine_worker(job: dict) -> None:
-    """Prints the per-clip latencies (JSON list) of the stable version's onnx-int8 engine."""
+    """Prints a line once loaded, then reads lines of positions into job["order"] and prints each
+    one's per-clip latencies (a JSON list)."""
     from asrops.audio import decode_audio
     from asrops.engines import load_engine
     from asrops.registry import ModelRegistry
@@ -483,13 +540,104 @@ def _bare_engine_worker(job: dict) -> None:
     options = settings.engine.decode_options()
     clips = load_clips(max(job["order"]) + 1)
     audios = [decode_audio(clips[i].wav).samples for i in job["order"]]
-    engine.transcribe([audios[0]], options)  # warm-up, as the level's own
-    latencies = []
-    for audio in audios:
-        start = time.perf_counter()
+    for audio in audios:  # warm-up: the service has seen every clip in the levels before
         engine.transcribe([audio], options)
-        latencies.append(time.perf_counter() - start)
-    print(json.dumps(latencies))
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        latencies = []
+        for position in json.loads(line):
+            start = time.perf_counter()
+            engine.transcribe([audios[position]], options)
+            latencies.append(time.perf_counter() - start)
+        print(json.dumps(latencies), flush=True)
+
+
+@contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """Every process of the tree under `pid` stopped (SIGSTOP) and continued afterwards: for a
+    second or two, nothing of the service uses the CPU."""
+    import psutil
+
+    root = psutil.Process(pid)
+    stopped: list[psutil.Process] = []
+    try:
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                proc.suspend()
+                stopped.append(proc)
+            except psutil.NoSuchProcess:
+                continue
+        yield
+    finally:
+        for proc in stopped:
+            try:
+                proc.resume()
+            except psutil.NoSuchProcess:
+                continue
+
+
+def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], order: list[int], threads: int,
+                                   say: Callable[[str], None]) -> C1AgainstBareEngine | None:
+    """Ours at concurrency 1 and the bare engine on the same clips, in blocks of C1_BLOCK clips:
+    per block, ours one request at a time, then the bare engine beside our idle service, then
+    the bare engine alone (our service paused, when it was started here). This machine's speed
+    drifts by 15-25 % within minutes; within a block, seconds apart, it does not."""
+    if httpx.get(server.url + "/readyz", timeout=10).status_code != 200:
+        say("our service is not ready: ours at c=1 against the bare engine is not measured")
+        return None
+    alone_too = server.pid is not None
+    say(f"ours at c=1 against the bare engine (onnx-int8, {threads} threads), {len(order)} clips {C1_PASSES} times, "
+        f"in blocks of "
+        f"{C1_BLOCK}: ours, the bare engine beside our idle service"
+        + (", the bare engine alone (our service paused)" if alone_too else " (our service was not started here: "
+           "it cannot be paused, so the bare engine alone is not measured)"))
+    samples: list[Sample] = []
+    beside: list[float] = []
+    alone: list[float] = []
+    wall = Counter()
+    beside_cpu: Counter[str] = Counter()
+    paused_cpu: Counter[str] = Counter()
+
+    async def interleave(worker: BareEngineWorker) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+            await _post(client, server.url, clips[order[0]])  # warm-up, as a level's
+            for first in range(0, C1_PASSES * len(order), C1_BLOCK):
+                positions = [p % len(order) for p in range(first, min(first + C1_BLOCK, C1_PASSES * len(order)))]
+                start = time.perf_counter()
+                samples.extend([await _post(client, server.url, clips[order[p]]) for p in positions])
+                wall["ours"] += time.perf_counter() - start
+                before, start = cpu_snapshot(), time.perf_counter()
+                beside.extend(worker.time_clips(positions))
+                wall["beside"] += time.perf_counter() - start
+                beside_cpu.update(cpu_used(before, cpu_snapshot(), exclude=worker.pid))
+                if alone_too:
+                    with paused(server.pid):
+                        before, start = cpu_snapshot(), time.perf_counter()
+                        alone.extend(worker.time_clips(positions))
+                        wall["alone"] += time.perf_counter() - start
+                        paused_cpu.update(cpu_used(before, cpu_snapshot(), exclude=worker.pid))
+                    await asyncio.sleep(RESUME_SETTLE_S)
+
+    try:
+        with bare_engine(order, threads) as worker:
+            asyncio.run(interleave(worker))
+    except RuntimeError as exc:
+        say(f"the bare engine failed; reporting without it: {exc}")
+        return None
+    return C1AgainstBareEngine(
+        ours=summarize(samples, 1, wall["ours"]),
+        ours_latencies_s=[x.latency_s for x in samples],
+        ours_engine_s=[x.engine_s for x in samples],
+        bare_beside=_bare(beside, threads),
+        bare_alone=_bare(alone, threads) if alone else None,
+        stack_cpu_beside=as_cores(beside_cpu, wall["beside"]),
+        stack_cpu_paused=as_cores(paused_cpu, wall["alone"]) if alone else [],
+    )
+
+
+def _bare(latencies: list[float], threads: int) -> BareEngine:
+    return BareEngine(threads=threads, clips=len(latencies), p50_s=percentile(latencies, 50),
+                      mean_s=float(np.mean(latencies)), latencies_s=latencies)
 
 
 def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -> EngineRatio | None:
@@ -538,21 +686,28 @@ def format_table(result: BenchResult) -> str:
                      f"{_fmt(ours.wer, '.2f')} % / peer {_fmt(peer.wer, '.2f')} %; throughput "
                      f"{ours.throughput:.2f} / {peer.throughput:.2f} audio-s/s = "
                      f"{_fmt(ratio(ours.throughput, peer.throughput), '.2f')}; errors {ours.errors} / {peer.errors}")
-    if result.bare_engine:
-        verdict = "" if result.overhead_c1 is None else (
-            "meets" if result.overhead_c1 <= result.overhead_target else "MISSES")
-        lines.append(f"bare engine p50 {result.bare_engine.p50_s:.3f} s over the c=1 level's clips; ours p50 at "
-                     f"c=1 / bare = {_fmt(result.overhead_c1, '.2f')} ({verdict} target <= {result.overhead_target})")
-        if ours_c1 := next((r for r in result.ours.levels if r.concurrency == 1), None):
-            lines.append(f"  ours at c=1, per request (medians): the engine in its replica "
-                         f"{_fmt(ours_c1.engine_p50_s)} s, serving around it {_fmt(ours_c1.serving_p50_s)} s")
-        if beside := result.bare_engine_beside_service:
-            used = ", ".join(f"{c.process} {c.cores:.2f}" for c in beside.stack_cpu) or "-"
-            lines.append(f"  the bare engine beside our idle service: p50 {beside.bare.p50_s:.3f} s = "
-                         f"{_fmt(ratio(beside.bare.p50_s, result.bare_engine.p50_s), '.2f')} x alone; the idle "
-                         f"stack used {sum(c.cores for c in beside.stack_cpu):.2f} cores ({used})")
+    if c1 := result.c1_against_bare_engine:
+        head = (f"ours at c=1 against the bare engine on the same clips ({c1.ours.requests} requests), interleaved in "
+                f"blocks of "
+                f"{C1_BLOCK}: ours p50 {_fmt(c1.ours.p50_s)} s (the engine in its replica {_fmt(c1.ours.engine_p50_s)} "
+                f"s, serving around it {_fmt(c1.ours.serving_p50_s)} s)")
+        if c1.bare_alone:
+            verdict = "meets" if c1.overhead <= result.overhead_target else "MISSES"
+            lines.append(f"{head} / bare engine alone p50 {c1.bare_alone.p50_s:.3f} s = {c1.overhead:.2f} "
+                         f"({verdict} target <= {result.overhead_target})")
+        else:
+            lines.append(f"{head}; the bare engine alone: not measured (our service was not started here)")
+        used = ", ".join(f"{c.process} {c.cores:.2f}" for c in c1.stack_cpu_beside) or "-"
+        lines.append(f"  the bare engine beside our idle service: p50 {c1.bare_beside.p50_s:.3f} s"
+                     + (f" = {_fmt(ratio(c1.bare_beside.p50_s, c1.bare_alone.p50_s), '.2f')} x alone" if c1.bare_alone
+                        else "")
+                     + f"; the idle stack used {sum(c.cores for c in c1.stack_cpu_beside):.2f} cores ({used})")
+        if c1.bare_alone:
+            used = ", ".join(f"{c.process} {c.cores:.2f}" for c in c1.stack_cpu_paused) or "nothing over 1 %"
+            lines.append(f"  while our service was paused for the bare engine alone, the rest of the machine used "
+                         f"{sum(c.cores for c in c1.stack_cpu_paused):.2f} cores ({used})")
     else:
-        lines.append("bare engine: not measured")
+        lines.append("ours at c=1 against the bare engine: not measured")
     if e := result.engine:
         lines.append(
             f"engine ({e.clips} clips): onnx-int8 RTFx {e.rtfx:.2f} / fw-int8 {e.peer_rtfx:.2f} = {e.rtfx_ratio:.2f} "
@@ -581,8 +736,8 @@ def plot(result: BenchResult, path: Path) -> None:
         left.plot(cs, [r.throughput for r in server.levels], "o-", color=color, label=server.name)
         right.plot(cs, [nan(r.p50_s) for r in server.levels], "o-", color=color, label=f"{server.name} p50")
         right.plot(cs, [nan(r.p95_s) for r in server.levels], "s--", color=color, label=f"{server.name} p95")
-    if result.bare_engine:
-        right.axhline(result.bare_engine.p50_s, color="gray", linestyle=":", label="bare engine p50")
+    if (c1 := result.c1_against_bare_engine) and c1.bare_alone:
+        right.axhline(c1.bare_alone.p50_s, color="gray", linestyle=":", label="bare engine p50")
     for ax, ylabel in ((left, "audio seconds / wall second"), (right, "latency (s)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(result.levels, labels=[str(c) for c in result.levels])
@@ -635,16 +790,14 @@ def main(argv: list[str] | None = None) -> None:
     py = sys.executable
     c1_order = [level_clip(i, len(clips)) for i in range(args.requests_per_level or default_requests(1))]
     with running_server(args.ours, [py, "-m", "asrops.cli", "serve"], "/readyz",
-                        args.out_dir / "ours.log", args.startup_timeout, say) as url:
-        ours = bench_server("ours", url, clips, levels, args.requests_per_level, core_set, say)
-        beside = measure_bare_engine_beside(url, c1_order, args.threads, say)
-    bare = measure_bare_engine(c1_order, args.threads, say)
+                        args.out_dir / "ours.log", args.startup_timeout, say) as server:
+        ours = bench_server("ours", server.url, clips, levels, args.requests_per_level, core_set, say)
+        c1 = measure_c1_against_bare_engine(server, clips, c1_order, args.threads, say)
     with running_server(args.peer, [py, "-m", "loadtests.peer_server", "--threads", str(args.threads)], "/healthz",
-                        args.out_dir / "peer.log", args.startup_timeout, say) as url:
-        peer = bench_server("peer", url, clips, levels, args.requests_per_level, core_set, say)
+                        args.out_dir / "peer.log", args.startup_timeout, say) as server:
+        peer = bench_server("peer", server.url, clips, levels, args.requests_per_level, core_set, say)
     engine = measure_engine_ratio(args.engine_clips, args.threads, say) if args.engine_clips else None
 
-    ours_c1 = next((r for r in ours.levels if r.concurrency == 1), None)
     result = BenchResult(
         clips=len(clips),
         clip_audio_s=sum(c.audio_s for c in clips),
@@ -652,9 +805,7 @@ def main(argv: list[str] | None = None) -> None:
         ours=ours,
         peer=peer,
         ratios=compare(ours, peer),
-        bare_engine=bare,
-        bare_engine_beside_service=beside,
-        overhead_c1=ratio(ours_c1.p50_s if ours_c1 else None, bare.p50_s if bare else None),
+        c1_against_bare_engine=c1,
         engine=engine,
     )
     print(format_table(result))

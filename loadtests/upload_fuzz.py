@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path("out/upload-fuzz-serve.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "asrops.cli", "serve"]
-    with running_server(args.url, command, "/readyz", log_path, 900, say) as url, \
+    with running_server(args.url, command, "/readyz", log_path, 900, say) as server, \
             httpx.Client(timeout=120) as http:
+        url = server.url
         auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         seeds = seed_files()
         sent = 0

@@ -17,8 +17,8 @@ from asrops.formats import engine_time, server_timing
 from loadtests.peer_server import build_app
 from loadtests.service_bench import (
     BareEngine,
-    BareEngineBesideService,
     BenchResult,
+    C1AgainstBareEngine,
     LevelResult,
     ProcessCpu,
     Sample,
@@ -28,6 +28,7 @@ from loadtests.service_bench import (
     cpu_snapshot,
     default_requests,
     format_table,
+    paused,
     percentile,
     process_label,
     ratio,
@@ -113,16 +114,54 @@ def test_the_table_splits_the_c1_overhead_into_the_idle_stack_and_serving():
 
     stack = [ProcessCpu(process="ray::ServeController", cpu_s=1.0, cores=0.05),
              ProcessCpu(process="gcs_server", cpu_s=0.4, cores=0.02)]
+    c1 = C1AgainstBareEngine(ours=ours_c1, ours_latencies_s=[0.3] * 3, ours_engine_s=[0.26] * 3,
+                             bare_beside=bare(0.24), bare_alone=bare(0.20), stack_cpu_beside=stack,
+                             stack_cpu_paused=[ProcessCpu(process="benchmark client", cpu_s=0.1, cores=0.01)])
     result = BenchResult(clips=1, clip_audio_s=5.0, levels=[1], ours=ours, peer=peer, ratios=compare(ours, peer),
-                         bare_engine=bare(0.20), bare_engine_beside_service=BareEngineBesideService(
-                             bare=bare(0.24), stack_cpu=stack), overhead_c1=0.30 / 0.20)
+                         c1_against_bare_engine=c1)
     table = format_table(result)
-    assert "ours p50 at c=1 / bare = 1.50 (MISSES target <= 1.15)" in table
-    assert "the engine in its replica 0.260 s, serving around it 0.040 s" in table
+    assert "ours p50 0.300 s (the engine in its replica 0.260 s, serving around it 0.040 s)" in table
+    assert "bare engine alone p50 0.200 s = 1.50 (MISSES target <= 1.15)" in table
     assert "beside our idle service: p50 0.240 s = 1.20 x alone; the idle stack used 0.07 cores" in table
     assert "ray::ServeController 0.05, gcs_server 0.02" in table
-    without = format_table(result.model_copy(update={"bare_engine_beside_service": None}))
-    assert "beside our idle service" not in without and "serving around it 0.040 s" in without
+    assert "our service was paused for the bare engine alone, the rest of the machine used 0.01 cores" in table
+    unpaused = format_table(result.model_copy(update={"c1_against_bare_engine": c1.model_copy(
+        update={"bare_alone": None, "stack_cpu_paused": []})}))
+    assert "the bare engine alone: not measured (our service was not started here)" in unpaused
+    assert "MISSES" not in unpaused and "meets target" not in unpaused and "x alone" not in unpaused
+
+
+def test_a_paused_service_uses_no_cpu_until_it_is_resumed(tmp_path):
+    """The bare engine's 'alone' timing pauses the whole process tree of our service: a process
+    and the child it started, both spinning, use no CPU while paused and spin again after."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    spin = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'while True: pass']); \nwhile True: pass"
+    parent = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        deadline = time.monotonic() + 10
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children()]
+        assert len(tree) == 2
+
+        def cpu_over(seconds: float) -> list[float]:
+            before = [sum(p.cpu_times()[:2]) for p in tree]
+            time.sleep(seconds)
+            return [sum(p.cpu_times()[:2]) - b for p, b in zip(tree, before, strict=True)]
+
+        with paused(parent.pid):
+            time.sleep(0.1)  # a tick already counted
+            assert all(used < 0.02 for used in cpu_over(0.5))
+        assert all(used > 0.05 for used in cpu_over(0.5))
+    finally:
+        for proc in psutil.Process(parent.pid).children():
+            proc.kill()
+        parent.kill()
+        parent.wait()
 
 
 def test_cpu_is_summed_by_process_kind_and_idle_ones_left_out():
