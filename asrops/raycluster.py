@@ -29,10 +29,10 @@ SERVE_TUNING = {
     # Serve's hops (the proxy to the ingress, the ingress to a model replica) go over the
     # replicas' own gRPC servers instead of Ray actor calls: the transport of Ray's documented
     # throughput-optimised mode (RAY_SERVE_THROUGHPUT_OPTIMIZED, whose other parts are not
-    # wanted here: direct ingress opens a port per replica). 4-8 ms less per request on 2 cores.
+    # wanted here: direct ingress opens a port per replica). 4-7 ms less per request on 2 cores.
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     # A replica runs our code and its router on its own event loop, not on two more threads
-    # (also part of that mode): a request crosses fewer threads, 4-6 ms less at c=1. Our
+    # (also part of that mode): a request crosses fewer threads, about 5 ms less at c=1. Our
     # blocking work (decoding, the engine) runs in worker threads either way.
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
