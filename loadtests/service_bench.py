@@ -587,14 +587,13 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
         return None
     alone_too = server.pid is not None
     say(f"ours at c=1 against the bare engine (onnx-int8, {threads} threads), {len(order)} clips {C1_PASSES} times, "
-        f"in blocks of "
-        f"{C1_BLOCK}: ours, the bare engine beside our idle service"
+        f"in blocks of {C1_BLOCK}: ours, the bare engine beside our idle service"
         + (", the bare engine alone (our service paused)" if alone_too else " (our service was not started here: "
            "it cannot be paused, so the bare engine alone is not measured)"))
     samples: list[Sample] = []
     beside: list[float] = []
     alone: list[float] = []
-    wall = Counter()
+    wall: Counter[str] = Counter()
     beside_cpu: Counter[str] = Counter()
     paused_cpu: Counter[str] = Counter()
 
@@ -688,9 +687,8 @@ def format_table(result: BenchResult) -> str:
                      f"{_fmt(ratio(ours.throughput, peer.throughput), '.2f')}; errors {ours.errors} / {peer.errors}")
     if c1 := result.c1_against_bare_engine:
         head = (f"ours at c=1 against the bare engine on the same clips ({c1.ours.requests} requests), interleaved in "
-                f"blocks of "
-                f"{C1_BLOCK}: ours p50 {_fmt(c1.ours.p50_s)} s (the engine in its replica {_fmt(c1.ours.engine_p50_s)} "
-                f"s, serving around it {_fmt(c1.ours.serving_p50_s)} s)")
+                f"blocks of {C1_BLOCK}: ours p50 {_fmt(c1.ours.p50_s)} s (the engine in its replica "
+                f"{_fmt(c1.ours.engine_p50_s)} s, serving around it {_fmt(c1.ours.serving_p50_s)} s)")
         if c1.bare_alone:
             verdict = "meets" if c1.overhead <= result.overhead_target else "MISSES"
             lines.append(f"{head} / bare engine alone p50 {c1.bare_alone.p50_s:.3f} s = {c1.overhead:.2f} "
