@@ -25,7 +25,11 @@ from asrops.settings import Settings
 
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 """Ray's single-machine mode: node address and every port on 127.0.0.1."""
-SERVE_TUNING = {
+RAY_TUNING = {
+    # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own GCS
+    # and raylet, a load generator, a log shipper) takes the CPU from our replicas, which are the
+    # node's whole purpose.
+    "RAY_worker_niceness": "0",
     # Serve's hops (the proxy to the ingress, the ingress to a model replica) go over the
     # replicas' own gRPC servers instead of Ray actor calls: the transport of Ray's documented
     # throughput-optimised mode (RAY_SERVE_THROUGHPUT_OPTIMIZED, whose other parts are not
@@ -41,8 +45,8 @@ SERVE_TUNING = {
     # waits at most that much longer to be acted on.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
 }
-"""Ray Serve's environment for every Ray process of the service: set before a local cluster
-starts (an operator's own value wins), and in the Ray pods on KubeRay (k8s/, generated)."""
+"""Ray's and Ray Serve's environment for every Ray process of the service: set before a local
+cluster starts (an operator's own value wins), and in the Ray pods on KubeRay (k8s/, generated)."""
 METRICS_AGENT_WAIT_S = 120.0
 
 log = logging.getLogger(__name__)
@@ -52,11 +56,7 @@ def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
     """Start (or join, with RAY_ADDRESS) Ray. `worker_setup_hook` (an import path) runs in every
     worker process Ray starts for this driver's job, Serve's controller and proxy included."""
     hook = {"worker_process_setup_hook": worker_setup_hook} if worker_setup_hook else {}
-    # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own
-    # GCS and raylet, a load generator, a log shipper) takes the CPU from our replicas, which
-    # are the node's whole purpose. An operator's explicit setting still wins.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    for name, value in SERVE_TUNING.items():
+    for name, value in RAY_TUNING.items():  # an operator's explicit setting wins
         os.environ.setdefault(name, value)
     if ray.is_initialized():
         return

@@ -8,7 +8,7 @@ each:
 - the RayService's rayVersion and the image tags: pyproject's `ray[serve]==` pin and version
 - the PrometheusRule: monitoring/prometheus/alerts.yml
 - the Grafana dashboard ConfigMap: monitoring/grafana/asrops.json
-- the Ray pods' Serve tuning ConfigMap: asrops.raycluster.SERVE_TUNING
+- the Ray pods' tuning ConfigMap: asrops.raycluster.RAY_TUNING
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CHECKOUT = K8S_DIR.parent
 PYPROJECT = CHECKOUT / "pyproject.toml"
 SERVE_CONFIG_FILE = CHECKOUT / "serve" / "serve_config.yaml"
 GENERATED_DIR = K8S_DIR / "components" / "generated"
-"""A kustomize Component the base includes: serveConfigV2 and rayVersion, alerts, dashboard, Serve tuning."""
+"""A kustomize Component the base includes: serveConfigV2 and rayVersion, alerts, dashboard, Ray tuning."""
 IMAGES_DIR = K8S_DIR / "components" / "images"
 """A kustomize Component every overlay includes: the image tags (an overlay adds containers)."""
 OVERLAYS = ("cpu", "gpu", "local")
@@ -40,7 +40,7 @@ IMAGE_VARIANTS = ("cpu", "cuda")
 """k8s/images/Dockerfile.<variant>; the manifests name each as `asrops-<variant>`."""
 KUSTOMIZE_COMPONENT = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component"}
 RAY_TUNING_CONFIGMAP = "asrops-ray-tuning"
-"""Ray Serve's environment (asrops.raycluster.SERVE_TUNING), for every Ray container's envFrom."""
+"""Ray's and Ray Serve's environment (asrops.raycluster.RAY_TUNING), for every Ray container's envFrom."""
 DASHBOARD_LABEL = {"grafana_dashboard": "1"}
 """What kube-prometheus-stack's Grafana sidecar looks for on a ConfigMap (its default)."""
 
@@ -114,7 +114,7 @@ def generated_files() -> dict[Path, str]:
     """Every generated file and the content the code gives it now."""
     from asrops.monitoring.dashboards import DASHBOARD_FILE
     from asrops.monitoring.prometheus import ALERT_RULES_FILE
-    from asrops.raycluster import SERVE_TUNING
+    from asrops.raycluster import RAY_TUNING
     from asrops.serve.deploy_config import serve_deploy_config
 
     p = pins()
@@ -137,7 +137,7 @@ def generated_files() -> dict[Path, str]:
     ray_tuning = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": RAY_TUNING_CONFIGMAP, "labels": {"app.kubernetes.io/name": "asrops"}},
-        "data": dict(SERVE_TUNING),
+        "data": dict(RAY_TUNING),
     }
     patch, rule_file, dashboard_file, tuning_file = "rayservice.serve-config.yaml", "prometheusrule.asrops.yaml", \
         "configmap.grafana-dashboard.yaml", "configmap.ray-tuning.yaml"
@@ -152,7 +152,7 @@ def generated_files() -> dict[Path, str]:
         GENERATED_DIR / patch: _header("serve/deploy_config.py and pyproject's Ray pin") + to_yaml(rayservice_patch),
         GENERATED_DIR / rule_file: _header("monitoring/prometheus/alerts.yml") + to_yaml(rule),
         GENERATED_DIR / dashboard_file: _header("monitoring/grafana/asrops.json") + to_yaml(dashboard),
-        GENERATED_DIR / tuning_file: _header("asrops/raycluster.py SERVE_TUNING") + to_yaml(ray_tuning),
+        GENERATED_DIR / tuning_file: _header("asrops/raycluster.py RAY_TUNING") + to_yaml(ray_tuning),
         IMAGES_DIR / "kustomization.yaml": _header("pyproject's version and Ray pin") + to_yaml(images),
     }
 

@@ -119,12 +119,12 @@ def test_serve_config_v2_is_the_deploy_config(objects):
 
 
 def test_every_ray_process_gets_the_serve_tuning_a_local_cluster_gets(objects):
-    """The Ray containers of every group (head, CPU and GPU workers) read Ray Serve's environment
-    from the generated ConfigMap, which holds what `asrops serve` sets on a local cluster: a
-    worker group without it would serve over actor calls with a busier controller."""
-    from asrops.raycluster import SERVE_TUNING
+    """The Ray containers of every group (head, CPU and GPU workers) read Ray's and Ray Serve's
+    environment from the generated ConfigMap, which holds what `asrops serve` sets on a local cluster: a
+    worker group without it would serve at nice 15, over actor calls, with a busier controller."""
+    from asrops.raycluster import RAY_TUNING
 
-    assert _one(objects, "ConfigMap", k8s.RAY_TUNING_CONFIGMAP)["data"] == SERVE_TUNING
+    assert _one(objects, "ConfigMap", k8s.RAY_TUNING_CONFIGMAP)["data"] == RAY_TUNING
     for group, spec in _ray_groups(_one(objects, "RayService")).items():
         for c in spec["template"]["spec"]["containers"]:
             refs = [e["configMapRef"]["name"] for e in c.get("envFrom", []) if "configMapRef" in e]

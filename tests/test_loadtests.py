@@ -131,7 +131,7 @@ def test_the_table_splits_the_c1_overhead_into_the_idle_stack_and_serving():
     assert "MISSES" not in unpaused and "meets target" not in unpaused and "x alone" not in unpaused
 
 
-def test_a_paused_service_uses_no_cpu_until_it_is_resumed(tmp_path):
+def test_a_paused_service_uses_no_cpu_until_it_is_resumed():
     """The bare engine's 'alone' timing pauses the whole process tree of our service: a process
     and the child it started, both spinning, use no CPU while paused and spin again after."""
     import subprocess

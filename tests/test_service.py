@@ -322,12 +322,12 @@ def test_a_looping_clip_comes_back_without_the_loop(client, engines):
 
 
 def test_serves_processes_run_with_the_serve_tuning(service):
-    """Serve's proxy, controller and every replica were started with asrops's Ray Serve
-    environment (gRPC between the hops, the slower controller loop): set after Ray had started,
+    """Serve's proxy, controller and every replica were started with asrops's Ray
+    environment (niceness 0, gRPC between the hops, the slower controller loop): set after Ray had started,
     it would reach none of them and every request would go over actor calls again."""
     import psutil
 
-    from asrops.raycluster import SERVE_TUNING
+    from asrops.raycluster import RAY_TUNING
 
     assert httpx.get(f"{service}/readyz").status_code == 200
     serve_processes = {}
@@ -338,4 +338,4 @@ def test_serves_processes_run_with_the_serve_tuning(service):
     assert any("ServeReplica" in t for t in serve_processes) and any("Proxy" in t for t in serve_processes)
     for title, proc in serve_processes.items():
         env = proc.environ()
-        assert {k: env.get(k) for k in SERVE_TUNING} == SERVE_TUNING, title
+        assert {k: env.get(k) for k in RAY_TUNING} == RAY_TUNING, title
