@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -91,3 +93,27 @@ def test_a_retrain_survives_a_killed_worker_and_publishes_a_canary_with_its_repo
         assert "held-out" in report.lower() and "golden" in report.lower()
     finally:
         rollout.rollback(registry, "tests", "cleanup after the retrain test")
+
+
+
+def test_a_process_started_before_ray_reaches_its_jobs_api_with_the_clusters_token(ray_node):
+    """The drift monitor starts before `asrops serve` starts Ray, and `asrops retrain` runs in
+    another shell: neither inherits the token mode Ray turns on for a local cluster, yet both
+    submit and list jobs through its Jobs API (which answers 401 without the token)."""
+    import ray
+
+    url = "http://" + ray._private.worker.get_dashboard_url()
+    probe = ("import sys; from asrops.retrain.trigger import jobs_client, retrain_jobs; "
+             "retrain_jobs(sys.argv[1]); "
+             "print(jobs_client(sys.argv[1]).submit_job(entrypoint='true', metadata={'asrops': 'auth-test'}))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    done = subprocess.run([sys.executable, "-c", probe, url], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    job_id = done.stdout.split()[-1]
+    from asrops.retrain.trigger import jobs_client
+
+    client, deadline = jobs_client(url), time.monotonic() + 120
+    while (status := str(client.get_job_status(job_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"job {job_id} still {status}"
+        time.sleep(0.5)
+    assert status == "SUCCEEDED"
