@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import ray
@@ -74,7 +75,18 @@ def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
         configure_logging=True,
         runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}, **hook},
     )
+    _keep_token_private()
     _wait_for_metrics_agent(settings.monitoring.ray_metrics_port)
+
+
+def _keep_token_private() -> None:
+    """Ray 2.60 turns token authentication on for a new local cluster and writes the token to
+    ~/.ray/auth_token readable by every user of the machine (0644); whoever holds it can submit
+    a job, that is run code as us. Only this user reads it (the drift monitor and the CLI do,
+    retrain/trigger.py)."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.is_file() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)
 
 
 def _wait_for_metrics_agent(port: int) -> None:

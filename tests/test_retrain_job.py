@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,5 @@ def test_a_process_started_before_ray_reaches_its_jobs_api_with_the_clusters_tok
         assert time.monotonic() < deadline, f"job {job_id} still {status}"
         time.sleep(0.5)
     assert status == "SUCCEEDED"
+    token = Path.home() / ".ray" / "auth_token"  # where Ray keeps it, read by this user only
+    assert token.stat().st_mode & 0o777 == 0o600
