@@ -79,12 +79,19 @@ def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
     _wait_for_metrics_agent(settings.monitoring.ray_metrics_port)
 
 
+def ray_token_file() -> Path:
+    """Where Ray writes the token of a local cluster it starts (~/.ray/auth_token)."""
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    return _get_default_token_path()
+
+
 def _keep_token_private() -> None:
-    """Ray 2.60 turns token authentication on for a new local cluster and writes the token to
-    ~/.ray/auth_token readable by every user of the machine (0644); whoever holds it can submit
-    a job, that is run code as us. Only this user reads it (the drift monitor and the CLI do,
+    """Ray 2.60 turns token authentication on for a new local cluster and writes its token
+    readable by every user of the machine (0644); whoever holds it can submit a job, that is
+    run code as us. Only this user reads it (the drift monitor and the CLI do,
     retrain/trigger.py)."""
-    token = Path.home() / ".ray" / "auth_token"
+    token = ray_token_file()
     if token.is_file() and token.stat().st_mode & 0o077:
         token.chmod(0o600)
 

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from asrops.promotion import rollout
+from asrops.raycluster import ray_token_file
 from asrops.registry import ModelRegistry
 from asrops.retrain.job import checkpoint_root, run_retrain
+from asrops.retrain.trigger import jobs_client
 from asrops.synth import PRESETS, SynthSpec, generate
 
 pytestmark = pytest.mark.slow
@@ -96,7 +97,6 @@ def test_a_retrain_survives_a_killed_worker_and_publishes_a_canary_with_its_repo
         rollout.rollback(registry, "tests", "cleanup after the retrain test")
 
 
-
 def test_a_process_started_before_ray_reaches_its_jobs_api_with_the_clusters_token(ray_node):
     """The drift monitor starts before `asrops serve` starts Ray, and `asrops retrain` runs in
     another shell: neither inherits the token mode Ray turns on for a local cluster, yet both
@@ -111,12 +111,9 @@ def test_a_process_started_before_ray_reaches_its_jobs_api_with_the_clusters_tok
     done = subprocess.run([sys.executable, "-c", probe, url], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     job_id = done.stdout.split()[-1]
-    from asrops.retrain.trigger import jobs_client
-
     client, deadline = jobs_client(url), time.monotonic() + 120
     while (status := str(client.get_job_status(job_id))) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, f"job {job_id} still {status}"
         time.sleep(0.5)
     assert status == "SUCCEEDED"
-    token = Path.home() / ".ray" / "auth_token"  # where Ray keeps it, read by this user only
-    assert token.stat().st_mode & 0o777 == 0o600
+    assert ray_token_file().stat().st_mode & 0o777 == 0o600  # read by this user only
