@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -104,11 +105,24 @@ def test_a_process_started_before_ray_reaches_its_jobs_api_with_the_clusters_tok
     import ray
 
     url = "http://" + ray._private.worker.get_dashboard_url()
-    probe = ("import sys; from asrops.retrain.trigger import jobs_client, retrain_jobs; "
-             "retrain_jobs(sys.argv[1]); "
-             "print(jobs_client(sys.argv[1]).submit_job(entrypoint='true', metadata={'asrops': 'auth-test'}))")
+    # Right after Ray starts, the head may have no job agent yet (500 "No available agent"): the
+    # trigger tries again at its next verdict, the probe after a second.
+    probe = textwrap.dedent("""
+        import sys, time
+        from asrops.retrain.trigger import jobs_client, retrain_jobs
+        retrain_jobs(sys.argv[1])
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                print(jobs_client(sys.argv[1]).submit_job(entrypoint="true", metadata={"asrops": "auth-test"}))
+                break
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+    """)
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    done = subprocess.run([sys.executable, "-c", probe, url], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", probe, url], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     job_id = done.stdout.split()[-1]
     client, deadline = jobs_client(url), time.monotonic() + 120
