@@ -86,6 +86,16 @@ def ray_token_file() -> Path:
     return _get_default_token_path()
 
 
+def use_cluster_token() -> None:
+    """Send the cluster's token from this process, as Ray's own CLI does: token mode when a
+    token exists and RAY_AUTH_MODE does not say otherwise. Only the processes Ray starts inherit
+    the mode it turns on for a local cluster; the drift monitor starts before Ray, and a CLI
+    runs in another shell."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def _keep_token_private() -> None:
     """Ray 2.60 turns token authentication on for a new local cluster and writes its token
     readable by every user of the machine (0644); whoever holds it can submit a job, that is

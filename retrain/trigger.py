@@ -113,15 +113,13 @@ def jobs_address(settings: TriggerSettings, given: str | None = None) -> str:
 
 
 def jobs_client(address: str):
-    """A Ray Jobs client that sends the cluster's token. A local cluster turns Ray's token
-    authentication on (Ray 2.60's default) and writes the token where every process of this
-    user finds it (~/.ray/auth_token), but only the processes Ray starts inherit the mode: the
-    drift monitor starts before Ray, and a CLI runs in another shell. Read as Ray's own CLI
-    does: token mode when a token exists and RAY_AUTH_MODE does not say otherwise."""
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+    """A Ray Jobs client that sends the cluster's token (a local cluster's Jobs API answers 401
+    without it)."""
     from ray.job_submission import JobSubmissionClient
 
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    from asrops.raycluster import use_cluster_token
+
+    use_cluster_token()
     return JobSubmissionClient(address)
 
 

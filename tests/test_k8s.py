@@ -118,7 +118,7 @@ def test_serve_config_v2_is_the_deploy_config(objects):
         assert config["http_options"]["port"] == ServeSettings().port
 
 
-def test_every_ray_process_gets_the_serve_tuning_a_local_cluster_gets(objects):
+def test_every_ray_process_gets_the_ray_tuning_a_local_cluster_gets(objects):
     """The Ray containers of every group (head, CPU and GPU workers) read Ray's and Ray Serve's
     environment from the generated ConfigMap, which holds what `asrops serve` sets on a local cluster: a
     worker group without it would serve at nice 15, over actor calls, with a busier controller."""

@@ -100,8 +100,8 @@ def test_a_process_started_before_ray_reaches_its_jobs_api_with_the_clusters_tok
     """The drift monitor starts before `asrops serve` starts Ray, and `asrops retrain` runs in
     another shell: neither inherits the token mode Ray turns on for a local cluster, yet both
     reach its Jobs API, which answers 401 without the token. (Listing, not submitting: with a
-    second Ray on the machine, as the other xdist worker may run, this cluster's head can have
-    no job agent, whose port the first cluster holds.)"""
+    second Ray on the machine, as the other xdist worker may run, this cluster's head had no
+    job agent for over 90 s in CI, likely because the first cluster holds the agent's port.)"""
     import ray
 
     url = "http://" + ray._private.worker.get_dashboard_url()

@@ -321,7 +321,7 @@ def test_a_looping_clip_comes_back_without_the_loop(client, engines):
     assert any(s.temperature > 0 for s in answer.segments), answer.segments
 
 
-def test_serves_processes_run_with_the_serve_tuning(service):
+def test_serves_processes_run_with_the_ray_tuning(service):
     """Serve's proxy, controller and every replica were started with asrops's Ray
     environment (niceness 0, gRPC between the hops, the slower controller loop): set after Ray had started,
     it would reach none of them and every request would go over actor calls again."""
