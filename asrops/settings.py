@@ -110,6 +110,10 @@ class BreakerSettings(BaseModel):
 class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
+    proxy_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve's HTTP proxy, on a local cluster, where the ingress replica answers on `port` itself
+    (direct ingress): it reaches the same ingress, and any other application deployed beside it.
+    None: a free port."""
     api_keys: list[str] = []
     """Client keys; empty means no auth. Only their sha256 is kept in memory after start."""
     admin_tokens: list[str] = []

@@ -6,11 +6,10 @@ model deployment per registry version.
   shadowing, telemetry (telemetry.py, metrics.py), feedback (feedback.py), admin API (admin.py);
 - model_server.py and lanes.py: the model deployment of one version, batching over engine lanes;
 - launcher.py: deploying the applications on a local Ray (what `asrops serve` uses);
-- ray_shims.py: three changes to Ray Serve (replicas on loopback only, backpressure on bodies in
-  the replica and the proxy).
+- ray_shims.py: changes to Ray Serve (replicas on loopback only, backpressure on bodies in the
+  replica and the proxy, a client port for the ingress only).
 """
 
-from asrops.serve.ray_shims import bound_request_body_buffer, keep_replica_ports_on_loopback
+from asrops.serve.ray_shims import install_in_replica
 
-keep_replica_ports_on_loopback()  # in every replica's process, before it serves
-bound_request_body_buffer()
+install_in_replica()  # in every replica's process, before it serves

@@ -13,7 +13,7 @@ import yaml
 from ray import serve
 
 from asrops.models.importer import import_embedded_default
-from asrops.raycluster import init_ray
+from asrops.raycluster import init_ray, serves_clients_directly
 from asrops.registry import ModelRegistry, referenced_versions
 from asrops.serve.ingress import StatusSchedule, ingress_deployment
 from asrops.serve.model_server import model_app_name, model_deployment
@@ -26,9 +26,21 @@ INGRESS_APP = "asrops"
 
 
 def start_ray(settings: Settings) -> None:
-    """Ray, and Serve's HTTP proxy on the configured host and port."""
+    """Ray, and Serve's HTTP proxy on the configured host (`proxy_http_options`)."""
     init_ray(settings, WORKER_SETUP_HOOK)
-    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    if serves_clients_directly() and settings.serve.ingress_replicas > 1:
+        raise ValueError(f"ASROPS_SERVE__INGRESS_REPLICAS={settings.serve.ingress_replicas} on a local cluster: one "
+                         f"ingress replica answers on port {settings.serve.port} itself (direct ingress). Run one, or "
+                         "set RAY_SERVE_ENABLE_DIRECT_INGRESS=0 to run several behind Serve's proxy.")
+    serve.start(http_options=proxy_http_options(settings, {"host": settings.serve.host, "port": settings.serve.port}))
+
+
+def proxy_http_options(settings: Settings, http_options: dict) -> dict:
+    """Serve's proxy on the service's port, or, when the ingress replica answers clients there
+    itself (direct ingress, a local cluster), on `serve.proxy_port` (a free one when unset)."""
+    if not serves_clients_directly():
+        return http_options
+    return {**http_options, "port": settings.serve.proxy_port or 0}
 
 
 def deploy_version(settings: Settings, version_id: str, app_name: str | None = None) -> str:
@@ -142,7 +154,8 @@ def run_config(settings: Settings, config_path: Path, say: Callable[[str], None]
     )
 
     say(f"deploying {len(config.applications)} applications from {config_path}")
-    serve_start(http_options=config.http_options.model_dump()).deploy_apps(config, _blocking=True)
+    http_options = proxy_http_options(settings, config.http_options.model_dump())
+    serve_start(http_options=http_options).deploy_apps(config, _blocking=True)
     wait_ready(settings)
     return f"http://{settings.serve.host}:{settings.serve.port}"
 

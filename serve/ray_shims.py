@@ -1,7 +1,7 @@
-"""Three changes to Ray Serve that Ray has no setting for. The replicas' two are made when this
-package is imported (so in every replica's process, before a replica serves); the proxy's is
-made by `install`, which the launcher gives Ray as its worker setup hook (the proxy's process
-never imports this package otherwise). Each relies on a private part of Ray Serve;
+"""Changes to Ray Serve that Ray has no setting for. The replicas' are made when this package is
+imported (so in every replica's process, before a replica serves); all of them are made by
+`install`, which the launcher gives Ray as its worker setup hook (the proxy's process never
+imports this package otherwise). Each relies on a private part of Ray Serve;
 tests/test_service.py checks them through a running service, so an upgrade of Ray that breaks
 one fails there.
 
@@ -18,6 +18,15 @@ one fails there.
   replica's every pull takes all of it at once. Here the proxy stops reading from the client
   while more than RECEIVE_BUFFER_BYTES wait in that queue, so the client's sending is held back
   by TCP instead of the proxy's and the replica's memory.
+- Direct ingress (a local cluster, asrops/raycluster.py `direct_ingress_env`), the same again:
+  the ingress replica's own HTTP server reads a request's body from the client into an
+  unbounded queue (`ASGIDIReceiveProxy` in ray/serve/_private/direct_ingress_http_util.py).
+  Here it reads while at most RECEIVE_BUFFER_BYTES wait unread.
+- Direct ingress for the root application only: Ray opens a client port in every application's
+  ingress replica, so each model version's replica (an application of its own, with no route)
+  would take one too, and could take the service's port before the ingress does. Here only the
+  replica of the application at route "/" (the ingress) opens one; any other application is
+  reached through Serve's proxy.
 """
 
 from __future__ import annotations
@@ -36,10 +45,16 @@ WORKER_SETUP_HOOK = "asrops.serve.ray_shims.install"
 
 
 def install() -> None:
-    """All three, in whichever of Ray's processes this runs."""
+    """All of them, in whichever of Ray's processes this runs."""
+    install_in_replica()
+    bound_proxy_body_buffer()
+
+
+def install_in_replica() -> None:
     keep_replica_ports_on_loopback()
     bound_request_body_buffer()
-    bound_proxy_body_buffer()
+    bound_direct_ingress_body_buffer()
+    open_client_port_for_the_root_app_only()
 
 
 def keep_replica_ports_on_loopback() -> None:
@@ -141,3 +156,56 @@ def bound_proxy_body_buffer() -> None:
 
     HTTPProxy.proxy_asgi_receive = proxy_asgi_receive
     HTTPProxy.bounded = True
+
+
+def bound_direct_ingress_body_buffer() -> None:
+    from ray.serve._private.direct_ingress_http_util import ASGIDIReceiveProxy
+
+    if getattr(ASGIDIReceiveProxy, "bounded", False):
+        return
+
+    async def fetch_until_disconnect(self):
+        # Ray's loop (same messages, same end), reading from the client only while the queue has
+        # room; uvicorn then stops reading the socket, and TCP holds the client back.
+        same_loop = asyncio.get_running_loop() == self._user_event_loop
+        while True:
+            if same_loop:
+                await self.queue.room()
+            else:
+                while self.queue.body_bytes > RECEIVE_BUFFER_BYTES:
+                    await asyncio.sleep(PROXY_DRAIN_POLL_S)
+            msg = await self._receive()
+            if same_loop:
+                await self.queue.put(msg)
+            else:
+                self._user_event_loop.call_soon_threadsafe(self.put_message, msg)
+            if msg["type"] == "http.disconnect":
+                self._disconnect_message = msg
+                return None
+            if msg["type"] == "websocket.disconnect":
+                self._disconnect_message = msg
+                return msg["code"]
+
+    def queue(self) -> BodyQueue:
+        if self._queue is None:
+            self._queue = BodyQueue()
+        return self._queue
+
+    ASGIDIReceiveProxy._fetch_until_disconnect = fetch_until_disconnect
+    ASGIDIReceiveProxy.queue = property(queue)
+    ASGIDIReceiveProxy.bounded = True
+
+
+def open_client_port_for_the_root_app_only() -> None:
+    from ray.serve._private.replica import Replica
+
+    start = Replica._maybe_start_direct_ingress_servers
+    if getattr(start, "root_only", False):
+        return
+
+    async def start_for_the_root_app(self) -> None:
+        if self._route_prefix == "/":
+            await start(self)
+
+    start_for_the_root_app.root_only = True
+    Replica._maybe_start_direct_ingress_servers = start_for_the_root_app

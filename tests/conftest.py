@@ -138,6 +138,7 @@ def service_settings(data_dir):
 
     settings = Settings(data_dir=data_dir)
     settings.serve.port = free_port()
+    settings.serve.proxy_port = free_port()
     settings.serve.max_batch_size = 8
     settings.serve.admin_tokens = [ADMIN_TOKEN]
     settings.serve.canary_timeout_s = 3.0  # a hung canary is given up on quickly

@@ -204,10 +204,11 @@ def test_hostile_request_ids_get_400_and_the_production_log_keeps_flushing(servi
     assert "client-chosen-id-1" in ids and not {"../x", "x/../../etc"} & ids
 
 
-def test_a_200_mib_chunked_upload_through_rays_proxy_is_413_without_filling_the_ingress(service):
-    """Ray's proxy and replica would take the whole body into memory whether or not the app
-    reads it (serve/ray_shims.py bounds both); a body the app does read, past that bound, still
-    arrives."""
+def test_a_200_mib_chunked_upload_is_413_without_filling_the_ingress(service):
+    """Ray's ingress replica (its own HTTP server: direct ingress, on a local cluster; or Serve's
+    proxy, whose side is bounded the same way) would take the whole body into memory whether or
+    not the app reads it (serve/ray_shims.py bounds it); a body the app does read, past that
+    bound, still arrives. Unbounded, the ingress grew by 187 MB here."""
     from loadtests.upload_fuzz import RssWatch, chunked_upload
 
     with RssWatch() as watch:
@@ -228,7 +229,8 @@ def test_a_200_mib_chunked_upload_through_rays_proxy_is_413_without_filling_the_
 
 def test_the_admin_api_can_have_a_port_of_its_own_on_loopback(service, service_settings):
     """With serve.admin_port the ingress serves /admin on 127.0.0.1:<port> only: the client port
-    answers 404 there."""
+    answers 404 there. The second ingress is reached through Serve's proxy (the service's own
+    port belongs to the application at "/")."""
     import time
 
     from ray import serve
@@ -251,8 +253,9 @@ def test_the_admin_api_can_have_a_port_of_its_own_on_loopback(service, service_s
         assert status == 200
         r = httpx.get(f"{admin}/admin/rollout", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert httpx.get(f"{service}/admin-port-test/healthz").status_code == 200
-        assert httpx.get(f"{service}/admin-port-test/admin/rollout", headers=auth).status_code == 404
+        proxy = f"http://127.0.0.1:{service_settings.serve.proxy_port}"
+        assert httpx.get(f"{proxy}/admin-port-test/healthz").status_code == 200
+        assert httpx.get(f"{proxy}/admin-port-test/admin/rollout", headers=auth).status_code == 404
     finally:
         serve.delete("asrops-admin-port")
 
