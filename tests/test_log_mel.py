@@ -42,9 +42,12 @@ def test_features_match_transformers(extractors, chunks):
 
 
 def test_a_short_window_has_the_first_frames_of_the_30_s_features(extractors):
-    """Short windows (engines/engine.py) compute features over 15-25 s only: the same frames."""
+    """Short windows (engines/engine.py) compute features over 15-25 s only: the same frames, up
+    to float32 rounding (the mel projection is one matrix product whose BLAS blocking depends on
+    the row count: 297 of 320,000 values 1 ulp apart in one CI run)."""
     ours, _ = extractors
     chunks = [_tone_in_noise(4.0, 5), _tone_in_noise(9.5, 6)]
     full, short = ours(chunks), ours(chunks, 20)
     assert short.shape == (2, 80, 2000)
-    np.testing.assert_array_equal(short, full[:, :, :2000])
+    np.testing.assert_allclose(short, full[:, :, :2000], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(short, full[:, :, 1000:3000], atol=1e-3)  # the first frames, not any 2000
