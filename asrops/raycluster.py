@@ -56,7 +56,7 @@ DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 def direct_ingress_env(port: int) -> dict[str, str]:
     """On a local cluster the ingress replica answers clients on the service's port itself
     (Ray Serve's direct ingress), so a request skips the proxy's hop: 7-8 ms less per request
-    on 2 cores. Serve's proxy still runs, on a free port (`serves_clients_directly`), and
+    on 2 cores. Serve's proxy still runs, on `serve.proxy_port` (serve/launcher.py), and
     reaches the same ingress. One port for one ingress replica: nothing to drain for (no load
     balancer in front) and nothing to hold the port back for (no HAProxy). On a cluster
     (KubeRay) the proxy on every node stays the way in: the client-facing Service reaches it

@@ -101,6 +101,13 @@ class BodyQueue(asyncio.Queue):
         await self._room.wait()
 
 
+def _body_queue(receive_proxy) -> BodyQueue:
+    """Ray's receive proxies create their queue on first use (in the event loop that uses it)."""
+    if receive_proxy._queue is None:
+        receive_proxy._queue = BodyQueue()
+    return receive_proxy._queue
+
+
 def bound_request_body_buffer() -> None:
     from ray.serve._private.http_util import ASGIReceiveProxy
 
@@ -118,13 +125,8 @@ def bound_request_body_buffer() -> None:
 
         self._receive_asgi_messages = pull_when_there_is_room
 
-    def queue(self) -> BodyQueue:
-        if self._queue is None:
-            self._queue = BodyQueue()
-        return self._queue
-
     ASGIReceiveProxy.__init__ = bounded_init
-    ASGIReceiveProxy.queue = property(queue)
+    ASGIReceiveProxy.queue = property(_body_queue)
     ASGIReceiveProxy.bounded = True
 
 
@@ -186,13 +188,8 @@ def bound_direct_ingress_body_buffer() -> None:
                 self._disconnect_message = msg
                 return msg["code"]
 
-    def queue(self) -> BodyQueue:
-        if self._queue is None:
-            self._queue = BodyQueue()
-        return self._queue
-
     ASGIDIReceiveProxy._fetch_until_disconnect = fetch_until_disconnect
-    ASGIDIReceiveProxy.queue = property(queue)
+    ASGIDIReceiveProxy.queue = property(_body_queue)
     ASGIDIReceiveProxy.bounded = True
 
 

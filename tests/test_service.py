@@ -227,6 +227,36 @@ def test_a_200_mib_chunked_upload_is_413_without_filling_the_ingress(service):
                       timeout=60).status_code == 415
 
 
+def test_the_client_port_is_the_ingress_replicas_own_and_serves_proxy_reaches_the_same_ingress(
+        service, service_settings):
+    """On a local cluster a request skips Serve's proxy (direct ingress): the ingress replica itself
+    listens on the service's port, on loopback; no model replica opens a client port (each
+    version is an application of its own, which Ray would give one); the proxy, on its own
+    port, answers with the same ingress."""
+    import psutil
+
+    listeners = {c.laddr.port: (c.laddr.ip, c.pid) for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.pid}
+    ip, pid = listeners[service_settings.serve.port]
+    assert ip == "127.0.0.1" and "ServeReplica:asrops:ingress" in " ".join(psutil.Process(pid).cmdline())
+    model_replicas = {p.pid for p in psutil.process_iter(["cmdline"])
+                      if "ServeReplica:model-" in " ".join(p.info["cmdline"] or [])}
+    assert model_replicas, "no model replica found"
+    http_ports = {port for port, (_, owner) in listeners.items() if owner in model_replicas
+                  and _answers_http(port)}
+    assert not http_ports, f"a model replica answers HTTP on {http_ports}"
+    proxy = httpx.get(f"http://127.0.0.1:{service_settings.serve.proxy_port}/v1/models", timeout=10)
+    assert proxy.status_code == 200 and proxy.json() == httpx.get(f"{service}/v1/models", timeout=10).json()
+
+
+def _answers_http(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
 def test_the_admin_api_can_have_a_port_of_its_own_on_loopback(service, service_settings):
     """With serve.admin_port the ingress serves /admin on 127.0.0.1:<port> only: the client port
     answers 404 there. The second ingress is reached through Serve's proxy (the service's own
