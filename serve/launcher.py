@@ -28,18 +28,20 @@ INGRESS_APP = "asrops"
 def start_ray(settings: Settings) -> None:
     """Ray, and Serve's HTTP proxy on the configured host (`proxy_http_options`)."""
     init_ray(settings, WORKER_SETUP_HOOK)
-    if serves_clients_directly() and settings.serve.ingress_replicas > 1:
-        raise ValueError(f"ASROPS_SERVE__INGRESS_REPLICAS={settings.serve.ingress_replicas} on a local cluster: one "
-                         f"ingress replica answers on port {settings.serve.port} itself (direct ingress). Run one, or "
-                         "set RAY_SERVE_ENABLE_DIRECT_INGRESS=0 to run several behind Serve's proxy.")
     serve.start(http_options=proxy_http_options(settings, {"host": settings.serve.host, "port": settings.serve.port}))
 
 
 def proxy_http_options(settings: Settings, http_options: dict) -> dict:
     """Serve's proxy on the service's port, or, when the ingress replica answers clients there
-    itself (direct ingress, a local cluster), on `serve.proxy_port` (a free one when unset)."""
+    itself (direct ingress, a local cluster), on `serve.proxy_port` (a free one when unset).
+    Both ways of starting the service (`run_local`, `run_config`) go through here, so here is
+    where more than one ingress replica, which could not share that port, is refused."""
     if not serves_clients_directly():
         return http_options
+    if settings.serve.ingress_replicas > 1:
+        raise ValueError(f"ASROPS_SERVE__INGRESS_REPLICAS={settings.serve.ingress_replicas} on a local cluster: one "
+                         f"ingress replica answers on port {settings.serve.port} itself (direct ingress). Run one, or "
+                         "set RAY_SERVE_ENABLE_DIRECT_INGRESS=0 to run several behind Serve's proxy.")
     return {**http_options, "port": settings.serve.proxy_port or 0}
 
 
