@@ -4,6 +4,7 @@ prompts, and agreement with faster-whisper on the same original weights."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -254,21 +255,29 @@ def test_segments_are_handed_over_as_each_window_is_decoded(engines, speech_dir)
     assert seen[0][0] == 1 and len({windows for windows, _ in seen}) >= 3
 
 
-def test_an_onnx_engine_transcribes_without_importing_torch(stable_dir, speech_dir):
-    """torch (about 230 MB of a process) is only for the torch kind, training and word timing."""
+def test_an_onnx_engine_transcribes_without_importing_torch_and_with_one_blas_thread(stable_dir, speech_dir):
+    """torch (about 230 MB of a process) is only for the torch kind, training and word timing.
+    NumPy's OpenBLAS starts with a thread per core; an engine's process keeps one (its
+    spin-waiting threads slowed the engine 1.27x on 2 cores)."""
     script = (
-        "import json, sys; from pathlib import Path; from asrops.audio import decode_audio; "
-        "from asrops.engines import load_engine; "
+        "import json, sys; from pathlib import Path; import numpy, threadpoolctl; "
+        "from asrops.audio import decode_audio; from asrops.engines import load_engine; "
+        "blas = lambda: [p['num_threads'] for p in threadpoolctl.threadpool_info() if p['internal_api'] == 'openblas']; "
+        "before = blas(); "
         f"engine = load_engine(Path({str(stable_dir)!r}), 'onnx-int8', 'auto'); "
         f"audio = decode_audio(Path({str(speech_dir / 'faster_whisper/jfk.flac')!r})).samples; "
         "text = engine.transcribe([audio])[0].text; "
         "print(json.dumps({'text': text, 'torch': 'torch' in sys.modules, "
-        "'transformers': 'transformers' in sys.modules}))"
+        "'transformers': 'transformers' in sys.modules, 'blas_before': before, 'blas_after': blas()}))"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True,
+                         env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "ask not what your country can do for you" in normalize_english(result["text"])
     assert not result["torch"] and not result["transformers"], result
+    assert result["blas_before"] != [1] or os.cpu_count() == 1, result  # what the engine starts from
+    assert result["blas_after"] == [1], result
 
 
 def _older_version(stable_dir, out, *, two_decoders: bool):

@@ -45,12 +45,26 @@ def resolve_device(device: str, kind: str = "torch") -> str:
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
+def single_threaded_blas() -> None:
+    """NumPy's OpenBLAS runs on one thread in a process that holds an engine. The engine's
+    parallel work is ONNX Runtime's (or torch's) own threads; OpenBLAS's (one per core) only
+    speed up the small log-mel projection, then spin-wait and take a core from them. On 2
+    cores the onnx-int8 engine took 1.27x its time with them (24 clips, 3 passes, interleaved).
+    Ray's workers had one already (Ray sets OMP_NUM_THREADS=1 for an actor under one CPU);
+    `asrops transcribe`, the benchmarks and a retrain's evaluation did not."""
+    from threadpoolctl import ThreadpoolController
+
+    ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+
+
 def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "auto",
                 threads: int = 0, short_windows: bool = True) -> WhisperEngine:
     """Build an engine over a (verified) version directory. `short_windows`: encode a short
     clip's window over less than 30 s where every encoder graph of the version allows it
-    (engines/engine.py); off, every window is 30 s."""
+    (engines/engine.py); off, every window is 30 s. The process's BLAS goes single-threaded
+    (`single_threaded_blas`)."""
     model_dir = Path(model_dir)
+    single_threaded_blas()
     device = resolve_device(device, kind)
     if kind == "torch":
         from asrops.engines.torch_backend import TorchWhisperBackend
