@@ -262,7 +262,8 @@ def test_an_onnx_engine_transcribes_without_importing_torch_and_with_one_blas_th
     script = (
         "import json, sys; from pathlib import Path; import numpy, threadpoolctl; "
         "from asrops.audio import decode_audio; from asrops.engines import load_engine; "
-        "blas = lambda: [p['num_threads'] for p in threadpoolctl.threadpool_info() if p['internal_api'] == 'openblas']; "
+        "blas = lambda: [p['num_threads'] for p in threadpoolctl.threadpool_info() "
+        "                if p['internal_api'] == 'openblas']; "
         "before = blas(); "
         f"engine = load_engine(Path({str(stable_dir)!r}), 'onnx-int8', 'auto'); "
         f"audio = decode_audio(Path({str(speech_dir / 'faster_whisper/jfk.flac')!r})).samples; "
