@@ -50,8 +50,8 @@ def single_threaded_blas() -> None:
     parallel work is ONNX Runtime's (or torch's) own threads; OpenBLAS's (one per core) only
     speed up the small log-mel projection, then spin-wait and take a core from them. On 2
     cores the onnx-int8 engine took 1.27x its time with them (24 clips, 3 passes, interleaved).
-    Ray's workers had one already (Ray sets OMP_NUM_THREADS=1 for an actor under one CPU);
-    `asrops transcribe`, the benchmarks and a retrain's evaluation did not."""
+    Ray sets OMP_NUM_THREADS=1 for an actor under one CPU, yet our model replicas ran more than
+    one (their transcripts changed with this), so it is not left to the environment."""
     from threadpoolctl import ThreadpoolController
 
     ThreadpoolController().select(internal_api="openblas").limit(limits=1)
