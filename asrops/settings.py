@@ -40,7 +40,8 @@ class EngineSettings(BaseModel):
     threads: int = Field(default=0, ge=0)
     """Intra-op threads per engine; 0 means one per CPU core."""
     lanes: int = Field(default=0, ge=0)
-    """Engines per model replica decoding batches side by side; 0 means 2 on CPU, 1 on GPU."""
+    """Batches a model replica decodes side by side on its one engine; 0 means 2 on CPU, 1 on GPU.
+    An ONNX engine's decoder steps on the cores shared among them (`engines.decoder_threads`)."""
     beam_size: int = Field(default=1, ge=1, le=16)
     """Default beam width; 1 is greedy decoding."""
     max_new_tokens: int = Field(default=224, ge=1, le=448)

@@ -529,13 +529,15 @@ def _bare_engine_worker(job: dict) -> None:
     """Prints a line once loaded, then reads lines of positions into job["order"] and prints each
     one's per-clip latencies (a JSON list)."""
     from asrops.audio import decode_audio
-    from asrops.engines import load_engine
+    from asrops.engines import engine_lanes, load_engine
     from asrops.registry import ModelRegistry
     from asrops.settings import load_settings
 
     settings = load_settings()
     version_dir = ModelRegistry.from_settings(settings).fetch("stable")
-    engine = load_engine(version_dir, "onnx-int8", "cpu", job["threads"], settings.engine.short_windows)
+    # Built as a model replica builds it (serve/model_server.py), lanes and all.
+    lanes = engine_lanes(settings.engine.lanes, "cpu", "onnx-int8")
+    engine = load_engine(version_dir, "onnx-int8", "cpu", job["threads"], settings.engine.short_windows, lanes)
     # What the API passes for a plain request (see serve/api.py `_options`).
     options = settings.engine.decode_options()
     clips = load_clips(max(job["order"]) + 1)

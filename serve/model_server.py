@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ray import serve
 
 from asrops.audio_format import SAMPLE_RATE, from_pcm16, to_pcm16
-from asrops.engines import load_engine, resolve_device
+from asrops.engines import engine_lanes, load_engine
 from asrops.engines.slice_gate import GatedBackend
 from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.registry import ModelRegistry
@@ -103,11 +103,12 @@ class ModelServer:
         self.version_id = registry.resolve(version)
         engine = settings.engine
         version_dir = registry.fetch(self.version_id)
-        lanes = engine_lanes(settings)
+        lanes = engine_lanes(engine.lanes, engine.device, engine.kind)
         # One engine for every lane: its ONNX Runtime sessions run concurrent calls, and its
         # decoding keeps no state between calls. A copy per lane cost 150 MB and ran slower
         # (measured on 2 cores, 2 lanes, 120 clips: RTFx 19.8/18.6 with two, 21.7/20.1 with one).
-        self.engine = load_engine(version_dir, engine.kind, engine.device, engine.threads, engine.short_windows)
+        self.engine = load_engine(version_dir, engine.kind, engine.device, engine.threads, engine.short_windows,
+                                  lanes)
         self.engine.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
         self.pack_windows = engine.pack_windows
         self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,
@@ -185,13 +186,6 @@ class ModelServer:
         """Serve restarts a replica whose engine stopped answering."""
         if self.engine is None:
             raise RuntimeError("engine not loaded")
-
-
-def engine_lanes(settings: Settings) -> int:
-    """`engine.lanes`, or by default 2 on CPU (one decodes while the other runs Python) and 1 on GPU."""
-    if settings.engine.lanes:
-        return settings.engine.lanes
-    return 1 if resolve_device(settings.engine.device, settings.engine.kind) == "cuda" else 2
 
 
 def model_deployment(version_id: str, settings: Settings):

@@ -370,3 +370,17 @@ def test_the_int8_decoder_reads_as_the_fp32_one(engines, stable_dir, speech_dir,
         audio = _audio(speech_dir, rel)
         ours, reference = engines["onnx-int8"].transcribe([audio])[0].text, fp32_engine.transcribe([audio])[0].text
         assert score([reference], [ours]).wer <= 3.0, (rel, reference, ours)
+
+
+def test_an_onnx_engine_shares_its_cores_among_its_lanes_decoders(stable_dir):
+    """A replica's two lanes on 2 cores step their decoders on one thread each (a step split over
+    two waits for the slower whenever another process takes a core); a lone caller keeps both."""
+    from asrops.engines import engine_lanes, load_engine
+
+    def decoder_threads(lanes: int) -> int:
+        engine = load_engine(stable_dir, "onnx-int8", "cpu", 2, lanes=lanes)
+        return engine.backend.decoder.get_session_options().intra_op_num_threads
+
+    assert engine_lanes(0, "cpu", "onnx-int8") == 2 and engine_lanes(3, "cpu", "onnx-int8") == 3
+    assert decoder_threads(lanes=2) == 1
+    assert decoder_threads(lanes=1) == 2

@@ -78,16 +78,18 @@ def onnx_encoder(encoder: Path, device: str = "cpu", threads: int = 0) -> Callab
 
 class OnnxWhisperBackend:
     """`encoder` is the encoder graph's path (fp32 or int8); `decoder_dir` holds the decoder.
+    `decoder_threads`: the decoder's intra-op threads, 0 for `threads` (engines `decoder_threads`).
 
     `prepack_decoder`: the int8 decoder's MatMulNBits needs its weights prepacked (unpacked at
     every call otherwise: 100 ms a step instead of 3). The fp32 decoder steps faster without
     (6.2 against 7.8 ms) and keeps no packed copy of its 80-MB projection (all measured on 2 cores)."""
 
     def __init__(self, encoder: Path, decoder_dir: Path, device: str = "cpu", threads: int = 0,
-                 prepack_decoder: bool = True):
+                 decoder_threads: int = 0, prepack_decoder: bool = True):
         self.encode = _encode_function(Path(encoder), device, threads)
         """Features (batch, mels, frames) to the encoder's hidden states."""
-        self.decoder = _session(_decoder_graph(Path(decoder_dir)), device, threads, prepack=prepack_decoder)
+        self.decoder = _session(_decoder_graph(Path(decoder_dir)), device, decoder_threads or threads,
+                                prepack=prepack_decoder)
         inputs = self.decoder.get_inputs()
         self._past_in = [i.name for i in inputs if i.name.startswith("past_key_values.")]
         _, self._heads, _, self._head_dim = next(i.shape for i in inputs if i.name in self._past_in)
