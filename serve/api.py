@@ -19,6 +19,8 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asrops.audio import decode_audio
 from asrops.engines.types import DecodeOptions, Segment, Transcription
@@ -232,6 +234,53 @@ async def _sse(first, events: AsyncIterator, deadline: float, settings: Settings
             _observe(telemetry, request, request.state.request_id, status)
 
 
+class RequestIds:
+    """ASGI middleware: every request gets an id (in `X-Request-Id` unless the server in front
+    puts it there), a fault of ours still answers in the OpenAI shape, and every transcription
+    is observed once answered. Plain ASGI rather than `@app.middleware("http")`, whose
+    `call_next` runs the app in another task behind a memory stream and hands the body across."""
+
+    def __init__(self, app: ASGIApp, request_id: Callable[[], str] | None, telemetry: RequestTelemetry | None):
+        self.app, self.request_id, self.telemetry = app, request_id, telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        rid = self.request_id() if self.request_id else new_request_id()
+        request.state.request_id, request.state.started = rid, time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if self.request_id is None:
+                    MutableHeaders(scope=message).append("X-Request-Id", rid)
+            await send(message)
+
+        if not is_valid(rid):  # a client's X-Request-Id (Ray's proxy takes it): it would become a store key
+            request.state.error_code = INVALID_REQUEST_ID.code
+            refusal = error_response(f"X-Request-Id must be {RULE}; got {rid[:40]!r}"
+                                     f"{'...' if len(rid) > 40 else ''}. Send another or none.", INVALID_REQUEST_ID)
+            rid = new_request_id()  # what this answer is logged under
+            await refusal(scope, receive, send_with_id)
+        else:
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:  # a fault of ours: still the OpenAI shape, the request id, and telemetry
+                log.exception("request %s failed", rid)
+                if status:  # the answer had started: nothing else can be sent
+                    raise
+                request.state.error_code = INTERNAL.code
+                await error_response(f"Internal error; quote request id {rid} when reporting it.",
+                                     INTERNAL)(scope, receive, send_with_id)
+        streaming = getattr(request.state, "streaming", False)  # a stream is observed when it ends
+        if self.telemetry and scope["path"] == TRANSCRIPTIONS_PATH and scope["method"] == "POST" and not streaming:
+            _observe(self.telemetry, request, rid, status)
+
+
 def build_api(
     transcriber: Transcriber,
     settings: Settings,
@@ -255,29 +304,7 @@ def build_api(
     s = settings.serve
     quotas = ClientQuotas(s.rate_limit_per_s, s.rate_limit_burst, s.max_in_flight_per_client)
 
-    @app.middleware("http")
-    async def request_id_and_size(request: Request, call_next):
-        started = time.perf_counter()
-        rid = request_id() if request_id else new_request_id()
-        request.state.request_id, request.state.started = rid, started
-        if not is_valid(rid):  # a client's X-Request-Id (Ray's proxy takes it): it would become a store key
-            request.state.error_code = INVALID_REQUEST_ID.code
-            response = error_response(f"X-Request-Id must be {RULE}; got {rid[:40]!r}"
-                                      f"{'...' if len(rid) > 40 else ''}. Send another or none.", INVALID_REQUEST_ID)
-            rid = new_request_id()  # what this answer is logged under
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # a fault of ours: still the OpenAI shape, the request id, and telemetry
-                log.exception("request %s failed", rid)
-                request.state.error_code = INTERNAL.code
-                response = error_response(f"Internal error; quote request id {rid} when reporting it.", INTERNAL)
-        if request_id is None:
-            response.headers["X-Request-Id"] = rid
-        streaming = getattr(request.state, "streaming", False)  # a stream is observed when it ends
-        if telemetry and request.url.path == TRANSCRIPTIONS_PATH and request.method == "POST" and not streaming:
-            _observe(telemetry, request, rid, response.status_code)
-        return response
+    app.add_middleware(RequestIds, request_id=request_id, telemetry=telemetry)
 
     def client_key(request: Request) -> str:
         """The caller's identity for sticky routing: an `X-Client-Id` header, else its key's
