@@ -30,6 +30,7 @@ from asrops.serve.errors import INTERNAL, OVERLOADED, UNAVAILABLE, ApiError
 from asrops.serve.feedback import FeedbackRecorder
 from asrops.serve.metrics import BREAKER_VALUE, IngressMetrics
 from asrops.serve.model_server import ModelReply, ModelRequest, PartialReply
+from asrops.serve.ray_shims import warnings_to_console
 from asrops.serve.routing import Route, RoutePlan, plan_route
 from asrops.serve.telemetry import RequestTelemetry
 from asrops.settings import Settings, load_settings
@@ -375,6 +376,7 @@ class RoutingStats:
 @serve.ingress()
 class Ingress:
     def __init__(self, settings_json: str | None = None):
+        warnings_to_console()
         self.settings = Settings.model_validate_json(settings_json) if settings_json else load_settings()
         self.metrics = IngressMetrics()
         self.transcriber = ServeTranscriber(ModelRegistry.from_settings(self.settings), self.settings, self.metrics)

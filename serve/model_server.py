@@ -25,6 +25,7 @@ from asrops.engines.types import DecodeOptions, Segment, Transcription
 from asrops.registry import ModelRegistry
 from asrops.serve.lanes import Deliver, EngineLanes
 from asrops.serve.metrics import ModelMetrics
+from asrops.serve.ray_shims import warnings_to_console
 from asrops.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class ModelServer:
     """Loads one verified version, warms it, and decodes batches of requests on engine lanes."""
 
     def __init__(self, version: str, settings_json: str | None = None):
+        warnings_to_console()
         settings = Settings.model_validate_json(settings_json) if settings_json else load_settings()
         registry = ModelRegistry.from_settings(settings)
         self.version_id = registry.resolve(version)

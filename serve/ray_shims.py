@@ -22,6 +22,10 @@ one fails there.
   the ingress replica's own HTTP server reads a request's body from the client into an
   unbounded queue (`ASGIDIReceiveProxy` in ray/serve/_private/direct_ingress_http_util.py).
   Here it reads while at most RECEIVE_BUFFER_BYTES wait unread.
+- Warnings on the console: with Serve's logs kept off stderr (`RAY_SERVE_LOG_TO_STDERR=0`,
+  asrops/raycluster.py), Serve also points a replica's `sys.stderr` at its log file, and our
+  replicas' warnings would no longer reach the driver's console. `warnings_to_console` (called
+  by each deployment's constructor) writes them to the process's own stderr, which Ray ships.
 - Direct ingress for the root application only: Ray opens a client port in every application's
   ingress replica, so each model version's replica (an application of its own, with no route)
   would take one too, and could take the service's port before the ingress does. Here only the
@@ -32,7 +36,9 @@ one fails there.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 from collections.abc import Iterable
 
 from asrops.raycluster import LOOPBACK_ONLY
@@ -206,3 +212,16 @@ def open_client_port_for_the_root_app_only() -> None:
 
     start_for_the_root_app.root_only = True
     Replica._maybe_start_direct_ingress_servers = start_for_the_root_app
+
+
+def warnings_to_console() -> None:
+    """In a replica whose `sys.stderr` Serve has pointed at its log file: asrops's warnings and
+    errors also go to the process's own stderr (rare lines; Serve's access lines stay in files)."""
+    logger = logging.getLogger("asrops")
+    if sys.stderr is sys.__stderr__ or any(getattr(h, "to_console", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.__stderr__)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.to_console = True
+    logger.addHandler(handler)

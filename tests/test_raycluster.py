@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from asrops.priority import lower_processes
-from asrops.raycluster import ray_background_processes
+from asrops.raycluster import RAY_TUNING, ray_background_processes
 
 SLEEPER = ("import threading, time\n"
            "[threading.Thread(target=time.sleep, args=(120,)).start() for _ in range(3)]\n"
@@ -88,3 +88,27 @@ def test_every_thread_is_lowered_and_a_lower_one_stays(fake_cluster):
     assert os.getpriority(os.PRIO_PROCESS, already) == 15
     serving = [p for p in fake_cluster.children(recursive=True) if p not in processes]
     assert {os.getpriority(os.PRIO_PROCESS, t.id) for p in serving for t in p.threads()} == {0}
+
+
+def test_a_replicas_warnings_reach_its_own_stderr_when_serve_points_stderr_at_a_file(monkeypatch, capfd):
+    """With Serve's logs off stderr (RAY_TUNING), Serve points a replica's sys.stderr at its log
+    file; our warnings must still reach the process's real stderr (which Ray ships to the console)."""
+    import io
+    import logging
+
+    from asrops.serve.ray_shims import warnings_to_console
+
+    assert RAY_TUNING["RAY_SERVE_LOG_TO_STDERR"] == "0"
+    logger = logging.getLogger("asrops")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    warnings_to_console()  # stderr not redirected: nothing to do
+    assert logger.handlers == []
+    serve_file = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", serve_file)
+    warnings_to_console()
+    warnings_to_console()  # once only
+    logging.getLogger("asrops.serve.model_server").warning("batch of 2 failed")
+    logging.getLogger("asrops.serve.model_server").info("model ready")
+    err = capfd.readouterr().err
+    assert err.count("batch of 2 failed") == 1 and "model ready" not in err
