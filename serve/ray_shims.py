@@ -24,7 +24,8 @@ one fails there.
   Here it reads while at most RECEIVE_BUFFER_BYTES wait unread.
 - Warnings on the console: with Serve's logs kept off stderr (`RAY_SERVE_LOG_TO_STDERR=0`,
   asrops/raycluster.py), Serve also points a replica's `sys.stderr` at its log file, and our
-  replicas' warnings would no longer reach the driver's console. `warnings_to_console` (called
+  replicas' warnings (which Python's last-resort handler writes there) would no longer reach
+  the driver's console. `warnings_to_console` (called
   by each deployment's constructor) writes them to the process's own stderr, which Ray ships.
 - Direct ingress for the root application only: Ray opens a client port in every application's
   ingress replica, so each model version's replica (an application of its own, with no route)
@@ -215,13 +216,13 @@ def open_client_port_for_the_root_app_only() -> None:
 
 
 def warnings_to_console() -> None:
-    """In a replica whose `sys.stderr` Serve has pointed at its log file: asrops's warnings and
-    errors also go to the process's own stderr (rare lines; Serve's access lines stay in files)."""
-    logger = logging.getLogger("asrops")
-    if sys.stderr is sys.__stderr__ or any(getattr(h, "to_console", False) for h in logger.handlers):
+    """In a replica whose `sys.stderr` Serve has pointed at its log file: warnings and errors
+    (ours and the libraries') also go to the process's own stderr, as Python's last-resort
+    handler sent them before (rare lines; Serve's access lines stay in its files)."""
+    root = logging.getLogger()
+    if sys.stderr is sys.__stderr__ or any(getattr(h, "stream", None) is sys.__stderr__ for h in root.handlers):
         return
     handler = logging.StreamHandler(sys.__stderr__)
     handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.to_console = True
-    logger.addHandler(handler)
+    root.addHandler(handler)

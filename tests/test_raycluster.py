@@ -99,11 +99,11 @@ def test_a_replicas_warnings_reach_its_own_stderr_when_serve_points_stderr_at_a_
     from asrops.serve.ray_shims import warnings_to_console
 
     assert RAY_TUNING["RAY_SERVE_LOG_TO_STDERR"] == "0"
-    logger = logging.getLogger("asrops")
-    monkeypatch.setattr(logger, "handlers", [])
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
     monkeypatch.setattr(sys, "stderr", sys.__stderr__)
     warnings_to_console()  # stderr not redirected: nothing to do
-    assert logger.handlers == []
+    assert root.handlers == []
     serve_file = io.StringIO()
     monkeypatch.setattr(sys, "stderr", serve_file)
     warnings_to_console()
