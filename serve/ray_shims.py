@@ -25,8 +25,8 @@ one fails there.
 - Warnings on the console: with Serve's logs kept off stderr (`RAY_SERVE_LOG_TO_STDERR=0`,
   asrops/raycluster.py), Serve also points a replica's `sys.stderr` at its log file, and our
   replicas' warnings (which Python's last-resort handler writes there) would no longer reach
-  the driver's console. `warnings_to_console` (called
-  by each deployment's constructor) writes them to the process's own stderr, which Ray ships.
+  the driver's console. `warnings_to_console` (called by each deployment's constructor, once
+  Serve has redirected stderr) writes them to the process's own stderr, which Ray ships.
 - Direct ingress for the root application only: Ray opens a client port in every application's
   ingress replica, so each model version's replica (an application of its own, with no route)
   would take one too, and could take the service's port before the ingress does. Here only the
