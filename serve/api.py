@@ -306,9 +306,11 @@ def build_api(
 
     app.add_middleware(RequestIds, request_id=request_id, telemetry=telemetry)
 
-    def client_key(request: Request) -> str:
+    async def client_key(request: Request) -> str:
         """The caller's identity for sticky routing: an `X-Client-Id` header, else its key's
-        hash, else (an anonymous caller) the request id, so anonymous traffic splits per request."""
+        hash, else (an anonymous caller) the request id, so anonymous traffic splits per request.
+        Async because it never blocks: FastAPI runs a plain-function dependency in a worker
+        thread, which in a Serve replica meant starting a new thread for every request."""
         token = bearer(request.headers)
         if keys.enabled and not keys.check(token):
             raise ApiError(UNAUTHORIZED, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
