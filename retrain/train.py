@@ -50,7 +50,7 @@ from pydantic import BaseModel
 
 from asrops.audio_format import SAMPLE_RATE
 from asrops.clip_manifest import read_rows
-from asrops.engines import ENCODERS
+from asrops.engines import ENCODERS, engine_threads
 from asrops.engines.decoding import CHUNK_S, TIME_PRECISION, SpecialTokens
 from asrops.engines.torch_backend import TorchWhisperBackend
 from asrops.engines.types import DecodeOptions
@@ -215,8 +215,7 @@ def _int8_encoder(parent_dir: Path, s: TrainSettings):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if s.threads:
-        opts.intra_op_num_threads = s.threads
+    opts.intra_op_num_threads = engine_threads(s.threads)  # never ONNX Runtime's pinned default
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 

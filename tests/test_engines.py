@@ -372,6 +372,33 @@ def test_the_int8_decoder_reads_as_the_fp32_one(engines, stable_dir, speech_dir,
         assert score([reference], [ours]).wer <= 3.0, (rel, reference, ours)
 
 
+def _pinned_threads() -> set[int]:
+    """This process's threads allowed on fewer cores than the process."""
+    allowed = os.sched_getaffinity(0)
+    pinned = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if os.sched_getaffinity(int(tid)) != allowed:
+                pinned.add(int(tid))
+        except OSError:  # exited meanwhile
+            continue
+    return pinned
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="ONNX Runtime pins its pool threads only with 2+ cores")
+def test_an_engine_on_every_core_pins_no_thread_to_one(stable_dir):
+    """threads=0 (the replica's default) means one thread per core, and no ONNX Runtime pool
+    thread bound to a single core: pinned, it waits whenever another process runs there while
+    the other core is free, and every parallel step of the engine waits for it."""
+    from asrops.engines import load_engine
+
+    before = _pinned_threads()
+    engine = load_engine(stable_dir, "onnx-int8", "cpu", 0, lanes=2)
+    engine.transcribe([np.zeros(16000, dtype=np.float32)])
+    assert _pinned_threads() - before == set()
+    assert engine.backend.decoder.get_session_options().intra_op_num_threads == len(os.sched_getaffinity(0)) // 2
+
+
 def test_an_onnx_engine_shares_its_cores_among_its_lanes_decoders(stable_dir):
     """A replica's two lanes on 2 cores step their decoders on one thread each (a step split over
     two waits for the slower whenever another process takes a core); a lone caller keeps both."""

@@ -55,6 +55,16 @@ def engine_lanes(lanes: int, device: str, kind: str) -> int:
     return 1 if resolve_device(device, kind) == "cuda" else 2
 
 
+def engine_threads(threads: int) -> int:
+    """An engine's intra-op threads: `threads`, or with 0 one per core this process may use.
+    Never ONNX Runtime's own default (0): that pins each of its pool threads to one core, so a
+    pool thread waits whenever anything else runs on its core while another core sits idle, and
+    the whole parallel step waits for it. In a model replica on 2 cores the encoder's pool thread
+    was pinned to core 1; beside the service's own processes the engine took 1.18x the time of the
+    same engine with 2 unpinned threads (service benchmark, c=1 against the bare engine)."""
+    return threads or len(os.sched_getaffinity(0))
+
+
 def decoder_threads(threads: int, lanes: int) -> int:
     """The decoder's intra-op threads: the engine's cores shared among its lanes. A decoding
     step is a few small matrix products; split over two threads it waits for the slower one
@@ -63,7 +73,7 @@ def decoder_threads(threads: int, lanes: int) -> int:
     1.11-1.12x against 1.18-1.20x on 2 threads; beside eight burning 0.05 ms every 4 ms, 1.14x
     both. Two lanes of batches ran as fast either way; one lane of batches of 8 was 14 % slower
     on 1 thread, so a lone caller keeps every core."""
-    return max(1, (threads or len(os.sched_getaffinity(0))) // lanes)
+    return max(1, engine_threads(threads) // lanes)
 
 
 def single_threaded_blas() -> None:
@@ -83,9 +93,11 @@ def load_engine(model_dir: Path, kind: EngineKind = "onnx-int8", device: str = "
     """Build an engine over a (verified) version directory. `short_windows`: encode a short
     clip's window over less than 30 s where every encoder graph of the version allows it
     (engines/engine.py); off, every window is 30 s. `lanes`: how many calls will run on it side
-    by side; an ONNX engine's decoder gets its share of the cores (`decoder_threads`). The
-    process's BLAS goes single-threaded (`single_threaded_blas`)."""
+    by side; an ONNX engine's decoder gets its share of the cores (`decoder_threads`). `threads`:
+    0 for one per core (`engine_threads`). The process's BLAS goes single-threaded
+    (`single_threaded_blas`)."""
     model_dir = Path(model_dir)
+    threads = engine_threads(threads)
     single_threaded_blas()
     device = resolve_device(device, kind)
     if kind == "torch":
