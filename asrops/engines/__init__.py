@@ -60,8 +60,8 @@ def engine_threads(threads: int) -> int:
     Never ONNX Runtime's own default (0): that pins each of its pool threads to one core, so a
     pool thread waits whenever anything else runs on its core while another core sits idle, and
     the whole parallel step waits for it. In a model replica on 2 cores the encoder's pool thread
-    was pinned to core 1; beside the service's own processes the engine took 1.18x the time of the
-    same engine with 2 unpinned threads (service benchmark, c=1 against the bare engine)."""
+    was pinned to core 1, and in one service benchmark run the engine there took 1.18x the time of
+    the same engine on 2 unpinned threads beside the same idle service (c=1, paired medians)."""
     return threads or len(os.sched_getaffinity(0))
 
 
