@@ -19,19 +19,16 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads; 0 
 UrlOpt = Annotated[Optional[str], typer.Option(
     "--url", help="Base URL of the running service (default: http://127.0.0.1 on ASROPS_SERVE__PORT, 8000).")]
 
-NOISY_LOGGERS = ("root", "onnxruntime", "transformers", "optimum", "botocore", "urllib3")
-
-
 def setup(verbose: bool = False) -> Settings:
-    """Settings from the environment, and logging at their level (the libraries' at WARNING)."""
+    """Settings from the environment, and logging: ours at their level, where every automatic
+    decision (a drift verdict, a retrain, a rollout step) says what it was decided on; every
+    library's at WARNING (ONNX Runtime's quantiser, for one, writes INFO lines on the root
+    logger by the hundred)."""
     settings = load_settings()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("asrops").setLevel(
+        logging.DEBUG if verbose else getattr(logging, settings.log_level.upper(), logging.INFO))
     return settings
 
 

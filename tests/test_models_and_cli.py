@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -135,3 +136,25 @@ def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_a_command_shows_our_decisions_and_hides_the_libraries_chatter():
+    """Every automatic decision (a drift verdict, a retrain, a rollout step) is logged at INFO by
+    the process that makes it; libraries' INFO lines (ONNX Runtime's quantiser writes them on the
+    root logger by the hundred) are not shown."""
+    import subprocess
+    import sys
+
+    code = ("import logging\n"
+            "from asrops.cli.common import setup\n"
+            "setup()\n"
+            "logging.getLogger('asrops.retrain.trigger').info('retrain decided on: drifted')\n"
+            "logging.info('library chatter')\n"
+            "logging.getLogger('onnxruntime').info('more chatter')\n"
+            "logging.getLogger('onnxruntime').warning('a library warning')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "ASROPS_LOG_LEVEL": "INFO"})
+    assert result.returncode == 0, result.stderr
+    assert "retrain decided on: drifted" in result.stderr
+    assert "a library warning" in result.stderr
+    assert "chatter" not in result.stderr
