@@ -19,6 +19,7 @@ ThreadsOpt = Annotated[int, typer.Option("--threads", help="Intra-op threads; 0 
 UrlOpt = Annotated[Optional[str], typer.Option(
     "--url", help="Base URL of the running service (default: http://127.0.0.1 on ASROPS_SERVE__PORT, 8000).")]
 
+
 def setup(verbose: bool = False) -> Settings:
     """Settings from the environment, and logging: ours at their level, where every automatic
     decision (a drift verdict, a retrain, a rollout step) says what it was decided on; every
@@ -27,7 +28,7 @@ def setup(verbose: bool = False) -> Settings:
     settings = load_settings()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    logging.getLogger("asrops").setLevel(
+    logging.getLogger(__name__.partition(".")[0]).setLevel(  # "asrops": every module's getLogger(__name__)
         logging.DEBUG if verbose else getattr(logging, settings.log_level.upper(), logging.INFO))
     return settings
 
