@@ -101,6 +101,44 @@ def make_first_reference(settings: Settings, say: Callable[[str], None] = log.in
         say(f"drift reference made in {time.monotonic() - started:.0f} s, before serving")
 
 
+def ports_to_bind(settings: Settings) -> dict[str, int]:
+    """What `run_service` will listen on, each named by the setting that moves it."""
+    s, m = settings.serve, settings.monitoring
+    ports = {"the API (ASROPS_SERVE__PORT, or --port)": s.port,
+             "the drift monitor's /metrics (ASROPS_MONITORING__MONITOR_PORT)": m.monitor_port}
+    if s.admin_port:
+        ports["the admin API (ASROPS_SERVE__ADMIN_PORT)"] = s.admin_port
+    if settings.promotion.enabled:
+        ports["the promotion controller's /metrics (ASROPS_PROMOTION__METRICS_PORT)"] = settings.promotion.metrics_port
+    if m.prometheus_enabled and shutil.which(m.prometheus_binary):
+        ports["Prometheus (ASROPS_MONITORING__PROMETHEUS_PORT)"] = m.prometheus_port
+    if not os.environ.get("RAY_ADDRESS"):  # the local Ray cluster this starts
+        ports["Ray's metrics endpoint (ASROPS_MONITORING__RAY_METRICS_PORT)"] = m.ray_metrics_port
+        if s.proxy_port:
+            ports["Serve's proxy (ASROPS_SERVE__PROXY_PORT)"] = s.proxy_port
+    return ports
+
+
+def refuse_busy_ports(settings: Settings) -> None:
+    """Stop at once, naming each taken port and its setting, before minutes of set-up end in an
+    error that names neither (asrops/ports.py)."""
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_PORT
+
+    from asrops.ports import port_in_use, ports_in_use
+
+    if not os.environ.get("RAY_ADDRESS") and port_in_use(DEFAULT_DASHBOARD_PORT):  # Ray moves on by itself
+        log.warning("port %d is in use (another Ray?): our Ray's dashboard takes the next free one, and "
+                    "retrains go to the Jobs API at %s, whichever Ray that is", DEFAULT_DASHBOARD_PORT,
+                    settings.retrain.trigger.jobs_address)
+    busy = ports_in_use(ports_to_bind(settings))
+    if busy:
+        lines = "\n".join(f"  {port:>5}  {what}" for what, port in busy.items())
+        typer.echo(f"asrops serve cannot start: these ports on 127.0.0.1 are in use (another asrops serve, "
+                   f"another Ray, another program):\n{lines}\nStop what holds them (`ss -ltnp` names it) or "
+                   "move ours with the setting named.", err=True)
+        raise typer.Exit(1)
+
+
 def run_service(settings: Settings, config: Path | None = None, say: Callable[[str], None] = typer.echo) -> None:
     """The service and everything beside it, until Ctrl-C or SIGTERM."""
     import ray
@@ -109,6 +147,7 @@ def run_service(settings: Settings, config: Path | None = None, say: Callable[[s
     from asrops.raycluster import lower_ray_background_priority
     from asrops.serve.launcher import VersionReconciler, curl_example, run_config, run_local
 
+    refuse_busy_ports(settings)
     if not config and settings.monitoring.drift.bootstrap_reference:
         make_first_reference(settings, say)
     # The side processes start first: their start-up (a few CPU-seconds of imports each) then

@@ -158,3 +158,45 @@ def test_a_command_shows_our_decisions_and_hides_the_libraries_chatter():
     assert "retrain decided on: drifted" in result.stderr
     assert "a library warning" in result.stderr
     assert "chatter" not in result.stderr
+
+
+def test_serve_refuses_at_once_a_port_another_program_holds(tmp_path):
+    """A port `asrops serve` needs, taken by another program (here Ray's metrics port, which
+    before made Ray fail minutes later with "the current node timed out during startup"): it
+    stops before setting anything up, naming the port and the setting that moves it."""
+    import socket
+    import subprocess
+    import sys
+
+    from loadtests.service_bench import free_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+            "ASROPS_DATA_DIR": str(tmp_path / "data"),
+            "ASROPS_MONITORING__RAY_METRICS_PORT": str(taken),
+            "ASROPS_MONITORING__MONITOR_PORT": str(free_port()),
+            "ASROPS_PROMOTION__METRICS_PORT": str(free_port()),
+            "ASROPS_MONITORING__PROMETHEUS_ENABLED": "false",
+        }
+        result = subprocess.run([sys.executable, "-m", "asrops.cli", "serve", "--port", str(free_port())],
+                                env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(rf"\b{taken}\b.*ASROPS_MONITORING__RAY_METRICS_PORT", result.stderr), result.stderr
+    assert not (tmp_path / "data").exists()  # nothing imported, no reference made, no Ray started
+
+
+def test_a_free_port_and_a_taken_one_are_told_apart():
+    import socket
+
+    from asrops.ports import port_in_use, ports_in_use
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        assert port_in_use(taken)
+        assert ports_in_use({"ours": taken, "free": 0}) == {"ours": taken}
+    assert not port_in_use(taken)  # closed: free again

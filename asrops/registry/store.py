@@ -78,10 +78,12 @@ def _conflict(key: str, expected: str | None) -> ConflictError:
 
 
 def report_progress(progress: Progress | None, message: str) -> None:
-    """Log a line and hand it to the caller's callback (the CLI prints it)."""
-    logger.info(message)
+    """Hand a line to the caller's callback (the CLI prints it), or log it when there is none:
+    not both, or a command shows every line twice."""
     if progress is not None:
         progress(message)
+    else:
+        logger.info(message)
 
 
 _RESERVED = (".staging", ".locks", ".tmp")
