@@ -52,3 +52,17 @@ def test_untied_weights_are_left_as_they_were():
     original = model.SerializeToString()
     assert not _embed_by_output_projection(model)
     assert model.SerializeToString() == original
+
+
+def test_only_the_quantisers_advice_is_kept_off_the_root_logger(caplog):
+    """`quantize_dynamic` warns the same advice on the root logger at every import; other root
+    warnings meanwhile still show."""
+    import logging
+
+    from asrops.models.onnx_export import PREPROCESSING_ADVICE, _without_root_message
+
+    with caplog.at_level(logging.WARNING), _without_root_message(PREPROCESSING_ADVICE):
+        logging.warning(PREPROCESSING_ADVICE + ". Refer to example: ...")
+        logging.warning("disk almost full")
+    logging.warning(PREPROCESSING_ADVICE + " (after)")
+    assert [r.getMessage() for r in caplog.records] == ["disk almost full", PREPROCESSING_ADVICE + " (after)"]
