@@ -96,6 +96,12 @@ def serves_clients_directly() -> bool:
 log = logging.getLogger(__name__)
 
 
+def joining_a_cluster() -> bool:
+    """RAY_ADDRESS is set: Ray runs elsewhere (a cluster, or inside a Ray job the job's own), and
+    nothing of a local cluster (its ports, its processes' priorities) is ours to set up."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
     """Start (or join, with RAY_ADDRESS) Ray. `worker_setup_hook` (an import path) runs in every
     worker process Ray starts for this driver's job, Serve's controller and proxy included."""
@@ -104,7 +110,7 @@ def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
         os.environ.setdefault(name, value)
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):  # a cluster (or, inside a Ray job, the job's own cluster)
+    if joining_a_cluster():
         ray.init(logging_level=logging.WARNING, configure_logging=True, runtime_env=hook or None)
         return
     os.environ.update(LOOPBACK_ONLY)  # for the processes Ray starts
@@ -198,7 +204,7 @@ def lower_ray_background_priority(niceness: int) -> None:
     request, and this driver itself, run at `niceness`, as the side processes do: on 2 cores
     their idle work (0.15-0.2 of a core) preempts the engine's two threads; beside the idle
     service the engine took up to 1.3x its time alone (loadtests/service_bench.py measures both)."""
-    if niceness <= 0 or os.environ.get("RAY_ADDRESS") or not ray.is_initialized():
+    if niceness <= 0 or joining_a_cluster() or not ray.is_initialized():
         return
     driver = psutil.Process()
     processes = ray_background_processes(driver)

@@ -694,6 +694,17 @@ class Settings(BaseSettings):
         return self.registry.cache_dir or (self.data_dir / "cache")
 
 
+def env_var(*path: str) -> str:
+    """The environment variable that sets the setting at `path` ("monitoring", "monitor_port"),
+    for messages that tell a person what to change. A path that names no setting raises
+    KeyError, so a renamed setting cannot leave a stale name behind."""
+    model: type[BaseModel] = Settings
+    for name in path:
+        model = model.model_fields[name].annotation
+    config = Settings.model_config
+    return config["env_prefix"] + config["env_nested_delimiter"].join(path).upper()
+
+
 def load_settings() -> Settings:
     """Read settings from the environment; call once at a process's entry point and pass on."""
     return Settings()

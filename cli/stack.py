@@ -28,7 +28,7 @@ from asrops.monitoring.monitor import DriftMonitor, MonitorMetrics
 from asrops.monitoring.prometheus import ALERT_RULES_FILE, PrometheusServer
 from asrops.prodlog import store_for
 from asrops.registry import ModelRegistry
-from asrops.settings import Settings
+from asrops.settings import Settings, env_var
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +102,23 @@ def make_first_reference(settings: Settings, say: Callable[[str], None] = log.in
 
 
 def ports_to_bind(settings: Settings) -> dict[str, int]:
-    """What `run_service` will listen on, each named by the setting that moves it."""
+    """What `run_service` will listen on, each named with the setting that moves it."""
+    from asrops.raycluster import joining_a_cluster
+
     s, m = settings.serve, settings.monitoring
-    ports = {"the API (ASROPS_SERVE__PORT, or --port)": s.port,
-             "the drift monitor's /metrics (ASROPS_MONITORING__MONITOR_PORT)": m.monitor_port}
+    ports = {f"the API ({env_var('serve', 'port')}, or --port)": s.port,
+             f"the drift monitor's /metrics ({env_var('monitoring', 'monitor_port')})": m.monitor_port}
     if s.admin_port:
-        ports["the admin API (ASROPS_SERVE__ADMIN_PORT)"] = s.admin_port
+        ports[f"the admin API ({env_var('serve', 'admin_port')})"] = s.admin_port
     if settings.promotion.enabled:
-        ports["the promotion controller's /metrics (ASROPS_PROMOTION__METRICS_PORT)"] = settings.promotion.metrics_port
+        ports[f"the promotion controller's /metrics ({env_var('promotion', 'metrics_port')})"] = \
+            settings.promotion.metrics_port
     if m.prometheus_enabled and shutil.which(m.prometheus_binary):
-        ports["Prometheus (ASROPS_MONITORING__PROMETHEUS_PORT)"] = m.prometheus_port
-    if not os.environ.get("RAY_ADDRESS"):  # the local Ray cluster this starts
-        ports["Ray's metrics endpoint (ASROPS_MONITORING__RAY_METRICS_PORT)"] = m.ray_metrics_port
+        ports[f"Prometheus ({env_var('monitoring', 'prometheus_port')})"] = m.prometheus_port
+    if not joining_a_cluster():  # the local Ray cluster this starts
+        ports[f"Ray's metrics endpoint ({env_var('monitoring', 'ray_metrics_port')})"] = m.ray_metrics_port
         if s.proxy_port:
-            ports["Serve's proxy (ASROPS_SERVE__PROXY_PORT)"] = s.proxy_port
+            ports[f"Serve's proxy ({env_var('serve', 'proxy_port')})"] = s.proxy_port
     return ports
 
 
@@ -125,8 +128,9 @@ def refuse_busy_ports(settings: Settings) -> None:
     from ray._private.ray_constants import DEFAULT_DASHBOARD_PORT
 
     from asrops.ports import port_in_use, ports_in_use
+    from asrops.raycluster import joining_a_cluster
 
-    if not os.environ.get("RAY_ADDRESS") and port_in_use(DEFAULT_DASHBOARD_PORT):  # Ray moves on by itself
+    if not joining_a_cluster() and port_in_use(DEFAULT_DASHBOARD_PORT):  # Ray moves on by itself
         log.warning("port %d is in use (another Ray?): our Ray's dashboard takes the next free one, and "
                     "retrains go to the Jobs API at %s, whichever Ray that is", DEFAULT_DASHBOARD_PORT,
                     settings.retrain.trigger.jobs_address)

@@ -200,3 +200,14 @@ def test_a_free_port_and_a_taken_one_are_told_apart():
         assert port_in_use(taken)
         assert ports_in_use({"ours": taken, "free": 0}) == {"ours": taken}
     assert not port_in_use(taken)  # closed: free again
+
+
+def test_the_variable_a_message_names_is_the_one_that_sets_the_setting(monkeypatch):
+    from asrops.settings import Settings, env_var
+
+    monkeypatch.setenv(env_var("monitoring", "ray_metrics_port"), "18080")
+    monkeypatch.setenv(env_var("serve", "port"), "18000")
+    settings = Settings()
+    assert (settings.monitoring.ray_metrics_port, settings.serve.port) == (18080, 18000)
+    with pytest.raises(KeyError):
+        env_var("monitoring", "metrics_port_renamed")
