@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -240,6 +241,19 @@ def test_all_nan_column_is_an_error_not_a_crash(reference: pd.DataFrame) -> None
     # The share counts only scored columns.
     scored = run.result.scored_columns
     assert run.result.drift_share == pytest.approx(sum(c.drifted for c in scored) / len(scored))
+
+
+def test_a_feature_constant_in_the_window_prints_no_numpy_warning(reference: pd.DataFrame) -> None:
+    """A window where one feature never varies (no clipping at all, say) is ordinary; Evidently's
+    correlation widget divides by its zero spread, and numpy's warning reached the service's
+    console at every such window."""
+    column = SETTINGS.numeric_features[0]
+    cur = make_requests(seed=10, n=WINDOW).assign(**{column: 0.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = compute_drift(cur, reference, SETTINGS)
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert run.result.column(column).score is not None  # still scored: constant is not missing
 
 
 def test_empty_window_scores_nothing_and_drifts_nothing(
