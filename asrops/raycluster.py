@@ -15,11 +15,14 @@ import logging
 import os
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import ray
 from ray._private import ray_constants
+from ray._private import services as ray_services
 
 from asrops.priority import lower_processes
 from asrops.settings import Settings
@@ -118,15 +121,41 @@ def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which read it when Ray was imported
     # The dashboard process is what writes the service-discovery file listing each node's
     # metrics endpoint for Prometheus; it also serves the Ray Jobs API that retrains go through.
-    ray.init(
-        include_dashboard=True,
-        _metrics_export_port=settings.monitoring.ray_metrics_port,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-        runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}, **hook},
-    )
+    with dashboard_modules(settings.serve.ray_dashboard_modules):
+        ray.init(
+            include_dashboard=True,
+            _metrics_export_port=settings.monitoring.ray_metrics_port,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+            runtime_env={"env_vars": {"ASROPS_DATA_DIR": str(settings.data_dir)}, **hook},
+        )
     _keep_token_private()
     _wait_for_metrics_agent(settings.monitoring.ray_metrics_port)
+
+
+@contextmanager
+def dashboard_modules(modules: list[str] | None) -> Iterator[None]:
+    """The dashboard of a local cluster started meanwhile runs only `modules` (None: all of
+    Ray's). Ray runs nine of them as processes of their own, each waking 15-45 times a second at rest;
+    on 2 cores an engine's two threads wait at every parallel step for whichever one such a wakeup
+    delayed. `ray.init` has no option for it (`include_dashboard=False` keeps none, the Jobs API
+    included), so the dashboard's command line gets the `--modules-to-load` of Ray's own
+    `dashboard.py` as Ray starts it (Ray pinned at 2.60, `tests/test_retrain_job.py` checks it)."""
+    if modules is None:
+        yield
+        return
+    start_ray_process = ray_services.start_ray_process
+
+    def starting(command: list[str], process_type: str, *args, **kwargs):
+        if process_type == ray_constants.PROCESS_TYPE_DASHBOARD:
+            command = [*command, f"--modules-to-load={','.join(modules)}"]
+        return start_ray_process(command, process_type, *args, **kwargs)
+
+    ray_services.start_ray_process = starting
+    try:
+        yield
+    finally:
+        ray_services.start_ray_process = start_ray_process
 
 
 def ray_token_file() -> Path:

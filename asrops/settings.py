@@ -115,6 +115,11 @@ class ServeSettings(BaseModel):
     """Serve's HTTP proxy, on a local cluster, where the ingress replica answers on `port` itself
     (direct ingress): it reaches the same ingress, and any other application deployed beside it.
     None: a free port."""
+    ray_dashboard_modules: list[str] | None = Field(default=["JobHead", "NodeHead"], min_length=1)
+    """The parts of Ray's dashboard a local cluster runs: the Jobs API that retrains go through
+    (JobHead) and the record of the head node it submits to (NodeHead). Ray's others (its web
+    UI's pages on actors, tasks, logs, Serve, Data and Train; usage stats) ran seven more
+    processes beside the engine. None: all of Ray's. Not used on KubeRay or with RAY_ADDRESS."""
     api_keys: list[str] = []
     """Client keys; empty means no auth. Only their sha256 is kept in memory after start."""
     admin_tokens: list[str] = []

@@ -112,3 +112,26 @@ def test_a_process_started_before_ray_reaches_its_jobs_api_with_the_clusters_tok
     assert done.returncode == 0, done.stderr[-2000:]
     assert isinstance(json.loads(done.stdout.splitlines()[-1]), list)
     assert ray_token_file().stat().st_mode & 0o777 == 0o600  # read by this user only
+
+
+def test_the_local_dashboard_runs_the_jobs_api_and_none_of_rays_other_modules(ray_node, service_settings):
+    """A local cluster's dashboard runs the modules `serve.ray_dashboard_modules` names, each a
+    process of its own, and none of Ray's others (seven more processes beside the engine); and
+    the head node's record that the Jobs API submits to (NodeHead's) is there."""
+    import psutil
+    import ray
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    (dashboard,) = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_DASHBOARD]
+    wanted = set(service_settings.serve.ray_dashboard_modules)
+    deadline = time.monotonic() + 60
+    while True:
+        titles = [" ".join(p.cmdline()) for p in psutil.Process(dashboard.process.pid).children(recursive=True)]
+        running = {t.removeprefix("ray-dashboard-").split("-")[0] for t in titles if t.startswith("ray-dashboard-")}
+        head_node = _internal_kv_get(ray_constants.KV_HEAD_NODE_ID_KEY, namespace=ray_constants.KV_NAMESPACE_JOB)
+        if (running == wanted and head_node) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert running == wanted == {"JobHead", "NodeHead"}
+    assert head_node
