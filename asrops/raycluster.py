@@ -119,8 +119,9 @@ def init_ray(settings: Settings, worker_setup_hook: str | None = None) -> None:
     os.environ.update(LOOPBACK_ONLY)  # for the processes Ray starts
     os.environ.update(direct_ingress_env(settings.serve.port))
     ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, which read it when Ray was imported
-    # The dashboard process is what writes the service-discovery file listing each node's
-    # metrics endpoint for Prometheus; it also serves the Ray Jobs API that retrains go through.
+    # The dashboard serves the Ray Jobs API that retrains go through (and, by default, nothing
+    # else: Prometheus scrapes this node on the metrics port it is given, not the nodes Ray's
+    # service-discovery file lists).
     with dashboard_modules(settings.serve.ray_dashboard_modules):
         ray.init(
             include_dashboard=True,
