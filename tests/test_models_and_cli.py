@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import socket
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -160,20 +163,25 @@ def test_a_command_shows_our_decisions_and_hides_the_libraries_chatter():
     assert "chatter" not in result.stderr
 
 
+@contextlib.contextmanager
+def held_port() -> Iterator[int]:
+    """A loopback port another program listens on, for as long as the block runs."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
 def test_serve_refuses_at_once_a_port_another_program_holds(tmp_path):
     """A port `asrops serve` needs, taken by another program (here Ray's metrics port, which
     before made Ray fail minutes later with "the current node timed out during startup"): it
     stops before setting anything up, naming the port and the setting that moves it."""
-    import socket
     import subprocess
     import sys
 
     from loadtests.service_bench import free_port
 
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        taken = holder.getsockname()[1]
+    with held_port() as taken:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
             "ASROPS_DATA_DIR": str(tmp_path / "data"),
             "ASROPS_MONITORING__RAY_METRICS_PORT": str(taken),
@@ -189,14 +197,9 @@ def test_serve_refuses_at_once_a_port_another_program_holds(tmp_path):
 
 
 def test_a_free_port_and_a_taken_one_are_told_apart():
-    import socket
-
     from asrops.ports import port_in_use, ports_in_use
 
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        taken = holder.getsockname()[1]
+    with held_port() as taken:
         assert port_in_use(taken)
         assert ports_in_use({"ours": taken, "free": 0}) == {"ours": taken}
     assert not port_in_use(taken)  # closed: free again
