@@ -117,9 +117,10 @@ class ServeSettings(BaseModel):
     None: a free port."""
     ray_dashboard_modules: list[str] | None = Field(default=["JobHead", "NodeHead"], min_length=1)
     """The parts of Ray's dashboard a local cluster runs: the Jobs API that retrains go through
-    (JobHead) and the record of the head node it submits to (NodeHead). Ray's others (its web
-    UI's pages on actors, tasks, logs, Serve, Data and Train; usage stats) ran seven more
-    processes beside the engine. None: all of Ray's. Not used on KubeRay or with RAY_ADDRESS."""
+    (JobHead) and the record of the head node it submits to (NodeHead). Ray's others ran seven
+    more processes beside the engine (its web UI's pages on actors, tasks, logs, Serve, Data and
+    Train) and its usage-stats reporting. None: all of Ray's. Not used on KubeRay or with
+    RAY_ADDRESS."""
     api_keys: list[str] = []
     """Client keys; empty means no auth. Only their sha256 is kept in memory after start."""
     admin_tokens: list[str] = []
