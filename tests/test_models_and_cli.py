@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import socket
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from asrops.errors import ModelImportError
 from asrops.models.ct2_import import embedded_ct2_dir
 from asrops.models.ct2_reader import read_ct2_model
 from asrops.models.importer import check_checkpoint
+from tests.ports import held_port
 
 runner = CliRunner()
 
@@ -161,15 +159,6 @@ def test_a_command_shows_our_decisions_and_hides_the_libraries_chatter():
     assert "retrain decided on: drifted" in result.stderr
     assert "a library warning" in result.stderr
     assert "chatter" not in result.stderr
-
-
-@contextlib.contextmanager
-def held_port() -> Iterator[int]:
-    """A loopback port another program listens on, for as long as the block runs."""
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        yield holder.getsockname()[1]
 
 
 def test_serve_refuses_at_once_a_port_another_program_holds(tmp_path):

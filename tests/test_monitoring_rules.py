@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ from asrops.monitoring.prometheus import (
 )
 from asrops.monitoring.promql import alert_query, expressions_to_check, metric_names, rule_groups
 from asrops.settings import MonitoringSettings, Settings
+from loadtests.service_bench import free_port
+from tests.ports import held_port
 
 _COUNTERS_AND_GAUGES = {
     "ray_asrops_requests_total",
@@ -92,12 +93,6 @@ def promtool() -> str:
 
 def _check_rules(promtool: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- rules ---------------------------------------------------------------------------------
@@ -267,10 +262,10 @@ def test_prometheus_server_scrapes_a_target_and_answers_queries(tmp_path: Path) 
     events = prometheus_client.Counter("asrops_fixture_events", "Events of the test's target.",
                                        registry=registry)
     events.inc(7)
-    target_port = _free_port()
+    target_port = free_port()
     target, _thread = prometheus_client.start_http_server(target_port, addr="127.0.0.1", registry=registry)
     settings = Settings(monitoring=MonitoringSettings(
-        prometheus_port=_free_port(), monitor_port=_free_port(), scrape_interval_s=1,
+        prometheus_port=free_port(), monitor_port=free_port(), scrape_interval_s=1,
     ))
     server = PrometheusServer(settings, tmp_path, ray_sd_files=[str(tmp_path / "no-ray.json")],
                               extra_targets={"fixture": [f"127.0.0.1:{target_port}"]})
@@ -318,10 +313,8 @@ def test_prometheus_server_says_how_to_install_a_missing_binary(tmp_path: Path) 
 
 
 def test_prometheus_server_reports_a_failed_start_with_its_log(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        settings = Settings(monitoring=MonitoringSettings(prometheus_port=busy.getsockname()[1]))
+    with held_port() as taken:
+        settings = Settings(monitoring=MonitoringSettings(prometheus_port=taken))
         with pytest.raises(PrometheusError, match="exited with code") as info:
             PrometheusServer(settings, tmp_path, ready_timeout_s=20).start()
     assert "address already in use" in str(info.value)
