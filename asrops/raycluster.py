@@ -67,6 +67,11 @@ RAY_TUNING = {
     # this many files, else every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S): 9 ms of CPU a second down
     # to 3.5 on an idle local service. A new worker's lines reach the console up to 0.5 s later.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    # The dashboard agent gathers the node's and every Ray process's CPU and memory (psutil) for
+    # Ray's node metrics every 5 s by default, 40 % of its idle CPU; the workers' own metrics
+    # reach it every 10 s (RAY_metrics_report_interval_ms), and Prometheus scrapes it that often
+    # (monitoring.ray_scrape_interval_s): gathered as often, the node's figures are as fresh.
+    "REPORTER_UPDATE_INTERVAL_MS": "10000",
 }
 """Ray's and Ray Serve's environment for every Ray process of the service: set before a local
 cluster starts (an operator's own value wins), and in the Ray pods on KubeRay (k8s/, generated)."""

@@ -87,7 +87,7 @@ def write_config(
             }],
         }
     scrape_configs: list[dict] = [
-        {"job_name": RAY_JOB, **ray_targets},
+        {"job_name": RAY_JOB, "scrape_interval": _duration(settings.monitoring.ray_scrape_interval_s), **ray_targets},
         {
             "job_name": MONITOR_JOB,
             "static_configs": [{"targets": [f"127.0.0.1:{settings.monitoring.monitor_port}"]}],

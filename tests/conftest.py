@@ -151,13 +151,14 @@ def service_settings(data_dir):
 
 def prometheus_settings(service_settings):
     """Settings for a test's own Prometheus beside the session's service: a free port, a 2-s
-    scrape (its timeout too) at the tests' priority. Ray's endpoint is large (about 900 kB and
-    2,300 series on a fresh node, more as replicas come and go): at a 1-s timeout and
-    `asrops serve`'s background niceness, with a retrain in the other xdist worker, Prometheus
-    lost every Ray series for minutes, twice in CI."""
+    scrape of every job, Ray's included (its timeout too), at the tests' priority. Ray's endpoint
+    is large (about 900 kB and 2,300 series on a fresh node, more as replicas come and go): at a
+    1-s timeout and `asrops serve`'s background niceness, with a retrain in the other xdist
+    worker, Prometheus lost every Ray series for minutes, twice in CI."""
     settings = service_settings.model_copy(deep=True)
     settings.monitoring.prometheus_port = free_port()
     settings.monitoring.scrape_interval_s = 2
+    settings.monitoring.ray_scrape_interval_s = 2
     settings.monitoring.background_niceness = 0
     return settings
 

@@ -230,13 +230,16 @@ def test_ports_probes_and_job_names_match_the_code(objects):
         assert container["ports"] == [{"name": "metrics", "containerPort": port}]
         assert container["livenessProbe"]["httpGet"]["port"] == port
 
-    interval = f"{MonitoringSettings().scrape_interval_s:g}s"
+    settings = MonitoringSettings()
+    every = f"{settings.scrape_interval_s:g}s"
+    intervals = {"asrops-ray": f"{settings.ray_scrape_interval_s:g}s", "asrops-drift-monitor": every,
+                 "asrops-promotion-controller": every}
     jobs = {"asrops-ray": RAY_JOB, "asrops-drift-monitor": MONITOR_JOB, "asrops-promotion-controller": CONTROLLER_JOB}
     pod_labels = [spec["template"]["metadata"]["labels"] for spec in _ray_groups(rayservice).values()]
     pod_labels += [d["spec"]["template"]["metadata"]["labels"] for d in _of(objects, "Deployment")]
     for monitor in _of(objects, "PodMonitor"):
         (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-        assert endpoint["port"] == "metrics" and endpoint["interval"] == interval
+        assert endpoint["port"] == "metrics" and endpoint["interval"] == intervals[monitor["metadata"]["name"]]
         assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": jobs[monitor["metadata"]["name"]]}]
         wanted = monitor["spec"]["selector"]["matchLabels"].items()
         assert any(wanted <= labels.items() for labels in pod_labels), f"{monitor['metadata']['name']} selects no pod"

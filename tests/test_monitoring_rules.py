@@ -236,6 +236,9 @@ def test_write_config_is_valid_for_promtool(promtool: str, tmp_path: Path) -> No
     path = write_config(settings, tmp_path, extra_targets={"fixture": ["127.0.0.1:1234"]})
     config = yaml.safe_load(path.read_text())
     assert config["global"]["scrape_interval"] == "2500ms"
+    # Ray's endpoint no more often than Ray's workers refresh it (10 s), the other jobs at 2.5 s.
+    assert {job["job_name"]: job.get("scrape_interval") for job in config["scrape_configs"]} == {
+        "ray": "10s", "asrops-monitor": None, "asrops-controller": None, "fixture": None}
     assert config["rule_files"] == [str(ALERT_RULES_FILE)] and Path(config["rule_files"][0]).is_absolute()
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     # The local cluster's own node, on the port it was given: not Ray's service-discovery file,
