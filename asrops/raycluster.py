@@ -25,10 +25,11 @@ from ray._private import ray_constants
 from ray._private import services as ray_services
 
 from asrops.priority import lower_processes
-from asrops.settings import Settings
+from asrops.settings import RAY_METRICS_REPORT_INTERVAL_S, Settings
 
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 """Ray's single-machine mode: node address and every port on 127.0.0.1."""
+_RAY_METRICS_REPORT_INTERVAL_MS = str(round(RAY_METRICS_REPORT_INTERVAL_S * 1000))
 RAY_TUNING = {
     # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own GCS
     # and raylet, a load generator, a log shipper) takes the CPU from our replicas, which are the
@@ -67,11 +68,12 @@ RAY_TUNING = {
     # this many files, else every 0.5 s (LOG_NAME_UPDATE_INTERVAL_S): 9 ms of CPU a second down
     # to 3.5 on an idle local service. A new worker's lines reach the console up to 0.5 s later.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
-    # The dashboard agent gathers the node's and every Ray process's CPU and memory (psutil) for
-    # Ray's node metrics every 5 s by default, 40 % of its idle CPU; the workers' own metrics
-    # reach it every 10 s (RAY_metrics_report_interval_ms), and Prometheus scrapes it that often
-    # (monitoring.ray_scrape_interval_s): gathered as often, the node's figures are as fresh.
-    "REPORTER_UPDATE_INTERVAL_MS": "10000",
+    # Ray's metrics refresh at one pace (RAY_METRICS_REPORT_INTERVAL_S, which Prometheus's scrape
+    # of them follows): the workers report theirs to the node's agent (Ray's default, pinned), and
+    # the agent gathers the node's and every Ray process's CPU and memory with psutil, every 5 s
+    # by default: 40 % of its idle CPU, for figures no one reads between two scrapes.
+    "RAY_metrics_report_interval_ms": _RAY_METRICS_REPORT_INTERVAL_MS,
+    "REPORTER_UPDATE_INTERVAL_MS": _RAY_METRICS_REPORT_INTERVAL_MS,
 }
 """Ray's and Ray Serve's environment for every Ray process of the service: set before a local
 cluster starts (an operator's own value wins), and in the Ray pods on KubeRay (k8s/, generated)."""

@@ -274,6 +274,12 @@ class DriftSettings(BaseModel):
     """Most reference rows used (sampled), to bound the report's cost."""
 
 
+RAY_METRICS_REPORT_INTERVAL_S = 10.0
+"""How often Ray's workers report their metrics to their node's agent, and the agent gathers the
+node's own (asrops/raycluster.py RAY_TUNING sets both): the freshness of everything Prometheus
+reads from Ray's metrics endpoint."""
+
+
 class MonitoringSettings(BaseModel):
     monitor_port: int = 9464
     """Where the drift monitor serves its /metrics."""
@@ -293,11 +299,10 @@ class MonitoringSettings(BaseModel):
     scrape_interval_s: float = Field(default=5.0, gt=0)
     """How often Prometheus scrapes the drift monitor and the promotion controller, and evaluates
     the alert rules."""
-    ray_scrape_interval_s: float = Field(default=10.0, gt=0)
-    """How often Prometheus scrapes Ray's metrics endpoint (the replicas' metrics). Ray's workers
-    report their metrics to it every 10 s (RAY_metrics_report_interval_ms), so a faster scrape
-    reads the same values again; each scrape costs Ray's agent 60-70 ms of CPU (about 1,700
-    series), taken from the engine on 2 cores."""
+    ray_scrape_interval_s: float = Field(default=RAY_METRICS_REPORT_INTERVAL_S, gt=0)
+    """How often Prometheus scrapes Ray's metrics endpoint (the replicas' metrics): a scrape more
+    often than Ray refreshes it (RAY_METRICS_REPORT_INTERVAL_S) reads the same values again, and
+    each costs Ray's agent 60-70 ms of CPU (about 1,700 series), taken from the engine on 2 cores."""
     ray_metrics_port: int = 8080
     """Ray's own Prometheus endpoint on each node (replica metrics). The local Prometheus scrapes
     it on loopback; with RAY_ADDRESS it reads the nodes from Ray's service-discovery file."""
