@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import subprocess
 import warnings
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from asrops.monitoring import drift
 from asrops.monitoring.drift import DriftRun, compute_drift, load_result, save_reports
 from asrops.monitoring.verdict import VerdictPolicy, VerdictState, WindowJudgement
 from asrops.settings import DriftSettings
@@ -98,33 +98,23 @@ def make_requests(seed: int, n: int, *, noisy: bool = False) -> pd.DataFrame:
 FEATURES = [*SETTINGS.numeric_features, *SETTINGS.categorical_features, SETTINGS.text_feature]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _memoised_text_null_distribution() -> Iterator[None]:
-    """Speed only, no result changes: Evidently's percentile text drift (its default with a
-    reference of <= 1000 rows) rebuilds the same null distribution -- 1000 ROC AUCs of random
-    scores with fixed seeds, a pure function of the test-split labels, so of the two sizes --
-    for every window: ~1.7 s of CPU of a window's ~2.8 s here. Memoised for this module.
-    If Evidently moves the function, nothing is patched and the tests are just slower."""
-    try:
-        from evidently.legacy.utils import data_drift_utils as module
-    except ImportError:
-        yield
-        return
-    original = getattr(module, "roc_auc_random_classifier_percentile", None)
-    if original is None:
-        yield
-        return
-    cache: dict[tuple, float] = {}
+@pytest.mark.parametrize(("n_reference", "n_current", "options"), [
+    (30, 8, {}), (8, 30, {"p_value": 0.01, "iter_num": 300}), (300, 40, {"iter_num": 300}),
+    (1, 1, {"iter_num": 300})])
+def test_our_text_null_distribution_is_evidentlys(n_reference: int, n_current: int, options: dict) -> None:
+    """monitoring/drift.py replaces Evidently's null distribution for text drift (1000 sklearn
+    ROC AUCs, about 3.5 s a window here) with a rank computation: the same percentile for a
+    window's shuffled labels, and NumPy's global generator left in the same state."""
+    from evidently.legacy.utils import data_drift_utils
 
-    def memoised(y_test, p_value=0.05, iter_num=1000, seed=42):  # type: ignore[no-untyped-def]
-        key = (np.asarray(y_test).tobytes(), p_value, iter_num, seed)
-        if key not in cache:
-            cache[key] = original(y_test, p_value=p_value, iter_num=iter_num, seed=seed)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(module, "roc_auc_random_classifier_percentile", memoised)
-        yield
+    assert data_drift_utils.roc_auc_random_classifier_percentile is drift.random_classifier_auc_percentile
+    labels = np.array([0] * n_reference + [1] * n_current)
+    np.random.default_rng(n_reference).shuffle(labels)
+    y_test = pd.Series(labels)
+    expected = drift.EVIDENTLY_RANDOM_AUC_PERCENTILE(y_test, **options)
+    after_evidentlys = np.random.random()
+    assert drift.random_classifier_auc_percentile(y_test, **options) == pytest.approx(expected, abs=1e-12)
+    assert np.random.random() == after_evidentlys
 
 
 @pytest.fixture(scope="module")
