@@ -92,10 +92,13 @@ def random_classifier_auc_percentile(y_test, p_value: float = 0.05, iter_num: in
     return float(np.percentile(aucs, 100 * (1 - p_value)))
 
 
-EVIDENTLY_RANDOM_AUC_PERCENTILE = getattr(data_drift_utils, "roc_auc_random_classifier_percentile", None)
+EVIDENTLY_RANDOM_AUC_PERCENTILE = getattr(data_drift_utils, "_evidentlys_random_auc_percentile", None) or getattr(
+    data_drift_utils, "roc_auc_random_classifier_percentile", None)
 """Evidently's own, kept to check ours against; ours replaces it (its text drift looks it up
-in its module at every call). Should Evidently move it, nothing is replaced: only slower."""
+in its module at every call). Should Evidently move it, nothing is replaced: only slower.
+(Kept in Evidently's module too, so that a second import of this file finds the original.)"""
 if EVIDENTLY_RANDOM_AUC_PERCENTILE is not None:
+    data_drift_utils._evidentlys_random_auc_percentile = EVIDENTLY_RANDOM_AUC_PERCENTILE
     data_drift_utils.roc_auc_random_classifier_percentile = random_classifier_auc_percentile
 
 
