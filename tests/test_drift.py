@@ -103,7 +103,7 @@ FEATURES = [*SETTINGS.numeric_features, *SETTINGS.categorical_features, SETTINGS
     (1, 1, {"iter_num": 300})])
 def test_our_text_null_distribution_is_evidentlys(n_reference: int, n_current: int, options: dict) -> None:
     """monitoring/drift.py replaces Evidently's null distribution for text drift (1000 sklearn
-    ROC AUCs, about 3.5 s a window here) with a rank computation: the same percentile for a
+    ROC AUCs, 3.3-4.0 s a call here) with a rank computation: the same percentile for a
     window's shuffled labels, and NumPy's global generator left in the same state."""
     from evidently.legacy.utils import data_drift_utils
 
