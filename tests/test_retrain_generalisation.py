@@ -15,9 +15,10 @@ import torch
 from asrops.clip_manifest import read_rows, write_rows
 from asrops.engines import load_engine
 from asrops.evaluation import core_english_filter, load_manifest
+from asrops.models.importer import build_version_dir
 from asrops.retrain import train
 from asrops.retrain.evaluate import compare, gate, transcribe_manifest
-from asrops.settings import GateSettings, TrainSettings
+from asrops.settings import EngineSettings, GateSettings, TrainSettings
 from asrops.synth import PRESETS, generate, split_templates
 
 pytestmark = pytest.mark.slow
@@ -50,12 +51,16 @@ def test_a_candidate_trained_only_on_templates_is_stopped_by_the_gate(stable_dir
         train.train_step(run, rng)
     train._save_best(run.model, run.processor, job.output_dir, settings)
 
-    engines = {"stable": load_engine(stable_dir, "torch", "cpu", 2),
-               "candidate": load_engine(job.output_dir / train.BEST_DIR, "torch", "cpu", 2)}
+    # Judged as a retrain judges (retrain/job.py): both versions on the engine that serves them.
+    candidate_dir = build_version_dir(job.output_dir / train.BEST_DIR, tmp_path / "version")
+    served = EngineSettings()
+    engines = {version: load_engine(d, served.kind, served.device, 2, served.short_windows)
+               for version, d in (("stable", stable_dir), ("candidate", candidate_dir))}
     gate_settings = GateSettings()
 
     def judged(name, manifest):
-        results = {v: transcribe_manifest(e, manifest, batch_size=8) for v, e in engines.items()}
+        results = {version: transcribe_manifest(engine, manifest, batch_size=served.offline_batch_size)
+                   for version, engine in engines.items()}
         return compare(results["candidate"], results["stable"], gate_settings, name)
 
     decision = gate(judged("held-out", heldout), [judged("real speech", real)], gate_settings,
