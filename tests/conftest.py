@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,14 +100,32 @@ def speech_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """One asrops data directory for the session, holding the embedded default as `stable`
-    (imported once: conversion, ONNX export and quantisation take about a minute)."""
+def data_dir(tmp_path_factory, worker_id) -> Path:
+    """One asrops data directory for each test process, holding the embedded default as `stable`.
+    Importing it (conversion, ONNX export and quantisation) takes about a minute on 2 cores, so
+    under xdist the first worker to ask imports it once into the run's shared temporary directory
+    and every worker copies that (pytest-xdist's recipe for a session fixture made once)."""
+    if worker_id == "master":
+        return _import_embedded_default(tmp_path_factory.mktemp("asrops-data"))
+    from filelock import FileLock
+
+    imported = tmp_path_factory.getbasetemp().parent / "asrops-data-imported"
+    with FileLock(f"{imported}.lock"):
+        if not imported.exists():
+            partial = imported.with_name(f"{imported.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            _import_embedded_default(partial).rename(imported)
+    root = tmp_path_factory.mktemp("asrops-data")
+    shutil.copytree(imported, root, dirs_exist_ok=True)
+    return root
+
+
+def _import_embedded_default(root: Path) -> Path:
     from asrops.models.importer import import_embedded_default
     from asrops.registry import ModelRegistry
     from asrops.settings import Settings
 
-    root = tmp_path_factory.mktemp("asrops-data")
+    root.mkdir(parents=True, exist_ok=True)
     import_embedded_default(ModelRegistry.from_settings(Settings(data_dir=root)))
     return root
 
