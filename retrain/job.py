@@ -161,7 +161,7 @@ def gather_examples(settings: Settings, work: Path, since: datetime, parent_dir:
 def self_label(settings: Settings, parent_dir: Path, manifest: Path, out: Path, say: Callable[[str], None]) -> Path:
     """`manifest`'s clips with the parent's own transcripts as labels (only those it decodes as
     one segment: training labels are one segment per clip), decoded as the service decodes."""
-    engine = _serving_engine(settings, parent_dir)
+    engine = serving_engine(settings, parent_dir)
     items = load_manifest(manifest)
     options = settings.engine.decode_options()
     rows = []
@@ -178,7 +178,7 @@ def self_label(settings: Settings, parent_dir: Path, manifest: Path, out: Path, 
     return out
 
 
-def _serving_engine(settings: Settings, model_dir: Path):
+def serving_engine(settings: Settings, model_dir: Path):
     """A version on the engine that serves it (`engine.kind`), with the retrain's threads."""
     return load_engine(model_dir, settings.engine.kind, settings.engine.device,
                        settings.retrain.train.threads or settings.engine.threads, settings.engine.short_windows)
@@ -194,7 +194,7 @@ def _evaluate(settings: Settings, candidate_dir: Path, stable_dir: Path, data: B
               golden: list[EvalSet], generalisation: list[EvalSet], say: Callable[[str], None]) -> Comparisons:
     """Both versions on the engine that serves them (`engine.kind`), so the gate judges what
     clients would get (and onnx-int8 evaluates about twice as fast as torch on a CPU)."""
-    engines = {name: _serving_engine(settings, d) for name, d in (("stable", stable_dir), ("candidate", candidate_dir))}
+    engines = {name: serving_engine(settings, d) for name, d in (("stable", stable_dir), ("candidate", candidate_dir))}
     g = settings.retrain.gate
 
     def compared(name: str, manifest: Path) -> SetComparison:

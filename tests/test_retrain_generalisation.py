@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from asrops.clip_manifest import read_rows, write_rows
-from asrops.engines import load_engine
 from asrops.evaluation import core_english_filter, load_manifest
 from asrops.models.importer import build_version_dir
 from asrops.retrain import train
 from asrops.retrain.evaluate import compare, gate, transcribe_manifest
-from asrops.settings import EngineSettings, GateSettings, TrainSettings
+from asrops.retrain.job import serving_engine
+from asrops.settings import GateSettings, Settings, TrainSettings
 from asrops.synth import PRESETS, generate, split_templates
 
 pytestmark = pytest.mark.slow
@@ -53,13 +53,12 @@ def test_a_candidate_trained_only_on_templates_is_stopped_by_the_gate(stable_dir
 
     # Judged as a retrain judges (retrain/job.py): both versions on the engine that serves them.
     candidate_dir = build_version_dir(job.output_dir / train.BEST_DIR, tmp_path / "version")
-    served = EngineSettings()
-    engines = {version: load_engine(d, served.kind, served.device, 2, served.short_windows)
-               for version, d in (("stable", stable_dir), ("candidate", candidate_dir))}
+    served = Settings()
+    engines = {"stable": serving_engine(served, stable_dir), "candidate": serving_engine(served, candidate_dir)}
     gate_settings = GateSettings()
 
     def judged(name, manifest):
-        results = {version: transcribe_manifest(engine, manifest, batch_size=served.offline_batch_size)
+        results = {version: transcribe_manifest(engine, manifest, batch_size=served.engine.offline_batch_size)
                    for version, engine in engines.items()}
         return compare(results["candidate"], results["stable"], gate_settings, name)
 
