@@ -25,6 +25,34 @@ def _audio(speech_dir, relpath: str) -> np.ndarray:
     return decode_audio(speech_dir / relpath).samples
 
 
+@pytest.fixture(scope="module")
+def core_clips(speech_dir) -> tuple[list[str], list[np.ndarray]]:
+    """The first 40 core English clips: their transcripts and their samples."""
+    items = load_manifest(speech_dir / "manifest.jsonl", filter=core_english_filter)[:40]
+    return [i.text for i in items], [decode_audio(i.audio).samples for i in items]
+
+
+@pytest.fixture(scope="module")
+def full_window_texts(engines, core_clips):
+    """`texts(kind)`: an engine's texts of the core clips over 30-s windows, decoded once per module
+    for every test that compares against them. In batches of 8: the same text as one at a time
+    (tested above), in half the time."""
+    _, audios = core_clips
+    decoded: dict[str, list[str]] = {}
+
+    def texts(kind: str) -> list[str]:
+        if kind not in decoded:
+            engine = engines[kind]
+            short, engine.short_windows = engine.short_windows, False
+            try:
+                decoded[kind] = [t.text for i in range(0, len(audios), 8) for t in engine.transcribe(audios[i : i + 8])]
+            finally:
+                engine.short_windows = short
+        return decoded[kind]
+
+    return texts
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_transcribes_jfk_with_sane_segments(engines, speech_dir, kind):
     audio = _audio(speech_dir, "faster_whisper/jfk.flac")
@@ -174,7 +202,7 @@ def test_silence_yields_no_text_and_speech_after_silence_keeps_its_time(engines,
     assert late.segments[0].start >= 30.0
 
 
-def test_engines_agree_with_faster_whisper_on_real_speech(engines, speech_dir):
+def test_engines_agree_with_faster_whisper_on_real_speech(core_clips, full_window_texts):
     """On 40 core clips: our torch engine's WER within 2 % (relative) of faster-whisper float32
     on the same original weights; ONNX fp32 and int8 within 0.5 WER points of torch, all over
     30-s windows (short windows are tested below). (The engine benchmark reports the same on all
@@ -183,9 +211,7 @@ def test_engines_agree_with_faster_whisper_on_real_speech(engines, speech_dir):
 
     from asrops.models.ct2_import import embedded_ct2_dir
 
-    items = load_manifest(speech_dir / "manifest.jsonl", filter=core_english_filter)[:40]
-    audios = [decode_audio(i.audio).samples for i in items]
-    refs = [i.text for i in items]
+    refs, audios = core_clips
     fw = WhisperModel(str(embedded_ct2_dir()), device="cpu", compute_type="float32", cpu_threads=2)
     fw_texts = [
         "".join(s.text for s in fw.transcribe(a, beam_size=1, temperature=0.0, language="en",
@@ -193,13 +219,8 @@ def test_engines_agree_with_faster_whisper_on_real_speech(engines, speech_dir):
         for a in audios
     ]
     wer = {"fw": score(refs, fw_texts).wer}
-    for kind in KINDS:  # in batches of 8: the same text as one at a time (tested above), in half the time
-        short, engines[kind].short_windows = engines[kind].short_windows, False
-        try:
-            texts = [t.text for i in range(0, len(audios), 8) for t in engines[kind].transcribe(audios[i : i + 8])]
-        finally:
-            engines[kind].short_windows = short
-        wer[kind] = score(refs, texts).wer
+    for kind in KINDS:
+        wer[kind] = score(refs, full_window_texts(kind)).wer
     print(json.dumps(wer))
     assert wer["fw"] < 15.0, wer  # sanity: tiny.en on clean read speech
     assert abs(wer["torch"] - wer["fw"]) <= 0.02 * wer["fw"] + 1e-9, wer
@@ -324,7 +345,7 @@ def test_versions_of_an_older_asrops_decode_with_their_fp32_decoder(stable_dir, 
     assert not (old / "onnx" / "fp32" / DECODER).exists()  # a published version is never written to
 
 
-def test_short_clips_are_encoded_over_short_windows_and_heard_the_same(engines, speech_dir):
+def test_short_clips_are_encoded_over_short_windows_and_heard_the_same(engines, core_clips, full_window_texts):
     """A short clip's window is encoded over its audio and a margin of padding, not 30 s, and the
     words come out nearly as they do over 30 s. The first 40 core clips are the ones where short
     windows do worst (+1.3 WER points; -0.2 over all 245): the bound catches a margin that makes
@@ -332,8 +353,7 @@ def test_short_clips_are_encoded_over_short_windows_and_heard_the_same(engines, 
     from asrops.engines.engine import context_s
 
     engine = engines["onnx-int8"]
-    items = load_manifest(speech_dir / "manifest.jsonl", filter=core_english_filter)[:40]
-    audios = [decode_audio(i.audio).samples for i in items]
+    refs, audios = core_clips
     frames: list[int] = []
     encode = engine.backend.encode
 
@@ -348,11 +368,9 @@ def test_short_clips_are_encoded_over_short_windows_and_heard_the_same(engines, 
         first_tries = {100 * context_s(len(a)) for a in audios}
         assert first_tries <= set(frames) <= first_tries | {3000}  # doubtful ones again over 30 s
         assert sum(frames) < 0.75 * 3000 * len(frames)
-        engine.short_windows = False
-        full = [engine.transcribe([a])[0].text for a in audios]
     finally:
-        engine.backend.encode, engine.short_windows = encode, True
-    refs = [i.text for i in items]
+        engine.backend.encode = encode
+    full = full_window_texts("onnx-int8")
     assert score(refs, short).wer <= score(refs, full).wer + 2.0, list(zip(refs, short, full))
 
 
