@@ -12,7 +12,16 @@ TORCH_VERSION=2.13.0
 
 python=$1
 shift
-"$python" -m pip install -q --upgrade pip
+# uv installs everything after torch: the same versions pip resolves (compared on this machine's
+# fresh venvs: identical `pip freeze`), in 46 s against pip's 2-2.5 minutes, compiling the .pyc
+# files on every core (they must be written here: where PYTHONDONTWRITEBYTECODE is set, Python
+# never writes them later and every Ray process would compile its imports at each start). uv reads
+# no pip.conf, so pip's index settings in the environment are handed on (uv's find-links list is
+# comma-separated, pip's space-separated).
+"$python" -m pip install -q --upgrade pip uv
+[ -n "${PIP_INDEX_URL:-}" ] && export UV_INDEX_URL=${UV_INDEX_URL:-$PIP_INDEX_URL}
+[ -n "${PIP_EXTRA_INDEX_URL:-}" ] && export UV_EXTRA_INDEX_URL=${UV_EXTRA_INDEX_URL:-$PIP_EXTRA_INDEX_URL}
+[ -n "${PIP_FIND_LINKS:-}" ] && export UV_FIND_LINKS=${UV_FIND_LINKS:-${PIP_FIND_LINKS// /,}}
 # torch first: asrops's unpinned 'torch' requirement is then satisfied, and pip does not choose a
 # (multi-GB CUDA) build itself.
 torch_index=()
@@ -20,4 +29,4 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
   torch_index=(--index-url "$TORCH_INDEX_URL")
 fi
 "$python" -c "import torch" 2>/dev/null || "$python" -m pip install -q "${torch_index[@]}" "torch==$TORCH_VERSION"
-"$python" -m pip install -q "$@"
+"$python" -m uv pip install -q --python "$python" --compile-bytecode "$@"

@@ -37,10 +37,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "==> pip install (first time: a few minutes)"
   extras="test"
   command -v nvidia-smi >/dev/null 2>&1 && extras="test,gpu"
-  # torch first, then asrops: the same script the images (k8s/images/) run. pip's .pyc files are
-  # kept: about 100 s of the install, but where PYTHONDONTWRITEBYTECODE is set (CI here) Python
-  # never writes them later, and without them every Ray and Serve process compiled its imports
-  # at each start (in CI two Serve deployments then passed their 60-s limit).
+  # torch (pip), then asrops (uv): the same script the images (k8s/images/) run.
   bash scripts/install-python.sh .venv/bin/python -e ".[$extras]"
   echo "$want" > "$stamp"
 fi
