@@ -34,7 +34,7 @@ fi
 stamp=.venv/.asrops-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "==> pip install (first time: a few minutes)"
+  echo "==> installing the Python packages (first time: a minute or two)"
   extras="test"
   command -v nvidia-smi >/dev/null 2>&1 && extras="test,gpu"
   # torch (pip), then asrops (uv): the same script the images (k8s/images/) run.
