@@ -216,10 +216,10 @@ class ProductionLogSettings(BaseModel):
     flush_interval_s: float = Field(default=2.0, gt=0)
     """How often buffered records are written as one parquet file, in seconds."""
     max_buffered_records: int = Field(default=20_000, ge=1)
+    """Records held in memory while the store is slow or failing; beyond this the oldest are dropped (counted)."""
     max_buffered_mb: float = Field(default=256.0, gt=0)
     """Audio held for unwritten records (raw until a record is built, then only the sampled
     FLAC), in MiB; past it the oldest records are dropped (counted), whatever their number."""
-    """Records held in memory while the store is slow or failing; beyond this the oldest are dropped (counted)."""
     keep_audio: bool = True
     """False keeps no audio at all; only features and transcripts are logged."""
     audio_sample_share: float = Field(default=0.1, ge=0, le=1)
