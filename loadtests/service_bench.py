@@ -20,7 +20,8 @@ by 15-25 % within minutes, so the two are timed interleaved, in blocks of a few 
 block, ours one request at a time, the bare engine beside our idle service (what the stack's
 idle processes cost an engine on the same cores), and the bare engine alone, with every process
 of our service paused (SIGSTOP) for the second it takes; the CPU the rest of the machine used
-meanwhile is printed, to show it was alone. The
+meanwhile is printed, to show it was alone. Each side's first request of a block goes untimed
+(`measure_c1_against_bare_engine` says why). The
 engine ratio (`asrops bench engine`, onnx-int8 against faster-whisper int8: RTFx and peak RSS)
 is measured in the same run, and every timed loop lists the CPU each process on the machine
 used (Ray's processes, the replicas, the side processes, this client), to show where it goes.
@@ -583,7 +584,18 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
     """Ours at concurrency 1 and the bare engine on the same clips, in blocks of C1_BLOCK clips:
     per block, ours one request at a time, then the bare engine beside our idle service, then
     the bare engine alone (our service paused, when it was started here). This machine's speed
-    drifts by 15-25 % within minutes; within a block, seconds apart, it does not."""
+    drifts by 15-25 % within minutes; within a block, seconds apart, it does not.
+
+    Ours and the bare engine each get one untimed request (the block's first clip) before their
+    timed ones in every block. Ours comes right after our service was paused and resumed, which
+    cost its next requests more than a running service's clients ever meet: against blocks sent
+    back to back with no pause (an ad-hoc probe, reused data dir, 3 rounds of 12 blocks, paired
+    per clip), the engine in its replica took 1.19x its time on the first request after a pause
+    and a 1-s settle (serving +3 ms) and 1.05-1.07x on the next three; 1.14x and 1.03-1.05x after a
+    3-s settle; 1.04x and 1.01-1.02x after one untimed request. Idle time alone did not do it: in an
+    earlier probe the first request of a block took 84 ms (the engine's median) after blocks sent
+    back to back, 84 ms after 2 s idle, 80 ms after the bare engine ran between blocks, 97 ms after a
+    pause. The bare engine's first clip of a block likewise follows ours' block."""
     if httpx.get(server.url + "/readyz", timeout=10).status_code != 200:
         say("our service is not ready: ours at c=1 against the bare engine is not measured")
         return None
@@ -601,12 +613,13 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
 
     async def interleave(worker: BareEngineWorker) -> None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-            await _post(client, server.url, clips[order[0]])  # warm-up, as a level's
             for first in range(0, C1_PASSES * len(order), C1_BLOCK):
                 positions = [p % len(order) for p in range(first, min(first + C1_BLOCK, C1_PASSES * len(order)))]
+                await _post(client, server.url, clips[order[positions[0]]])  # untimed (see above)
                 start = time.perf_counter()
                 samples.extend([await _post(client, server.url, clips[order[p]]) for p in positions])
                 wall["ours"] += time.perf_counter() - start
+                worker.time_clips(positions[:1])  # untimed, as ours'
                 before, start = cpu_snapshot(), time.perf_counter()
                 beside.extend(worker.time_clips(positions))
                 wall["beside"] += time.perf_counter() - start
