@@ -586,16 +586,11 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
     the bare engine alone (our service paused, when it was started here). This machine's speed
     drifts by 15-25 % within minutes; within a block, seconds apart, it does not.
 
-    Ours and the bare engine each get one untimed request (the block's first clip) before their
-    timed ones in every block. Ours comes right after our service was paused and resumed, which
-    cost its next requests more than a running service's clients ever meet: against blocks sent
-    back to back with no pause (an ad-hoc probe, reused data dir, 3 rounds of 12 blocks, paired
-    per clip), the engine in its replica took 1.19x its time on the first request after a pause
-    and a 1-s settle (serving +3 ms) and 1.05-1.07x on the next three; 1.14x and 1.03-1.05x after a
-    3-s settle; 1.04x and 1.01-1.02x after one untimed request. Idle time alone did not do it: in an
-    earlier probe the first request of a block took 84 ms (the engine's median) after blocks sent
-    back to back, 84 ms after 2 s idle, 80 ms after the bare engine ran between blocks, 97 ms after a
-    pause. The bare engine's first clip of a block likewise follows ours' block."""
+    Each side sends one untimed request (the block's first clip) before its timed ones. Ours
+    follows the pause, which cost its next request more than a running service's clients ever
+    meet (an ad-hoc probe, paired per clip against blocks back to back: the engine 1.19x on the
+    first request after a pause and a 1-s settle, 1.04x after one untimed request; idle time alone
+    cost nothing; loadtests/RESULTS.md). The bare engine's first clip likewise follows ours'."""
     if httpx.get(server.url + "/readyz", timeout=10).status_code != 200:
         say("our service is not ready: ours at c=1 against the bare engine is not measured")
         return None
