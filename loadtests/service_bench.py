@@ -587,10 +587,9 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
     drifts by 15-25 % within minutes; within a block, seconds apart, it does not.
 
     Each side sends one untimed request (the block's first clip) before its timed ones. Ours
-    follows the pause, which cost its next request more than a running service's clients ever
-    meet (an ad-hoc probe, paired per clip against blocks back to back: the engine 1.19x on the
-    first request after a pause and a 1-s settle, 1.04x after one untimed request; idle time alone
-    cost nothing; loadtests/RESULTS.md). The bare engine's first clip likewise follows ours'."""
+    follows the pause, which slowed its next request beyond anything a running service's clients
+    meet, and one untimed request absorbs it (the probes: loadtests/RESULTS.md, "The benchmark's
+    own pause"). The bare engine's first clip likewise follows ours'."""
     if httpx.get(server.url + "/readyz", timeout=10).status_code != 200:
         say("our service is not ready: ours at c=1 against the bare engine is not measured")
         return None
