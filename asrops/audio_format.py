@@ -6,6 +6,9 @@ import numpy as np
 
 SAMPLE_RATE = 16_000
 """Samples per second of every array of audio past the decoder."""
+LONGEST_AUDIO_S = 2 * 3600.0
+"""The most that `AudioSettings.max_duration_s` may allow: what a message between processes
+(asrops/raycluster.py, Serve's gRPC hop to a model replica) is sized to carry as 16-bit PCM."""
 
 
 def to_pcm16(samples: np.ndarray) -> np.ndarray:

@@ -24,12 +24,17 @@ import ray
 from ray._private import ray_constants
 from ray._private import services as ray_services
 
+from asrops.audio_format import LONGEST_AUDIO_S, SAMPLE_RATE
 from asrops.priority import lower_processes
 from asrops.settings import RAY_METRICS_REPORT_INTERVAL_S, Settings
 
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 """Ray's single-machine mode: node address and every port on 127.0.0.1."""
 _RAY_METRICS_REPORT_INTERVAL_MS = str(round(RAY_METRICS_REPORT_INTERVAL_S * 1000))
+MODEL_REQUEST_MAX_BYTES = round(LONGEST_AUDIO_S * SAMPLE_RATE * 2) + 2**20
+"""The largest message Serve's gRPC hop carries to a model replica: the longest audio any setting
+accepts, as 16-bit PCM, and a MiB for the options (a prompt is at most 100,000 characters) and
+Serve's envelope. Serve's own default, gRPC's 4 MiB, refused every request over 131 s of audio."""
 RAY_TUNING = {
     # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own GCS
     # and raylet, a load generator, a log shipper) takes the CPU from our replicas, which are the
@@ -46,6 +51,8 @@ RAY_TUNING = {
     # blocking work (decoding, the engine) runs in worker threads either way.
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    # What those gRPC hops may carry: a request's whole audio (MODEL_REQUEST_MAX_BYTES).
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(MODEL_REQUEST_MAX_BYTES),
     # Serve's controller reconciles every 0.1 s by default: 0.04 of a core at rest, taken from
     # the engine on a small node. Every 0.5 s it costs 0.01; a deploy or a replica's restart
     # waits at most that much longer to be acted on.

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from asrops.audio_format import LONGEST_AUDIO_S
+
 
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -84,8 +86,9 @@ class EngineSettings(BaseModel):
 class AudioSettings(BaseModel):
     max_upload_bytes: int = 25 * 1024 * 1024
     """Largest accepted upload, in bytes (OpenAI's limit is 25 MiB)."""
-    max_duration_s: float = 600.0
-    """Longest accepted audio, in seconds."""
+    max_duration_s: float = Field(default=600.0, gt=0, le=LONGEST_AUDIO_S)
+    """Longest accepted audio, in seconds (at most two hours: Serve's hop to a model replica is
+    sized for that, asrops/raycluster.py)."""
     max_sample_rate_hz: int = 384_000
     """Highest accepted input sample rate, in Hz."""
     max_channels: int = 32
@@ -137,7 +140,7 @@ class ServeSettings(BaseModel):
     max_in_flight_per_client: int | None = Field(default=64, ge=1)
     """Transcriptions of one client in flight at once, per ingress replica; more get 429. None:
     no limit. The default is above what one well-behaved client sends (benchmarks use 16)."""
-    max_prompt_chars: int = Field(default=1000, ge=0)
+    max_prompt_chars: int = Field(default=1000, ge=0, le=100_000)
     """Longest accepted `prompt`, in characters (Whisper keeps at most 223 prompt tokens, about
     1,000 characters of English); a longer one gets 400."""
     request_timeout_s: float = 120.0

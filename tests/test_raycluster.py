@@ -112,3 +112,27 @@ def test_a_replicas_warnings_reach_its_own_stderr_when_serve_points_stderr_at_a_
     logging.getLogger("asrops.serve.model_server").info("model ready")
     err = capfd.readouterr().err
     assert err.count("batch of 2 failed") == 1 and "model ready" not in err
+
+
+def test_the_longest_audio_a_setting_can_allow_fits_serves_hop_to_a_model_replica():
+    """The ingress sends a model replica the whole request at once, so Serve's gRPC message limit
+    (MODEL_REQUEST_MAX_BYTES) must hold the longest audio a setting may allow (its request's
+    pickled size, with the default longest prompt), and a longer setting is refused."""
+    import pickle
+
+    import numpy as np
+    from pydantic import ValidationError
+
+    from asrops.audio_format import LONGEST_AUDIO_S, SAMPLE_RATE
+    from asrops.engines.types import DecodeOptions
+    from asrops.serve.model_server import ModelRequest
+    from asrops.settings import AudioSettings, ServeSettings
+
+    limit = int(RAY_TUNING["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"])
+    minute = ModelRequest(pcm16=np.zeros(60 * SAMPLE_RATE, np.int16),
+                          options=DecodeOptions(prompt="é" * ServeSettings().max_prompt_chars))
+    per_minute = len(pickle.dumps(minute))
+    assert per_minute * LONGEST_AUDIO_S / 60 < limit
+    assert AudioSettings(max_duration_s=LONGEST_AUDIO_S).max_duration_s == LONGEST_AUDIO_S
+    with pytest.raises(ValidationError):
+        AudioSettings(max_duration_s=LONGEST_AUDIO_S + 1)
