@@ -22,6 +22,7 @@ from asrops.errors import VersionNotFoundError
 from asrops.evaluation import score
 from asrops.feedback import RecentRequests
 from asrops.prodlog import ProductionLogWriter, store_for
+from asrops.raycluster import idle_own_task_loop
 from asrops.registry import ALIAS_NAMES, Aliases, ModelRegistry, RolloutState, referenced_versions
 from asrops.serve.admin import build_admin, serve_admin
 from asrops.serve.api import SegmentsDecoded, TranscribeResult, build_api
@@ -389,6 +390,7 @@ class Ingress:
         self._refresher = asyncio.get_event_loop().create_task(self._refresh_forever())
         if (port := self.settings.serve.admin_port) is not None:
             self._admin_server = asyncio.get_event_loop().create_task(self._serve_admin(port))
+        idle_own_task_loop()  # the main thread, Ray's task loop; requests run on the event loop
 
     def _admin_router(self):
         return build_admin(self.transcriber.registry, self.settings.serve.admin_tokens, self.transcriber.serving)

@@ -22,6 +22,7 @@ from asrops.audio_format import SAMPLE_RATE, from_pcm16, to_pcm16
 from asrops.engines import engine_lanes, load_engine
 from asrops.engines.slice_gate import GatedBackend
 from asrops.engines.types import DecodeOptions, Segment, Transcription
+from asrops.raycluster import idle_own_task_loop
 from asrops.registry import ModelRegistry
 from asrops.serve.lanes import Deliver, EngineLanes
 from asrops.serve.metrics import ModelMetrics
@@ -119,6 +120,7 @@ class ModelServer:
         if isinstance(self.engine.backend, GatedBackend):
             self.engine.backend.on_route = self.metrics.slice_gate
         log.info("model %s ready (%s engine, %d lanes)", self.version_id, engine.kind, lanes)
+        idle_own_task_loop()  # the main thread, Ray's task loop; requests run on the event loop
 
     def version(self) -> str:
         """Which version this application serves (its name need not say)."""

@@ -134,6 +134,19 @@ def _stable_replica_pid(service: str) -> int:
     return serve.get_app_handle(f"model-{stable}").info.remote().result(timeout_s=60)["pid"]
 
 
+def test_a_model_replicas_ray_task_loop_runs_at_the_idle_policy_and_its_serving_threads_do_not(service):
+    """The replica puts its own main thread (Ray's task loop, which wakes every 10 ms) under
+    SCHED_IDLE when it starts; the threads that serve (its event loop, gRPC's, the engine's) keep
+    the normal policy, and it still answers."""
+    import psutil
+
+    pid = _stable_replica_pid(service)
+    policies = {t.id: os.sched_getscheduler(t.id) for t in psutil.Process(pid).threads()}
+    assert policies.pop(pid) == os.SCHED_IDLE
+    assert len(policies) > 10 and set(policies.values()) == {os.SCHED_OTHER}
+    assert _post(service, "after-idle").status_code == 200
+
+
 def test_killing_the_model_replica_under_steady_traffic_fails_no_request(service):
     pid = _stable_replica_pid(service)
     with SteadyLoad(service) as load:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from asrops.priority import lower_processes
-from asrops.raycluster import RAY_TUNING, ray_background_processes
+from asrops.raycluster import RAY_TUNING, idle_task_loop, ray_background_processes, serve_actor_processes
 
 SLEEPER = ("import threading, time\n"
            "[threading.Thread(target=time.sleep, args=(120,)).start() for _ in range(3)]\n"
@@ -88,6 +88,20 @@ def test_every_thread_is_lowered_and_a_lower_one_stays(fake_cluster):
     assert os.getpriority(os.PRIO_PROCESS, already) == 15
     serving = [p for p in fake_cluster.children(recursive=True) if p not in processes]
     assert {os.getpriority(os.PRIO_PROCESS, t.id) for p in serving for t in p.threads()} == {0}
+
+
+def test_serves_actors_task_loops_go_to_the_idle_policy_and_nothing_else_does(fake_cluster):
+    """Ray's task loop is an actor process's main thread: that thread alone of Serve's controller,
+    proxy and replicas goes to SCHED_IDLE; their other threads (a replica's event loop, the
+    engine's) and every other process keep the normal policy."""
+    actors = serve_actor_processes(fake_cluster)
+    assert {_title(p) for p in actors} == {"ray::ServeController.listen_for_change", "ray::ProxyActor",
+                                           "ray::ServeReplica:model-v1:model"}
+    assert all(idle_task_loop(p.pid) for p in actors)
+    assert not any(idle_task_loop(p.pid) for p in actors)  # already idle
+    policies = {t.id: os.sched_getscheduler(t.id) for p in fake_cluster.children(recursive=True) for t in p.threads()}
+    assert {t for t, policy in policies.items() if policy == os.SCHED_IDLE} == {p.pid for p in actors}
+    assert set(policies.values()) == {os.SCHED_IDLE, os.SCHED_OTHER}
 
 
 def test_a_replicas_warnings_reach_its_own_stderr_when_serve_points_stderr_at_a_file(monkeypatch, capfd):
