@@ -269,8 +269,8 @@ def idle_task_loop(pid: int) -> bool:
     over its own gRPC server or HTTP port, on its event loop (RAY_TUNING). Only Ray's own calls
     do (health checks, reconfiguration), which run when a core has nothing else to do; under
     full load Linux still gives the thread a sliver, enough for a health check a few seconds
-    apart. At c=1 on 2 cores (loopback, alternated rounds): the engine in its replica about 2 %
-    faster, serving unchanged; at c=16, about 5 % more throughput (loadtests/RESULTS.md)."""
+    apart. On 2 cores, in rounds alternated on one service: the engine in its replica 1-2 %
+    faster at c=1, 3-5 % more throughput at c=16 (loadtests/RESULTS.md)."""
     try:
         return idle_thread(pid)
     except OSError:  # exited meanwhile, or a kernel without SCHED_IDLE
