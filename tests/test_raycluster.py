@@ -1,6 +1,7 @@
 """Ray's background processes get a lower priority than the request path: which processes
 that is, found in a process tree shaped like a local cluster's (fake processes, no Ray), and
-that every thread of each is lowered."""
+that every thread of each is lowered; and Serve's actors' task loops alone go to the idle policy.
+Also Ray's settings for a replica: its messages and its stderr."""
 
 from __future__ import annotations
 
