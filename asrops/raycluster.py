@@ -33,8 +33,9 @@ LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 _RAY_METRICS_REPORT_INTERVAL_MS = str(round(RAY_METRICS_REPORT_INTERVAL_S * 1000))
 MODEL_REQUEST_MAX_BYTES = round(LONGEST_AUDIO_S * SAMPLE_RATE * 2) + 2**20
 """The largest message Serve's gRPC hop carries to a model replica: the longest audio any setting
-accepts, as 16-bit PCM, and a MiB for the options (a prompt is at most 100,000 characters) and
-Serve's envelope. Serve's own default, gRPC's 4 MiB, refused every request over 131 s of audio."""
+accepts, as 16-bit PCM, and a MiB for the options (a prompt of at most
+settings.LONGEST_PROMPT_CHARS, 4 bytes each at most) and Serve's envelope. Serve's own default,
+gRPC's 4 MiB, refused every request over 131 s of audio."""
 RAY_TUNING = {
     # Ray starts its workers at nice 15, so on a small node any ordinary process (Ray's own GCS
     # and raylet, a load generator, a log shipper) takes the CPU from our replicas, which are the
@@ -305,14 +306,8 @@ def serve_actor_processes(driver: psutil.Process) -> list[psutil.Process]:
     """Serve's actors on the local cluster this driver started (SERVE_ACTORS): its controller
     and proxy, whose task loops nothing else reaches, and the replicas running now (each also
     idles its own when it starts: a later replica, or one on KubeRay)."""
-    found: list[psutil.Process] = []
-    for child in driver.children():
-        try:
-            if child.name() == "raylet":
-                found += raylet_workers(child, SERVE_ACTORS)
-        except psutil.Error:  # exited meanwhile
-            continue
-    return found
+    return [worker for child in driver.children() if _label(child) == "raylet"
+            for worker in raylet_workers(child, SERVE_ACTORS)]
 
 
 def _label(process: psutil.Process) -> str:

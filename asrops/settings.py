@@ -16,6 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from asrops.audio_format import LONGEST_AUDIO_S
 
+LONGEST_PROMPT_CHARS = 100_000
+"""The most that `ServeSettings.max_prompt_chars` may allow: Serve's hop to a model replica keeps
+a MiB beside the audio for a request's options (asrops/raycluster.py `MODEL_REQUEST_MAX_BYTES`)."""
+
 
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -140,7 +144,7 @@ class ServeSettings(BaseModel):
     max_in_flight_per_client: int | None = Field(default=64, ge=1)
     """Transcriptions of one client in flight at once, per ingress replica; more get 429. None:
     no limit. The default is above what one well-behaved client sends (benchmarks use 16)."""
-    max_prompt_chars: int = Field(default=1000, ge=0, le=100_000)
+    max_prompt_chars: int = Field(default=1000, ge=0, le=LONGEST_PROMPT_CHARS)
     """Longest accepted `prompt`, in characters (Whisper keeps at most 223 prompt tokens, about
     1,000 characters of English); a longer one gets 400."""
     request_timeout_s: float = 120.0
