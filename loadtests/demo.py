@@ -42,7 +42,7 @@ from pathlib import Path
 from asrops.engines.slice_gate import GATE_DIR, gate_dir, load_gate
 from asrops.evaluation import core_english_clips
 from asrops.synth import PRESETS, generate, speaking, split_templates
-from loadtests import CHECKOUT_SPEECH
+from loadtests import speech_settings
 
 log = logging.getLogger("asrops.demo")
 
@@ -112,10 +112,8 @@ def demo_env(data_dir: Path, replay: Path, golden: Path, acoustic: Path, general
 
 
 def _speech_manifest() -> list[str]:
-    from asrops.settings import Settings
-
-    speech = Settings().speech_manifest or CHECKOUT_SPEECH / "manifest.jsonl"
-    return [str(speech)] if speech.exists() else []
+    speech = speech_settings().speech_manifest
+    return [str(speech)] if speech else []
 
 
 class Story:

@@ -52,7 +52,7 @@ from pydantic import BaseModel
 
 from asrops.evaluation import score
 from asrops.formats import engine_time
-from loadtests import CHECKOUT_SPEECH
+from loadtests import CHECKOUT_SPEECH, speech_settings
 
 ENDPOINT = "/v1/audio/transcriptions"
 OVERHEAD_TARGET = 1.15
@@ -82,9 +82,8 @@ def load_clips(n: int, speech_dir: Path | None = None) -> list[Clip]:
     """The first `n` clips of the core English subset of ../shared/data/speech, as WAV bytes."""
     from asrops.audio import audio_to_wav_bytes, decode_audio
     from asrops.evaluation import core_english_filter, load_manifest
-    from asrops.settings import load_settings
 
-    manifest = Path(speech_dir or load_settings().speech_data_dir or CHECKOUT_SPEECH) / "manifest.jsonl"
+    manifest = Path(speech_dir or speech_settings().speech_data_dir or CHECKOUT_SPEECH) / "manifest.jsonl"
     if not manifest.exists():
         raise FileNotFoundError(
             f"No speech data: {manifest} is missing. Put the shared speech data beside the checkout "
@@ -652,10 +651,9 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
     """`asrops bench engine` for onnx-int8 and faster-whisper int8 (each in its own process)."""
     from asrops.benchmarks.engine_bench import PEER, run_engine_benchmark
     from asrops.errors import AsropsError
-    from asrops.settings import load_settings
 
-    try:
-        result = run_engine_benchmark(load_settings(), None, "stable", ["onnx-int8", PEER], clips, threads, say)
+    try:  # the core clips of the same speech as the levels', ASROPS_SPEECH_DATA_DIR set or not
+        result = run_engine_benchmark(speech_settings(), None, "stable", ["onnx-int8", PEER], clips, threads, say)
     except (subprocess.CalledProcessError, AsropsError) as exc:
         say(f"engine benchmark failed ({exc}); reporting without it")
         return None

@@ -237,3 +237,35 @@ def test_a_profile_counts_own_time_per_function_per_request():
     assert profile.cpu_ms_per_request == round(230 * per_sample_ms, 1)
     assert profile.top_functions == [("run (onnx_backend.py:70)", round(200 * per_sample_ms, 2)),
                                      ("_run (lanes.py:80)", round(30 * per_sample_ms, 2))]
+
+
+def test_the_engine_benchmark_reads_the_checkouts_speech_without_the_variable(monkeypatch):
+    """`python -m loadtests.service_bench` as the README runs it, with no ASROPS_SPEECH_DATA_DIR:
+    its levels read the speech beside the checkout, and so must the engine benchmark it runs (it
+    once reported 'no speech data' and printed no engine ratio)."""
+    import asrops.benchmarks.engine_bench as engine_bench
+    from loadtests import CHECKOUT_SPEECH
+    from loadtests.service_bench import measure_engine_ratio
+
+    if not (CHECKOUT_SPEECH / "manifest.jsonl").exists():
+        pytest.skip(f"no speech data beside the checkout ({CHECKOUT_SPEECH})")
+    monkeypatch.delenv("ASROPS_SPEECH_DATA_DIR", raising=False)
+    seen = {}
+
+    def engine_benchmark(settings, manifest, version, engines, limit, threads, say):
+        seen["manifest"] = settings.speech_manifest if manifest is None else manifest
+        one = {"rtfx": 2.0, "peak_rss_mb": 400.0, "wer": 6.0}
+        return {"clips": limit, "engines": {name: one for name in engines}}
+
+    monkeypatch.setattr(engine_bench, "run_engine_benchmark", engine_benchmark)
+    said = []
+    result = measure_engine_ratio(5, 2, said.append)
+    assert seen["manifest"] == CHECKOUT_SPEECH / "manifest.jsonl", said
+    assert result is not None and result.clips == 5
+
+
+def test_an_operators_speech_directory_wins_over_the_checkouts(monkeypatch, tmp_path):
+    from loadtests import speech_settings
+
+    monkeypatch.setenv("ASROPS_SPEECH_DATA_DIR", str(tmp_path))
+    assert speech_settings().speech_data_dir == tmp_path
