@@ -1,5 +1,6 @@
-"""The service benchmark's statistics and the peer server's one-request-at-a-time rule
-(with a fake transcriber: no model, no servers)."""
+"""The service benchmark's statistics, where its speech comes from, and the peer server's
+one-request-at-a-time rule (with a fake transcriber and a fake engine benchmark: no model, no
+servers)."""
 
 from __future__ import annotations
 
