@@ -281,8 +281,8 @@ def idle_task_loop(pid: int) -> bool:
 
 def idle_own_task_loop() -> None:
     """For a replica's constructor: `idle_task_loop` on its own process, when that is a Ray
-    worker (not a test that builds the class in its own process)."""
-    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+    actor's (not a test that builds the class in its own process)."""
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
         idle_task_loop(os.getpid())
 
 
