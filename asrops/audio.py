@@ -146,6 +146,22 @@ def decode_audio(source: bytes | str | Path, limits: AudioSettings | None = None
         raise _undecodable(kind, f"{type(exc).__name__}: {exc}") from exc
 
 
+QUICK_DECODE_MAX_BYTES = 512 * 1024
+"""The largest upload `decode_quick` reads: a plain WAV this size (16 s) decodes in about 0.5 ms
+(measured: 0.29 ms for 10 s), about what handing it to a worker thread and back costs an event
+loop after idle on 2 cores (0.3 ms)."""
+
+
+def decode_quick(data: bytes, limits: AudioSettings | None = None) -> DecodedAudio | None:
+    """`decode_audio` for an upload it reads in well under a millisecond (a 16-kHz mono 16-bit
+    WAV of at most QUICK_DECODE_MAX_BYTES), else None: a server decodes these on its event loop,
+    and hands only the rest to a thread."""
+    too_large = limits is not None and len(data) > limits.max_upload_bytes
+    if too_large or len(data) > QUICK_DECODE_MAX_BYTES or sniff(data) != "WAV audio":
+        return None
+    return _decode_plain_wav(data, limits)
+
+
 def _read(source: bytes | str | Path, limits: AudioSettings | None) -> bytes:
     max_bytes = limits.max_upload_bytes if limits else None
     if isinstance(source, (str, Path)):
@@ -308,5 +324,6 @@ __all__ = [
     "DecodedAudio",
     "audio_to_wav_bytes",
     "decode_audio",
+    "decode_quick",
     "sniff",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from asrops.audio import SAMPLE_RATE, audio_to_wav_bytes, decode_audio, sniff
+from asrops.audio import QUICK_DECODE_MAX_BYTES, SAMPLE_RATE, audio_to_wav_bytes, decode_audio, decode_quick, sniff
 from asrops.errors import (
     AudioTooLargeError,
     AudioTooLongError,
@@ -147,6 +147,36 @@ def test_plain_16k_mono_wav_reads_as_ffmpeg_decodes_it(monkeypatch):
     assert np.array_equal(fast_lying.samples, slow.samples)
     with pytest.raises(AudioTooLongError, match=r"Audio is 3\.0 s long; the limit is 2 s"):
         decode_audio(data, AudioSettings(max_duration_s=2))
+
+
+def test_quick_decode_reads_small_plain_wavs_only_and_keeps_the_limits():
+    """What a server decodes on its event loop: a small 16-kHz mono 16-bit WAV, to the same samples
+    as decode_audio; anything that needs more (resampling, another codec, a large file) is left to
+    decode_audio (None), and an upload over the limits gets the same error as from decode_audio."""
+    rng = np.random.default_rng(5)
+    speech_like = np.clip(rng.normal(0, 0.3, 2 * SAMPLE_RATE), -1, 1)
+    data = sf_encode(speech_like, SAMPLE_RATE, "WAV", "PCM_16")
+    quick = decode_quick(data, AudioSettings())
+    assert quick is not None and np.array_equal(quick.samples, decode_audio(data).samples)
+    long_wav = sf_encode(np.zeros(QUICK_DECODE_MAX_BYTES // 2 + SAMPLE_RATE), SAMPLE_RATE, "WAV", "PCM_16")
+    for needs_more in (
+        long_wav,
+        sf_encode(tone(44100), 44100, "WAV", "PCM_16"),
+        sf_encode(tone(SAMPLE_RATE, channels=2), SAMPLE_RATE, "WAV", "PCM_16"),
+        sf_encode(tone(SAMPLE_RATE), SAMPLE_RATE, "WAV", "FLOAT"),
+        sf_encode(tone(SAMPLE_RATE), SAMPLE_RATE, "FLAC", "PCM_16"),
+        b"",
+    ):
+        assert decode_quick(needs_more, AudioSettings()) is None
+    assert decode_audio(long_wav).duration_s > QUICK_DECODE_MAX_BYTES / 2 / SAMPLE_RATE
+    with pytest.raises(AudioTooLongError, match=r"Audio is 2\.0 s long; the limit is 1 s"):
+        decode_quick(data, AudioSettings(max_duration_s=1))
+    small_limit = AudioSettings(max_upload_bytes=len(data) - 1)
+    assert decode_quick(data, small_limit) is None
+    with pytest.raises(AudioTooLargeError):
+        decode_audio(data, small_limit)
+    with pytest.raises(EmptyAudioError):
+        decode_quick(sf_encode(np.zeros(0), SAMPLE_RATE, "WAV", "PCM_16"), AudioSettings())
 
 
 def test_chirp_is_resampled_with_anti_aliasing():
