@@ -167,6 +167,13 @@ class ServeSettings(BaseModel):
     and fallback side by side; the engine's threads (engine.threads) decide what it really uses."""
     target_ongoing_requests: float = 8.0
     """Autoscaling target of in-flight requests per replica."""
+    cpu_wakeup_latency_us: int | None = Field(default=0, ge=0)
+    """The longest a CPU may take to wake, asked of Linux by each model replica for its life (PM
+    QoS, asrops/cpu_wakeup.py): at 0 idle CPUs poll instead of halting, so a lone request's
+    hand-offs between threads do not wait for one to wake. Measured on 2 cores, alternated on one
+    running service: a lone request's serving 14.5 -> 9.6 ms and its engine 8 % faster; 7 % more
+    throughput at concurrency 16. Idle CPUs then spin (power). None (`null`): the machine's own
+    idle states. Needs root (or the device opened to the service's user); otherwise logged and left."""
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = Field(default=64, ge=1)
     """Requests in flight per ingress replica; above the model's own limit so batches can form."""
@@ -678,7 +685,7 @@ class PromotionSettings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="ASROPS_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="ASROPS_", env_nested_delimiter="__", extra="ignore", env_parse_none_str="null"
     )
 
     data_dir: Path = Field(default_factory=_default_data_dir)

@@ -230,6 +230,9 @@ class BenchResult(BaseModel):
     c1_against_bare_engine: C1AgainstBareEngine | None
     overhead_target: float = OVERHEAD_TARGET
     engine: EngineRatio | None = None
+    cpu_wakeup_latency_us: int | None = None
+    """The CPU wake-up latency bound held for the whole run (`measure_on_one_machine_state`), or
+    None when none was."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -665,7 +668,9 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
 
 # --- report ------------------------------------------------------------------------------
 def format_table(result: BenchResult) -> str:
-    lines = [f"{'server':6} {'conc':>4} {'req':>4} {'err':>4} {'audio-s/s':>9} {'req/s':>6} "
+    lines = [("CPU wake-up latency left to the machine" if result.cpu_wakeup_latency_us is None else
+              f"CPU wake-up latency held at {result.cpu_wakeup_latency_us} us") + " for every server and engine below",
+             f"{'server':6} {'conc':>4} {'req':>4} {'err':>4} {'audio-s/s':>9} {'req/s':>6} "
              f"{'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>5} {'WER %':>6}"]
     for server in (result.ours, result.peer):
         for r in server.levels:
@@ -759,6 +764,24 @@ def plot(result: BenchResult, path: Path) -> None:
 
 
 # --- CLI ---------------------------------------------------------------------------------
+@contextmanager
+def measure_on_one_machine_state(say: Callable[[str], None]) -> Iterator[int | None]:
+    """The CPU wake-up latency bound our model replicas hold (`serve.cpu_wakeup_latency_us`,
+    asrops/cpu_wakeup.py), held here too for the whole run, so that the peer and both engine
+    benchmarks meet the machine our service makes: with idle CPUs polling, every server's
+    wake-ups are cheaper, not only ours. Yields the bound, or None when none is held."""
+    from asrops.cpu_wakeup import cpu_wakeup_latency_held
+    from asrops.settings import load_settings
+
+    bound = load_settings().serve.cpu_wakeup_latency_us
+    with cpu_wakeup_latency_held(bound) as held:
+        if held:
+            say(f"CPU wake-up latency held at {bound} us for the whole run, for the peer and the engines as for ours")
+        else:
+            say("CPU wake-up latency left to the machine for the whole run")
+        yield bound if held else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ours", help="base URL of a running asrops (default: start one)")
@@ -794,16 +817,18 @@ def main(argv: list[str] | None = None) -> None:
 
     py = sys.executable
     c1_order = [level_clip(i, len(clips)) for i in range(args.requests_per_level or default_requests(1))]
-    with running_server(args.ours, [py, "-m", "asrops.cli", "serve"], "/readyz",
-                        args.out_dir / "ours.log", args.startup_timeout, say) as server:
-        ours = bench_server("ours", server.url, clips, levels, args.requests_per_level, core_set, say)
-        c1 = measure_c1_against_bare_engine(server, clips, c1_order, args.threads, say)
-    with running_server(args.peer, [py, "-m", "loadtests.peer_server", "--threads", str(args.threads)], "/healthz",
-                        args.out_dir / "peer.log", args.startup_timeout, say) as server:
-        peer = bench_server("peer", server.url, clips, levels, args.requests_per_level, core_set, say)
-    engine = measure_engine_ratio(args.engine_clips, args.threads, say) if args.engine_clips else None
+    with measure_on_one_machine_state(say) as wakeup_us:
+        with running_server(args.ours, [py, "-m", "asrops.cli", "serve"], "/readyz",
+                            args.out_dir / "ours.log", args.startup_timeout, say) as server:
+            ours = bench_server("ours", server.url, clips, levels, args.requests_per_level, core_set, say)
+            c1 = measure_c1_against_bare_engine(server, clips, c1_order, args.threads, say)
+        with running_server(args.peer, [py, "-m", "loadtests.peer_server", "--threads", str(args.threads)],
+                            "/healthz", args.out_dir / "peer.log", args.startup_timeout, say) as server:
+            peer = bench_server("peer", server.url, clips, levels, args.requests_per_level, core_set, say)
+        engine = measure_engine_ratio(args.engine_clips, args.threads, say) if args.engine_clips else None
 
     result = BenchResult(
+        cpu_wakeup_latency_us=wakeup_us,
         clips=len(clips),
         clip_audio_s=sum(c.audio_s for c in clips),
         levels=levels,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ray import serve
 
 from asrops.audio_format import SAMPLE_RATE, from_pcm16, to_pcm16
+from asrops.cpu_wakeup import hold_cpu_wakeup_latency
 from asrops.engines import engine_lanes, load_engine
 from asrops.engines.slice_gate import GatedBackend
 from asrops.engines.types import DecodeOptions, Segment, Transcription
@@ -112,6 +113,9 @@ class ModelServer:
         # (measured on 2 cores, 2 lanes, 120 clips: RTFx 19.8/18.6 with two, 21.7/20.1 with one).
         self.engine = load_engine(version_dir, engine.kind, engine.device, engine.threads, engine.short_windows,
                                   lanes)
+        # Held for the replica's life: the kernel drops it when the process ends, however it ends.
+        self._cpu_wakeup_fd = (None if settings.serve.cpu_wakeup_latency_us is None
+                               else hold_cpu_wakeup_latency(settings.serve.cpu_wakeup_latency_us))
         self.engine.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
         self.pack_windows = engine.pack_windows
         self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,

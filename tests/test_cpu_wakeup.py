@@ -1,0 +1,65 @@
+"""The CPU wake-up latency request a model replica holds (asrops/cpu_wakeup.py), on Linux's real
+PM QoS device: held while open, let go after, refused quietly without the right, and held by the
+running service's model replica."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from asrops.cpu_wakeup import PM_QOS_DEVICE, cpu_wakeup_latency_held, current_cpu_wakeup_latency_us
+
+needs_the_device = pytest.mark.skipif(
+    not os.access(PM_QOS_DEVICE, os.R_OK | os.W_OK),
+    reason=f"{PM_QOS_DEVICE} is not readable and writable here (not root, or no such device)")
+
+
+def open_files(pid: int | str = "self") -> set[Path]:
+    """What a process's file descriptors point at (devices included, unlike psutil's open_files)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.add(Path(os.readlink(f"/proc/{pid}/fd/{fd}")))
+        except OSError:  # closed meanwhile
+            continue
+    return found
+
+
+@needs_the_device
+def test_the_bound_holds_while_held_and_the_device_is_let_go_after():
+    with cpu_wakeup_latency_held(3) as held:
+        assert held and PM_QOS_DEVICE in open_files()
+        # The kernel applies the lowest bound of all holders (a service in another test worker
+        # may hold 0), so ours shows as an upper bound.
+        assert current_cpu_wakeup_latency_us() <= 3
+    assert PM_QOS_DEVICE not in open_files()
+
+
+def test_none_asks_for_nothing():
+    with cpu_wakeup_latency_held(None) as held:
+        assert not held and PM_QOS_DEVICE not in open_files()
+
+
+def test_a_device_that_cannot_be_opened_is_logged_and_serving_goes_on(tmp_path, caplog):
+    missing = tmp_path / "no-such-device"
+    with caplog.at_level(logging.INFO, logger="asrops.cpu_wakeup"), cpu_wakeup_latency_held(0, missing) as held:
+        assert not held
+    assert "left to the machine" in caplog.text and str(missing) in caplog.text
+    assert current_cpu_wakeup_latency_us(missing) is None
+
+
+@pytest.mark.slow
+@needs_the_device
+def test_the_services_model_replica_holds_the_bound_for_its_life(service, service_settings):
+    assert httpx.get(f"{service}/readyz").status_code == 200
+    replicas = [p for p in psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:model-")]
+    assert replicas, "no model replica is running"
+    for replica in replicas:
+        assert PM_QOS_DEVICE in open_files(replica.pid), replica.info["cmdline"][0]
+    assert current_cpu_wakeup_latency_us() <= service_settings.serve.cpu_wakeup_latency_us
