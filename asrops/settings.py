@@ -171,9 +171,10 @@ class ServeSettings(BaseModel):
     """The longest a CPU may take to wake, asked of Linux by each model replica for its life (PM
     QoS, asrops/cpu_wakeup.py): at 0 idle CPUs poll instead of halting, so a lone request's
     hand-offs between threads do not wait for one to wake. Measured on 2 cores, alternated on one
-    running service: a lone request's serving 14.5 -> 9.6 ms, the engine in its replica 1.11 -> 1.03x
-    the bare engine's time; 7 % more throughput at concurrency 16. Idle CPUs then spin (power). None (`null`): the machine's own
-    idle states. Needs root (or the device opened to the service's user); otherwise logged and left."""
+    running service: a lone request's serving 14.5 -> 9.6 ms, the engine in its replica 1.11 ->
+    1.03x the bare engine's time; 7 % more throughput at concurrency 16. Idle CPUs then spin
+    (power). None (`null`): the machine's own idle states. Needs root (or the device opened to the
+    service's user); otherwise logged and left."""
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = Field(default=64, ge=1)
     """Requests in flight per ingress replica; above the model's own limit so batches can form."""
