@@ -10,9 +10,9 @@ processes after 20-80 ms of idle took 105-119 us, and 11-25 us with the request 
 Writing a latency bound to /dev/cpu_dma_latency asks the kernel's idle governor to use no idle
 state slower to leave than that; at 0 an idle CPU polls instead of halting. The request lasts
 while the file stays open and ends with the process that holds it, however it ends. It costs
-power (idle CPUs spin), which a host dedicated to serving pays for speed; `serve.
-cpu_wakeup_latency_us` set to none leaves the machine's power management alone. It needs root
-(or the device opened up to the service's user); in a container the node's tuning decides.
+power (idle CPUs spin), which a host dedicated to serving pays for speed;
+`ASROPS_SERVE__CPU_WAKEUP_LATENCY_US=null` leaves the machine's power management alone. It needs
+root (or the device opened up to the service's user); in a container the node's tuning decides.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from asrops.cpu_wakeup import PM_QOS_DEVICE, cpu_wakeup_latency_held, current_cpu_wakeup_latency_us
+from asrops.settings import load_settings
 
 needs_the_device = pytest.mark.skipif(
     not os.access(PM_QOS_DEVICE, os.R_OK | os.W_OK),
@@ -40,8 +41,11 @@ def test_the_bound_holds_while_held_and_the_device_is_let_go_after():
     assert PM_QOS_DEVICE not in open_files()
 
 
-def test_none_asks_for_nothing():
-    with cpu_wakeup_latency_held(None) as held:
+def test_null_in_the_environment_asks_for_nothing(monkeypatch):
+    monkeypatch.setenv("ASROPS_SERVE__CPU_WAKEUP_LATENCY_US", "null")
+    bound = load_settings().serve.cpu_wakeup_latency_us
+    assert bound is None
+    with cpu_wakeup_latency_held(bound) as held:
         assert not held and PM_QOS_DEVICE not in open_files()
 
 
