@@ -31,10 +31,12 @@ PM_QOS_DEVICE = Path("/dev/cpu_dma_latency")
 _BOUND = struct.Struct("=i")
 
 
-def hold_cpu_wakeup_latency(max_us: int, device: Path = PM_QOS_DEVICE) -> int | None:
+def hold_cpu_wakeup_latency(max_us: int | None, device: Path = PM_QOS_DEVICE) -> int | None:
     """Ask that no CPU take longer than `max_us` to wake, for as long as the returned file
-    descriptor stays open (the process's life, unless closed); None, logged with why, when this
-    process may not ask."""
+    descriptor stays open (the process's life, unless closed); None when `max_us` is None (the
+    setting's `null`: nothing asked), or, logged with why, when this process may not ask."""
+    if max_us is None:
+        return None
     try:
         fd = os.open(device, os.O_WRONLY)
     except OSError as exc:
@@ -65,9 +67,8 @@ def current_cpu_wakeup_latency_us(device: Path = PM_QOS_DEVICE) -> int | None:
 
 @contextmanager
 def cpu_wakeup_latency_held(max_us: int | None, device: Path = PM_QOS_DEVICE) -> Iterator[bool]:
-    """`hold_cpu_wakeup_latency` for the block (nothing when `max_us` is None); yields whether
-    it is held."""
-    fd = None if max_us is None else hold_cpu_wakeup_latency(max_us, device)
+    """`hold_cpu_wakeup_latency` for the block; yields whether it is held."""
+    fd = hold_cpu_wakeup_latency(max_us, device)
     try:
         yield fd is not None
     finally:

@@ -114,8 +114,7 @@ class ModelServer:
         self.engine = load_engine(version_dir, engine.kind, engine.device, engine.threads, engine.short_windows,
                                   lanes)
         # Held for the replica's life: the kernel drops it when the process ends, however it ends.
-        self._cpu_wakeup_fd = (None if settings.serve.cpu_wakeup_latency_us is None
-                               else hold_cpu_wakeup_latency(settings.serve.cpu_wakeup_latency_us))
+        self._cpu_wakeup_fd = hold_cpu_wakeup_latency(settings.serve.cpu_wakeup_latency_us)
         self.engine.transcribe([np.zeros(WARMUP_SAMPLES, dtype=np.float32)])
         self.pack_windows = engine.pack_windows
         self.lanes = EngineLanes(self._decode, lanes, settings.serve.max_batch_size,
