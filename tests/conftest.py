@@ -150,6 +150,18 @@ def engines(stable_dir) -> dict:
 ADMIN_TOKEN = "test-admin-token"
 
 
+def stable_replica_pid(service: str) -> int:
+    """The pid of a replica serving the service's stable version now, asked of that replica
+    itself (`ModelServer.info`, waiting up to a minute for one to be up): a replica just
+    replaced, or a stable version just redeployed, is found once it serves."""
+    import httpx
+    from ray import serve
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    stable = httpx.get(f"{service}/admin/rollout", headers=admin).json()["view"]["aliases"]["stable"]
+    return serve.get_app_handle(f"model-{stable}").info.remote().result(timeout_s=60)["pid"]
+
+
 @pytest.fixture(scope="session")
 def service_settings(data_dir):
     """The settings the session's service runs with (free ports, test admin token)."""

@@ -24,7 +24,7 @@ from asrops.errors import RolloutRefusedError
 from asrops.promotion import rollout
 from asrops.registry import ModelRegistry
 from asrops.settings import Settings
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, stable_replica_pid
 from tests.fakes import QUIET, FakeVersion, SteadyLoad, publish_dummy, wait_routable
 
 pytestmark = pytest.mark.slow
@@ -129,18 +129,13 @@ def test_a_model_application_that_never_says_its_version_delays_no_routing_chang
         serve.delete(f"model-{mute}")
 
 
-def _stable_replica_pid(service: str) -> int:
-    stable = httpx.get(f"{service}/admin/rollout", headers=ADMIN).json()["view"]["aliases"]["stable"]
-    return serve.get_app_handle(f"model-{stable}").info.remote().result(timeout_s=60)["pid"]
-
-
 def test_a_model_replicas_ray_task_loop_runs_at_the_idle_policy_and_its_serving_threads_do_not(service):
     """The replica puts its own main thread (Ray's task loop, which wakes every 10 ms) under
     SCHED_IDLE when it starts; the threads that serve (its event loop, gRPC's, the engine's) keep
     the normal policy, and it still answers."""
     import psutil
 
-    pid = _stable_replica_pid(service)
+    pid = stable_replica_pid(service)
     policies = {t.id: os.sched_getscheduler(t.id) for t in psutil.Process(pid).threads()}
     assert policies.pop(pid) == os.SCHED_IDLE
     assert len(policies) > 10 and set(policies.values()) == {os.SCHED_OTHER}
@@ -148,7 +143,7 @@ def test_a_model_replicas_ray_task_loop_runs_at_the_idle_policy_and_its_serving_
 
 
 def test_killing_the_model_replica_under_steady_traffic_fails_no_request(service):
-    pid = _stable_replica_pid(service)
+    pid = stable_replica_pid(service)
     with SteadyLoad(service) as load:
         time.sleep(3)
         answered_before = len(load.results)
@@ -156,13 +151,13 @@ def test_killing_the_model_replica_under_steady_traffic_fails_no_request(service
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # Serve replaces the replica
             with contextlib.suppress(Exception):
-                if _stable_replica_pid(service) != pid:
+                if stable_replica_pid(service) != pid:
                     break
             time.sleep(1)
         time.sleep(3)
     assert answered_before > 0 and len(load.results) > answered_before + 4
     assert load.failures() == []
-    assert _stable_replica_pid(service) != pid
+    assert stable_replica_pid(service) != pid
 
 
 def test_promote_then_roll_back_under_load_fails_nothing_and_every_version_header_is_true(service, canary):

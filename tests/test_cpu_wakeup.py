@@ -14,6 +14,7 @@ import pytest
 
 from asrops.cpu_wakeup import PM_QOS_DEVICE, cpu_wakeup_latency_held, current_cpu_wakeup_latency_us
 from asrops.settings import load_settings
+from tests.conftest import stable_replica_pid
 
 needs_the_device = pytest.mark.skipif(
     not os.access(PM_QOS_DEVICE, os.R_OK | os.W_OK),
@@ -61,9 +62,6 @@ def test_a_device_that_cannot_be_opened_is_logged_and_serving_goes_on(tmp_path, 
 @needs_the_device
 def test_the_services_model_replica_holds_the_bound_for_its_life(service, service_settings):
     assert httpx.get(f"{service}/readyz").status_code == 200
-    replicas = [p for p in psutil.process_iter(["cmdline"])
-                if (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:model-")]
-    assert replicas, "no model replica is running"
-    for replica in replicas:
-        assert PM_QOS_DEVICE in open_files(replica.pid), replica.info["cmdline"][0]
+    pid = stable_replica_pid(service)
+    assert PM_QOS_DEVICE in open_files(pid), psutil.Process(pid).cmdline()[:1]
     assert current_cpu_wakeup_latency_us() <= service_settings.serve.cpu_wakeup_latency_us
