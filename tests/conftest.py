@@ -148,6 +148,8 @@ def engines(stable_dir) -> dict:
 
 
 ADMIN_TOKEN = "test-admin-token"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+"""What an operator sends the admin API of the session's service."""
 
 
 def stable_replica_pid(service: str) -> int:
@@ -157,8 +159,7 @@ def stable_replica_pid(service: str) -> int:
     import httpx
     from ray import serve
 
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    stable = httpx.get(f"{service}/admin/rollout", headers=admin).json()["view"]["aliases"]["stable"]
+    stable = httpx.get(f"{service}/admin/rollout", headers=ADMIN_HEADERS).json()["view"]["aliases"]["stable"]
     return serve.get_app_handle(f"model-{stable}").info.remote().result(timeout_s=60)["pid"]
 
 

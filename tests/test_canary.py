@@ -24,12 +24,11 @@ from asrops.errors import RolloutRefusedError
 from asrops.promotion import rollout
 from asrops.registry import ModelRegistry
 from asrops.settings import Settings
+from tests.conftest import ADMIN_HEADERS as ADMIN
 from tests.conftest import ADMIN_TOKEN, stable_replica_pid
 from tests.fakes import QUIET, FakeVersion, SteadyLoad, publish_dummy, wait_routable
 
 pytestmark = pytest.mark.slow
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,13 @@ from asrops.promotion import rollout
 from asrops.promotion.metrics import ControllerMetrics
 from asrops.registry import ModelRegistry
 from asrops.synth import SynthSpec, generate
-from tests.conftest import ADMIN_TOKEN, prometheus_settings
+from tests.conftest import ADMIN_HEADERS as ADMIN
+from tests.conftest import prometheus_settings
 from tests.fakes import FakeVersion, publish_dummy, wait_routable
 
 pytestmark = pytest.mark.slow
 
 WINDOW_REQUESTS = 15  # requests per judged window (min_samples below)
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 DOMAINS = ["general", "commands"]
 
 

@@ -266,13 +266,13 @@ def test_the_admin_api_can_have_a_port_of_its_own_on_loopback(service, service_s
     from ray import serve
 
     from asrops.serve.ingress import ingress_deployment
-    from tests.conftest import ADMIN_TOKEN, free_port
+    from tests.conftest import ADMIN_HEADERS, free_port
 
     settings = service_settings.model_copy(deep=True)
     settings.serve.admin_port = free_port()
     settings.monitoring.production_log.enabled = False
     serve.run(ingress_deployment(settings), name="asrops-admin-port", route_prefix="/admin-port-test")
-    admin, auth = f"http://127.0.0.1:{settings.serve.admin_port}", {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    admin, auth = f"http://127.0.0.1:{settings.serve.admin_port}", ADMIN_HEADERS
     try:
         deadline, status = time.monotonic() + 60, None
         while time.monotonic() < deadline and status != 200:
