@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Protocol
 
@@ -32,6 +33,7 @@ from asrops.serve.errors import (
     INTERNAL,
     INVALID_REQUEST_ID,
     INVALID_VALUE,
+    NOT_FOUND,
     RATE_LIMITED,
     TIMEOUT,
     UNAUTHORIZED,
@@ -152,10 +154,16 @@ refused with a 400 naming it, except for a value that asks for what is done anyw
 HONOURED_ANYWAY = {"chunking_strategy": {"auto"}}
 
 
-def _check_fields(names: set[str], values: dict[str, str]) -> None:
+def _check_fields(fields: list[tuple[str, object]]) -> None:
     """Refuse what would otherwise be ignored: a client asking for streaming must not get one
-    JSON body as if it had not asked."""
-    for name in sorted(names - FORM_FIELDS):
+    JSON body as if it had not asked, nor one sending two files or two models an answer for
+    whichever came last. Only OpenAI's list fields (named `...[]`) may repeat."""
+    times_sent = Counter(name for name, _ in fields)
+    for name, times in times_sent.items():
+        if times > 1 and not name.endswith("[]"):
+            raise ApiError(INVALID_VALUE, f"{name!r} was sent {times} times; send it once.", name)
+    values = {name: value for name, value in fields if isinstance(value, str)}
+    for name in sorted(times_sent.keys() - FORM_FIELDS):
         if name in NOT_HONOURED:
             if values.get(name) in HONOURED_ANYWAY.get(name, set()):
                 continue
@@ -335,6 +343,19 @@ def build_api(
     async def list_models(_: Annotated[str, Depends(client_key)]):
         return ModelList(data=[ModelCard(id=name) for name in [OPENAI_MODEL_ALIAS, *transcriber.model_names()]])
 
+    @app.get("/v1/models/{model}", response_model=ModelCard)
+    async def retrieve_model(model: str, _: Annotated[str, Depends(client_key)]):
+        """The openai SDK's `models.retrieve`: a name `/v1/models` lists, or a version id."""
+        if model != OPENAI_MODEL_ALIAS and model not in transcriber.model_names():
+            transcriber.resolve(model)  # unknown: 404; an alias named but not running yet: 503
+        return ModelCard(id=model)
+
+    @app.post("/v1/audio/translations", include_in_schema=False)
+    async def translations():
+        """Said plainly rather than a bare 404: clients of OpenAI's API try it."""
+        raise ApiError(NOT_FOUND, "This service serves English-only Whisper models, which transcribe but do not "
+                       f"translate. For English audio, POST it to {TRANSCRIPTIONS_PATH}.")
+
     @app.post(TRANSCRIPTIONS_PATH)
     async def transcriptions(
         request: Request,
@@ -349,7 +370,7 @@ def build_api(
         stream: Annotated[bool, Form()] = False,
     ):
         form = await request.form()  # parsed once already, for the fields above
-        _check_fields(set(form.keys()), {k: v for k, v in form.items() if isinstance(v, str)})
+        _check_fields(form.multi_items())
         options = _options(response_format, language, temperature, prompt, timestamp_granularities, stream, settings)
         # An X-Model-Version header pins a version or alias, like `model` does (for testing).
         name = request.headers.get("x-model-version") or ("stable" if model == OPENAI_MODEL_ALIAS else model)

@@ -43,6 +43,7 @@ INTERNAL = ErrorKind(500, "server_error", "internal_error")
 INVALID_VALUE = ErrorKind(400, INVALID, "invalid_value")
 MISSING = ErrorKind(400, INVALID, "missing_required_parameter")
 INVALID_REQUEST_ID = ErrorKind(400, INVALID, "invalid_request_id", "X-Request-Id")
+NOT_FOUND = ErrorKind(404, INVALID, "not_found")
 
 FILE_TOO_LARGE = ErrorKind(413, INVALID, "file_too_large", "file")
 RATE_LIMITED = ErrorKind(429, "requests", "rate_limit_exceeded")
@@ -111,6 +112,12 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        kind = ErrorKind(exc.status_code, INVALID if exc.status_code < 500 else "server_error",
-                         {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error"))
-        return error_response(str(exc.detail), kind, headers=getattr(exc, "headers", None))
+        """The framework's own refusals: an unknown path or method, and a body its parsers could not
+        read (no multipart boundary, broken multipart, over 1,000 form fields, broken JSON)."""
+        code = {400: "invalid_body", 404: NOT_FOUND.code, 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        kind = ErrorKind(exc.status_code, INVALID if exc.status_code < 500 else "server_error", code)
+        message = str(exc.detail)
+        if exc.status_code == 400:
+            message = f"Could not read the request body: {message} Send the fields as multipart/form-data (as the " \
+                      "openai SDK does), or JSON where the endpoint takes JSON."
+        return error_response(message, kind, headers=getattr(exc, "headers", None))

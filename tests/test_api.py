@@ -111,6 +111,54 @@ def test_openai_fields_not_honoured_are_refused_by_name_never_ignored():
     assert verbose["usage"] == {"type": "duration", "seconds": 1} and verbose["duration"] == 1.0
 
 
+def test_a_field_sent_twice_is_refused_by_name_and_list_fields_may_repeat():
+    """Two files or two models would otherwise be answered for whichever came last."""
+    client, fake = _client()
+    url = "/v1/audio/transcriptions"
+    twice = {"file": [("file", ("a.wav", WAV, "audio/wav")), ("file", ("b.wav", WAV, "audio/wav"))],
+             "model": [("file", ("a.wav", WAV, "audio/wav")), ("model", (None, "stable")), ("model", (None, "v1"))]}
+    for field, parts in twice.items():
+        r = client.post(url, files=parts)
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["error"] | {"message": ""} == {"message": "", "type": "invalid_request_error",
+                                                      "param": field, "code": "invalid_value"}, r.text
+        assert "2 times" in r.json()["error"]["message"]
+    assert fake.calls == []
+    listed = client.post(url, files=[("file", ("a.wav", WAV, "audio/wav")), ("response_format", (None, "verbose_json")),
+                                     ("timestamp_granularities[]", (None, "segment")),
+                                     ("timestamp_granularities[]", (None, "word"))])
+    assert listed.status_code == 200 and fake.calls[0][2].word_timestamps
+
+
+def test_models_are_retrieved_by_any_name_a_request_may_use_and_an_unknown_one_is_a_404():
+    client, _ = _client()
+    for name in ("whisper-1", "stable", "v1"):
+        r = client.get(f"/v1/models/{name}")
+        assert r.status_code == 200 and r.json() == {"id": name, "object": "model", "created": 0, "owned_by": "asrops"}
+    r = client.get("/v1/models/whisper-large")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    keyed, _ = _client(api_keys=["sk-right"])
+    assert keyed.get("/v1/models/stable").status_code == 401
+    assert keyed.get("/v1/models/stable", headers={"Authorization": "Bearer sk-right"}).status_code == 200
+
+
+def test_translations_and_bodies_the_form_parser_cannot_read_are_explained():
+    client, fake = _client()
+    r = client.post("/v1/audio/translations", files={"file": ("a.wav", WAV, "audio/wav")}, data={"model": "whisper-1"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert "/v1/audio/transcriptions" in r.json()["error"]["message"]
+    unreadable = {"no boundary": ({"content-type": "multipart/form-data"}, b"xx"),
+                  "broken": ({"content-type": "multipart/form-data; boundary=b"}, b"--b\r\nno header end\r\n\r\n")}
+    for what, (headers, body) in unreadable.items():
+        r = client.post("/v1/audio/transcriptions", headers=headers, content=body)
+        assert r.status_code == 400, (what, r.text)
+        assert r.json()["error"]["code"] == "invalid_body" and "multipart/form-data" in r.json()["error"]["message"]
+    many = [("file", ("a.wav", WAV, "audio/wav"))] + [(f"x{i}", (None, "1")) for i in range(1001)]
+    r = client.post("/v1/audio/transcriptions", files=many)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body", r.text
+    assert fake.calls == []
+
+
 def _events(response) -> list[dict]:
     import json
 

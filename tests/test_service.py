@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from openai import OpenAI
 
@@ -51,6 +52,10 @@ def test_models_health_and_readiness(client, service):
     ids = [m.id for m in client.models.list()]
     assert ids[:2] == ["whisper-1", "stable"]
     assert any(i.startswith("whisper-tiny.en-") for i in ids)
+    assert [client.models.retrieve(i).id for i in ids] == ids
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("whisper-large")
+    assert unknown.value.body["code"] == "model_not_found"
     assert httpx.get(f"{service}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{service}/readyz").status_code == 200
 
