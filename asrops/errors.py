@@ -3,6 +3,14 @@ maps these classes (and only these) to status codes in one place."""
 
 from __future__ import annotations
 
+SHOWN_CHARS = 64
+"""How much of a value a client sent an error message quotes: a 100-KB model name is not echoed."""
+
+
+def shown(value: str) -> str:
+    """`value` quoted for an error message, cut to SHOWN_CHARS."""
+    return repr(value) if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]!r}..."
+
 
 class AsropsError(Exception):
     """Base of every error asrops raises on purpose."""

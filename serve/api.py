@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asrops.audio import decode_audio, decode_quick
 from asrops.engines.types import DecodeOptions, Segment, Transcription
+from asrops.errors import SHOWN_CHARS, shown
 from asrops.feedback import FeedbackIn, FeedbackRecord
 from asrops.formats import WRITERS, server_timing, usage
 from asrops.request_id import RULE, is_valid, new_request_id
@@ -117,25 +118,26 @@ def _options(response_format: str, language: str | None, temperature: float, pro
         raise ApiError(INVALID_VALUE, f"prompt is {len(prompt):,} characters; the limit is "
                        f"{settings.serve.max_prompt_chars:,} (Whisper reads at most 223 prompt tokens).", "prompt")
     if response_format not in WRITERS:
-        raise ApiError(INVALID_VALUE, f"response_format must be one of {', '.join(WRITERS)}; got {response_format!r}.",
-                       "response_format")
+        raise ApiError(INVALID_VALUE, f"response_format must be one of {', '.join(WRITERS)}; "
+                       f"got {shown(response_format)}.", "response_format")
     if language and language.lower() not in ("en", "english"):
-        raise ApiError(INVALID_VALUE, f"This service transcribes English only; got language={language!r}. "
+        raise ApiError(INVALID_VALUE, f"This service transcribes English only; got language={shown(language)}. "
                        "Omit language or send 'en'.", "language")
     if stream and response_format not in STREAMED_FORMATS:
         raise ApiError(INVALID_VALUE, f"stream=true sends text events; response_format must be "
-                       f"{' or '.join(STREAMED_FORMATS)} with it, got {response_format!r} (or send stream=false).",
+                       f"{' or '.join(STREAMED_FORMATS)} with it, got {shown(response_format)} (or send stream=false).",
                        "stream")
     if not 0.0 <= temperature <= 1.0:
         raise ApiError(INVALID_VALUE, f"temperature must be between 0 and 1; got {temperature}.", "temperature")
     for g in granularities or []:
         if g not in ("segment", "word"):
-            raise ApiError(INVALID_VALUE, f"timestamp_granularities[] takes 'segment' and 'word'; got {g!r}.",
+            raise ApiError(INVALID_VALUE, f"timestamp_granularities[] takes 'segment' and 'word'; got {shown(g)}.",
                            "timestamp_granularities[]")
     words = "word" in (granularities or [])
     if words and response_format != "verbose_json":
         raise ApiError(INVALID_VALUE, "Word timestamps come in verbose_json only: send response_format=verbose_json "
-                       f"with timestamp_granularities[]=word (got {response_format!r}).", "timestamp_granularities[]")
+                       f"with timestamp_granularities[]=word (got {shown(response_format)}).",
+                       "timestamp_granularities[]")
     return settings.engine.decode_options().model_copy(
         update={"temperature": temperature, "prompt": prompt or None, "word_timestamps": words})
 
@@ -161,15 +163,15 @@ def _check_fields(fields: list[tuple[str, object]]) -> None:
     times_sent = Counter(name for name, _ in fields)
     for name, times in times_sent.items():
         if times > 1 and not name.endswith("[]"):
-            raise ApiError(INVALID_VALUE, f"{name!r} was sent {times} times; send it once.", name)
+            raise ApiError(INVALID_VALUE, f"{shown(name)} was sent {times} times; send it once.", name[:SHOWN_CHARS])
     values = {name: value for name, value in fields if isinstance(value, str)}
     for name in sorted(times_sent.keys() - FORM_FIELDS):
         if name in NOT_HONOURED:
             if values.get(name) in HONOURED_ANYWAY.get(name, set()):
                 continue
             raise ApiError(INVALID_VALUE, f"{name} is not supported: {NOT_HONOURED[name]}", name)
-        raise ApiError(INVALID_VALUE, f"{name!r} is not a field of the transcription API; the fields are "
-                       f"{', '.join(sorted(FORM_FIELDS | set(NOT_HONOURED)))}.", name)
+        raise ApiError(INVALID_VALUE, f"{shown(name)} is not a field of the transcription API; the fields are "
+                       f"{', '.join(sorted(FORM_FIELDS | set(NOT_HONOURED)))}.", name[:SHOWN_CHARS])
 
 
 def _render(result: Transcription, response_format: str, headers: dict) -> Response:
@@ -270,8 +272,8 @@ class RequestIds:
 
         if not is_valid(rid):  # a client's X-Request-Id (Ray's proxy takes it): it would become a store key
             request.state.error_code = INVALID_REQUEST_ID.code
-            refusal = error_response(f"X-Request-Id must be {RULE}; got {rid[:40]!r}"
-                                     f"{'...' if len(rid) > 40 else ''}. Send another or none.", INVALID_REQUEST_ID)
+            refusal = error_response(f"X-Request-Id must be {RULE}; got {shown(rid)}. Send another or none.",
+                                     INVALID_REQUEST_ID)
             rid = new_request_id()  # what this answer is logged under
             await refusal(scope, receive, send_with_id)
         else:

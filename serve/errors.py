@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from asrops import errors
+from asrops.errors import SHOWN_CHARS, shown
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ INVALID_VALUE = ErrorKind(400, INVALID, "invalid_value")
 MISSING = ErrorKind(400, INVALID, "missing_required_parameter")
 INVALID_REQUEST_ID = ErrorKind(400, INVALID, "invalid_request_id", "X-Request-Id")
 NOT_FOUND = ErrorKind(404, INVALID, "not_found")
+INVALID_BODY = ErrorKind(400, INVALID, "invalid_body")
 
 FILE_TOO_LARGE = ErrorKind(413, INVALID, "file_too_large", "file")
 RATE_LIMITED = ErrorKind(429, "requests", "rate_limit_exceeded")
@@ -82,11 +84,16 @@ def classify(exc: BaseException) -> ErrorKind | None:
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, ErrorKind]:
     first = exc.errors()[0] if exc.errors() else {}
+    reason = first.get("msg", "invalid")
+    if first.get("type") == "json_invalid":  # its loc is the character where the JSON broke
+        return f"The body is not valid JSON ({first.get('ctx', {}).get('error', reason)}).", None, INVALID_BODY
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "form")]
-    param = ".".join(loc) or None
+    if not loc:  # the body as a whole (a JSON array, a form where JSON is taken)
+        return f"Invalid request body: {reason}. Send a JSON object with the endpoint's fields.", None, INVALID_BODY
+    param = ".".join(loc)[:SHOWN_CHARS]  # a dict key a client chose may be part of it
     if first.get("type") == "missing":
-        return f"Missing required parameter: '{param}'.", param, MISSING
-    return f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param, INVALID_VALUE
+        return f"Missing required parameter: {shown(param)}.", param, MISSING
+    return f"Invalid value for {shown(param)}: {reason}.", param, INVALID_VALUE
 
 
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
@@ -111,13 +118,15 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         return error_response(message, kind, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         """The framework's own refusals: an unknown path or method, and a body its parsers could not
-        read (no multipart boundary, broken multipart, over 1,000 form fields, broken JSON)."""
-        code = {400: "invalid_body", 404: NOT_FOUND.code, 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        kind = ErrorKind(exc.status_code, INVALID if exc.status_code < 500 else "server_error", code)
+        read (no multipart boundary, broken multipart, over 1,000 form fields, JSON nested too deep)."""
+        codes = {400: INVALID_BODY.code, 404: NOT_FOUND.code, 405: "method_not_allowed"}
+        kind = ErrorKind(exc.status_code, INVALID if exc.status_code < 500 else "server_error",
+                         codes.get(exc.status_code, "http_error"))
+        request.state.error_code = kind.code
         message = str(exc.detail)
         if exc.status_code == 400:
-            message = f"Could not read the request body: {message} Send the fields as multipart/form-data (as the " \
-                      "openai SDK does), or JSON where the endpoint takes JSON."
+            message = (f"Could not read the request body: {message.rstrip('.')}. Send the fields as "
+                       "multipart/form-data (as the openai SDK does), or JSON where the endpoint takes JSON.")
         return error_response(message, kind, headers=getattr(exc, "headers", None))

@@ -14,7 +14,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel
 
-from asrops.errors import VersionNotFoundError
+from asrops.errors import VersionNotFoundError, shown
 from asrops.registry import ALIAS_NAMES, Aliases, RolloutState
 
 
@@ -57,7 +57,7 @@ def plan_route(model: str, aliases: Aliases, rollout: RolloutState, client: str,
         return RoutePlan(version=version, route=Route.EXPLICIT)
     if model not in ALIAS_NAMES:
         if model not in running:
-            raise VersionNotFoundError(f"Model {model!r} is not served here.")
+            raise VersionNotFoundError(f"Model {shown(model)} is not served here.")
         return RoutePlan(version=model, route=Route.EXPLICIT)
     stable = aliases.stable
     if stable is None or stable not in running:

@@ -277,6 +277,17 @@ def test_unknown_model_is_404_before_any_decoding():
     assert fake.calls == []
 
 
+def test_an_error_quotes_at_most_the_start_of_what_a_client_sent():
+    """A 100-KB field name, format or language is not echoed back whole in the error (a model
+    name: tests/test_routing.py)."""
+    client, _ = _client()
+    long = "x" * 100_000
+    for field, value in (("response_format", long), ("language", long), (long[:2_000], "1")):
+        r = _post(client, **{field: value})
+        assert r.status_code in (400, 404) and len(r.text) < 1_000, (field[:10], r.status_code, len(r.text))
+        assert "'xxxxxxxx" in r.json()["error"]["message"]
+
+
 class RecordingTelemetry:
     """Keeps what each observed request was: status, error code, decoded or not, its version."""
 
@@ -350,6 +361,12 @@ def test_feedback_errors_are_in_the_openai_shape(tmp_path):
     for tags in ({"accent": "x" * 1_000_000}, {"k" * 65: "v"}, {f"t{i}": "v" for i in range(21)}):
         r = client.post("/v1/feedback", json={"request_id": "nope", "text": "x", "tags": tags}, headers=auth)
         assert r.status_code == 400 and r.json()["error"]["param"].startswith("tags"), r.text
+        assert len(r.text) < 1_000  # the client's 1-MB value or 65-char key is not echoed back whole
+    # A body that is no JSON object is said to be one, not blamed on a parameter named 'None' or '1'.
+    for body in (b"{", b"[]", b"request_id=x&text=y"):
+        r = client.post("/v1/feedback", content=body, headers={**auth, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body", (body, r.text)
+        assert r.json()["error"]["param"] is None and "JSON" in r.json()["error"]["message"], r.text
 
 
 def test_feedback_on_a_request_this_ingress_forgot_is_joined_from_the_production_log(tmp_path):

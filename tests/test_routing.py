@@ -89,6 +89,9 @@ def test_unknown_names_are_not_found():
         plan_route("v9", ALIASES, rollout(), "c", "r", RUNNING)
     with pytest.raises(VersionNotFoundError):
         plan_route("canary", Aliases(stable="v1"), RolloutState(), "c", "r", {"v1"})
+    with pytest.raises(VersionNotFoundError) as long_name:  # a client's 100-KB name is not echoed whole
+        plan_route("v" * 100_000, ALIASES, rollout(), "c", "r", RUNNING)
+    assert "'vvvv" in str(long_name.value) and len(str(long_name.value)) < 200
 
 
 def test_without_a_running_stable_the_fallback_answers():

@@ -23,6 +23,7 @@ from asrops.errors import (
     RegistryError,
     VersionExistsError,
     VersionNotFoundError,
+    shown,
 )
 from asrops.registry.manifest import (
     ALIAS_NAMES,
@@ -229,7 +230,7 @@ class ModelRegistry:
     def _not_found(self, name: str) -> VersionNotFoundError:
         aliases = self.read_aliases().value
         known = ", ".join(f"{a}={getattr(aliases, a) or '(unset)'}" for a in ALIAS_NAMES)
-        return VersionNotFoundError(f"no version or alias {name!r} in the registry; aliases: {known}")
+        return VersionNotFoundError(f"no version or alias {shown(name)} in the registry; aliases: {known}")
 
     # --- aliases and rollout (compare-and-swap) ------------------------------------------
     def read_aliases(self) -> Record[Aliases]:
