@@ -341,14 +341,17 @@ def build_api(
             return {"status": "ready"}
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
+    def listed_models() -> list[str]:
+        return [OPENAI_MODEL_ALIAS, *transcriber.model_names()]
+
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(_: Annotated[str, Depends(client_key)]):
-        return ModelList(data=[ModelCard(id=name) for name in [OPENAI_MODEL_ALIAS, *transcriber.model_names()]])
+        return ModelList(data=[ModelCard(id=name) for name in listed_models()])
 
     @app.get("/v1/models/{model}", response_model=ModelCard)
     async def retrieve_model(model: str, _: Annotated[str, Depends(client_key)]):
         """The openai SDK's `models.retrieve`: a name `/v1/models` lists, or a version id."""
-        if model != OPENAI_MODEL_ALIAS and model not in transcriber.model_names():
+        if model not in listed_models():
             transcriber.resolve(model)  # unknown: 404; an alias named but not running yet: 503
         return ModelCard(id=model)
 
