@@ -402,7 +402,12 @@ class Ingress:
             log.warning("admin API not served on 127.0.0.1:%d by this replica: %s", port, exc)
 
     def __del__(self):
-        """Serve calls this on graceful shutdown: write what the production log still holds."""
+        """Serve calls this on graceful shutdown and then shuts the thread pool that
+        `asyncio.to_thread` uses: routing stops refreshing first (a refresh after that failed and
+        logged the registry as unreachable, with a traceback, at every stop), then what the
+        production log still holds is written."""
+        if refresher := getattr(self, "_refresher", None):
+            refresher.cancel()
         if getattr(self, "production_log", None):
             self.production_log.close(timeout_s=10)
 

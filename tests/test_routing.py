@@ -224,3 +224,45 @@ def test_the_ingress_reads_serves_status_only_while_routing_may_change(monkeypat
     del apps["model-v2"]
     asyncio.run(refreshes(3))
     assert len(reads) == 7 and transcriber.running == {"v1"}
+
+
+def test_the_ingress_stops_refreshing_before_serve_shuts_its_threads(monkeypatch, caplog):
+    """On a graceful stop Serve runs the replica's `__del__`, then shuts the thread pool that
+    `asyncio.to_thread` uses. A routing refresh after that failed, and every stop of the service
+    logged the registry as unreachable, with a traceback, sending an SRE after a fault that was
+    not there."""
+    import asyncio
+    import concurrent.futures
+    import logging
+
+    from asrops.serve import ingress
+    from asrops.settings import Settings
+
+    _serve_apps(monkeypatch, ingress, {"model-v1": 1.0})
+    settings = Settings(data_dir="/nonexistent")
+    settings.serve.refresh_s = 0.02
+    written = ingress.Ingress.func_or_class.__bases__[0]  # the class as written, under Serve's ASGI wrapper
+    replica = object.__new__(written)  # with the attributes __init__ sets that a refresh uses
+    replica.settings, replica.production_log = settings, None
+    replica.transcriber = ingress.ServeTranscriber(_Rollouts(Aliases(stable="v1")), settings)
+
+    async def version_of(name: str) -> str:
+        return name.removeprefix("model-")
+
+    monkeypatch.setattr(replica.transcriber, "_version_of", version_of)
+
+    async def serve_and_stop() -> bool:
+        threads = concurrent.futures.ThreadPoolExecutor(2)  # as Serve's replica sets it
+        asyncio.get_running_loop().set_default_executor(threads)
+        replica._refresher = asyncio.get_running_loop().create_task(replica._refresh_forever())
+        await asyncio.sleep(10 * settings.serve.refresh_s)
+        assert replica.transcriber.running == {"v1"}  # refreshing while it serves
+        replica.__del__()  # Serve's graceful shutdown, in its order
+        threads.shutdown(wait=False)
+        await asyncio.sleep(10 * settings.serve.refresh_s)
+        return replica._refresher.done()
+
+    with caplog.at_level(logging.WARNING, logger=ingress.log.name):
+        stopped = asyncio.run(serve_and_stop())
+    assert stopped
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
