@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asrops.audio import decode_audio, decode_quick
 from asrops.engines.types import DecodeOptions, Segment, Transcription
-from asrops.errors import SHOWN_CHARS, shown
+from asrops.errors import shown
 from asrops.feedback import FeedbackIn, FeedbackRecord
 from asrops.formats import WRITERS, server_timing, usage
 from asrops.request_id import RULE, is_valid, new_request_id
@@ -163,7 +163,7 @@ def _check_fields(fields: list[tuple[str, object]]) -> None:
     times_sent = Counter(name for name, _ in fields)
     for name, times in times_sent.items():
         if times > 1 and not name.endswith("[]"):
-            raise ApiError(INVALID_VALUE, f"{shown(name)} was sent {times} times; send it once.", name[:SHOWN_CHARS])
+            raise ApiError(INVALID_VALUE, f"{shown(name)} was sent {times} times; send it once.", name)
     values = {name: value for name, value in fields if isinstance(value, str)}
     for name in sorted(times_sent.keys() - FORM_FIELDS):
         if name in NOT_HONOURED:
@@ -171,7 +171,7 @@ def _check_fields(fields: list[tuple[str, object]]) -> None:
                 continue
             raise ApiError(INVALID_VALUE, f"{name} is not supported: {NOT_HONOURED[name]}", name)
         raise ApiError(INVALID_VALUE, f"{shown(name)} is not a field of the transcription API; the fields are "
-                       f"{', '.join(sorted(FORM_FIELDS | set(NOT_HONOURED)))}.", name[:SHOWN_CHARS])
+                       f"{', '.join(sorted(FORM_FIELDS | set(NOT_HONOURED)))}.", name)
 
 
 def _render(result: Transcription, response_format: str, headers: dict) -> Response:

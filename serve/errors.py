@@ -65,6 +65,8 @@ CORE_ERRORS: list[tuple[type[Exception], ErrorKind]] = [
 
 
 def error_body(message: str, kind: ErrorKind, param: str | None) -> dict:
+    """`param` may be a name the client chose (a form field, a JSON key): cut like a quoted value."""
+    param = param[:SHOWN_CHARS] if param else param
     return {"error": {"message": message, "type": kind.type, "param": param, "code": kind.code}}
 
 
@@ -90,43 +92,48 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, E
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "header", "form")]
     if not loc:  # the body as a whole (a JSON array, a form where JSON is taken)
         return f"Invalid request body: {reason}. Send a JSON object with the endpoint's fields.", None, INVALID_BODY
-    param = ".".join(loc)[:SHOWN_CHARS]  # a dict key a client chose may be part of it
+    param = ".".join(loc)
     if first.get("type") == "missing":
         return f"Missing required parameter: {shown(param)}.", param, MISSING
     return f"Invalid value for {shown(param)}: {reason}.", param, INVALID_VALUE
 
 
+FRAMEWORK_CODES = {400: INVALID_BODY.code, 404: NOT_FOUND.code, 405: "method_not_allowed"}
+"""The codes of the framework's own refusals (`_http` below), by status."""
+
+
+def _refusal(request: Request, message: str, kind: ErrorKind, param: str | None = None,
+             headers: dict | None = None) -> JSONResponse:
+    """`error_response`, with the error's code noted on the request for metrics and the production log."""
+    request.state.error_code = kind.code
+    return error_response(message, kind, param, headers)
+
+
 def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     """Every error as OpenAI's shape; a 503 says when to retry (`retry_after_s`)."""
-    # Each handler notes the error's code on the request, for metrics and the production log.
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        request.state.error_code = exc.kind.code
-        return error_response(exc.message, exc.kind, exc.param, exc.headers)
+        return _refusal(request, exc.message, exc.kind, exc.param, exc.headers)
 
     @app.exception_handler(errors.AsropsError)
     async def _core_error(request: Request, exc: errors.AsropsError):
         kind = classify(exc) or INTERNAL
-        request.state.error_code = kind.code
         retry = {"Retry-After": str(retry_after_s)} if kind.status == 503 else None
-        return error_response(str(exc), kind, headers=retry)
+        return _refusal(request, str(exc), kind, headers=retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         message, param, kind = _validation_message(exc)
-        request.state.error_code = kind.code
-        return error_response(message, kind, param)
+        return _refusal(request, message, kind, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         """The framework's own refusals: an unknown path or method, and a body its parsers could not
         read (no multipart boundary, broken multipart, over 1,000 form fields, JSON nested too deep)."""
-        codes = {400: INVALID_BODY.code, 404: NOT_FOUND.code, 405: "method_not_allowed"}
         kind = ErrorKind(exc.status_code, INVALID if exc.status_code < 500 else "server_error",
-                         codes.get(exc.status_code, "http_error"))
-        request.state.error_code = kind.code
+                         FRAMEWORK_CODES.get(exc.status_code, "http_error"))
         message = str(exc.detail)
         if exc.status_code == 400:
             message = (f"Could not read the request body: {message.rstrip('.')}. Send the fields as "
                        "multipart/form-data (as the openai SDK does), or JSON where the endpoint takes JSON.")
-        return error_response(message, kind, headers=getattr(exc, "headers", None))
+        return _refusal(request, message, kind, headers=getattr(exc, "headers", None))
