@@ -174,7 +174,8 @@ class ServeSettings(BaseModel):
     running service: a lone request's serving 14.5 -> 9.6 ms, the engine in its replica 1.11 ->
     1.03x the bare engine's time; 7 % more throughput at concurrency 16. Idle CPUs then spin
     (power). None (`null`): the machine's own idle states. Needs root (or the device opened to the
-    service's user); otherwise logged and left."""
+    service's user); otherwise logged and left. A kernel without a cpuidle driver ignores it
+    (logged): its idle CPUs halt regardless."""
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = Field(default=64, ge=1)
     """Requests in flight per ingress replica; above the model's own limit so batches can form."""

@@ -50,6 +50,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from asrops.cpu_wakeup import NO_CPUIDLE_DRIVER, cpuidle_driver
 from asrops.evaluation import score
 from asrops.formats import engine_time
 from loadtests import CHECKOUT_SPEECH, speech_settings
@@ -233,6 +234,8 @@ class BenchResult(BaseModel):
     cpu_wakeup_latency_us: int | None = None
     """The CPU wake-up latency bound held for the whole run (`measure_on_one_machine_state`), or
     None when none was."""
+    cpuidle_driver: str | None = None
+    """The kernel's cpuidle driver, which applies that bound (`none`: idle CPUs halt regardless)."""
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -669,7 +672,10 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
 # --- report ------------------------------------------------------------------------------
 def format_table(result: BenchResult) -> str:
     lines = [("CPU wake-up latency left to the machine" if result.cpu_wakeup_latency_us is None else
-              f"CPU wake-up latency held at {result.cpu_wakeup_latency_us} us") + " for every server and engine below",
+              f"CPU wake-up latency held at {result.cpu_wakeup_latency_us} us") + " for every server and engine below"
+             + (f" (cpuidle driver: {result.cpuidle_driver}"
+                + (", so idle CPUs halt regardless" if result.cpuidle_driver == NO_CPUIDLE_DRIVER else "") + ")"
+                if result.cpuidle_driver else ""),
              f"{'server':6} {'conc':>4} {'req':>4} {'err':>4} {'audio-s/s':>9} {'req/s':>6} "
              f"{'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>5} {'WER %':>6}"]
     for server in (result.ours, result.peer):
@@ -776,7 +782,9 @@ def measure_on_one_machine_state(say: Callable[[str], None]) -> Iterator[int | N
     bound = load_settings().serve.cpu_wakeup_latency_us
     with cpu_wakeup_latency_held(bound) as held:
         if held:
-            say(f"CPU wake-up latency held at {bound} us for the whole run, for the peer and the engines as for ours")
+            say(f"CPU wake-up latency held at {bound} us for the whole run, for the peer and the engines as for ours"
+                + (" (but this kernel has no cpuidle driver: idle CPUs halt regardless)"
+                   if cpuidle_driver() == NO_CPUIDLE_DRIVER else ""))
         else:
             say("CPU wake-up latency left to the machine for the whole run")
         yield bound if held else None
@@ -829,6 +837,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = BenchResult(
         cpu_wakeup_latency_us=wakeup_us,
+        cpuidle_driver=cpuidle_driver(),
         clips=len(clips),
         clip_audio_s=sum(c.audio_s for c in clips),
         levels=levels,

@@ -12,7 +12,12 @@ import httpx
 import psutil
 import pytest
 
-from asrops.cpu_wakeup import PM_QOS_DEVICE, cpu_wakeup_latency_held, current_cpu_wakeup_latency_us
+from asrops.cpu_wakeup import (
+    PM_QOS_DEVICE,
+    cpu_wakeup_latency_held,
+    cpuidle_driver,
+    current_cpu_wakeup_latency_us,
+)
 from asrops.settings import load_settings
 from tests.conftest import stable_replica_pid
 
@@ -56,6 +61,23 @@ def test_a_device_that_cannot_be_opened_is_logged_and_serving_goes_on(tmp_path, 
         assert not held
     assert "left to the machine" in caplog.text and str(missing) in caplog.text
     assert current_cpu_wakeup_latency_us(missing) is None
+
+
+@pytest.mark.parametrize(("driver", "has_effect"), [("haltpoll", True), ("none", False), (None, False)])
+def test_the_log_says_whether_the_kernel_applies_the_bound(tmp_path, caplog, driver, has_effect):
+    """Only a cpuidle driver reads the request: without one (`none`, or no cpuidle in sysfs at all)
+    the bound is held for nothing, and the log must not claim otherwise."""
+    device = tmp_path / "cpu_dma_latency"  # a plain file takes the write as the device would
+    device.touch()
+    driver_file = tmp_path / "current_driver"
+    if driver is not None:
+        driver_file.write_text(driver + "\n")
+    with caplog.at_level(logging.INFO, logger="asrops.cpu_wakeup"), \
+            cpu_wakeup_latency_held(0, device, driver_file) as held:
+        assert held and device.read_bytes() == (0).to_bytes(4, "little")
+    assert cpuidle_driver(driver_file) == (driver or "none")
+    assert ("no cpuidle driver" not in caplog.text) == has_effect
+    assert ("held at 0 us" in caplog.text) == has_effect
 
 
 @pytest.mark.slow

@@ -132,6 +132,19 @@ def test_the_table_splits_the_c1_overhead_into_the_idle_stack_and_serving():
     assert "MISSES" not in unpaused and "meets target" not in unpaused and "x alone" not in unpaused
 
 
+def test_the_table_says_when_the_held_wake_up_latency_has_no_effect():
+    """A run on a kernel without a cpuidle driver held the bound for nothing: the first line says so."""
+    level = _level(1, 10.0, 0.3)
+    result = BenchResult(clips=1, clip_audio_s=5.0, levels=[1], ours=ServerResult(name="ours", url="", levels=[level]),
+                         peer=ServerResult(name="peer", url="", levels=[level]), ratios=[], c1_against_bare_engine=None,
+                         cpu_wakeup_latency_us=0, cpuidle_driver="none")
+    assert format_table(result).splitlines()[0] == (
+        "CPU wake-up latency held at 0 us for every server and engine below (cpuidle driver: none, so idle CPUs "
+        "halt regardless)")
+    polled = format_table(result.model_copy(update={"cpuidle_driver": "haltpoll"})).splitlines()[0]
+    assert polled.endswith("(cpuidle driver: haltpoll)")
+
+
 def test_a_paused_service_uses_no_cpu_until_it_is_resumed():
     """The bare engine's 'alone' timing pauses the whole process tree of our service: a process
     and the child it started, both spinning, use no CPU while paused and spin again after."""
