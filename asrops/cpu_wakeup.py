@@ -18,7 +18,7 @@ Only a cpuidle driver reads the request: on a kernel without one (`current_drive
 `none`, as on some of the 2-core VMs this project runs on) an idle CPU halts whatever is asked.
 The request is still held (it costs nothing) and the log says it has no effect, so that a reader
 of a benchmark knows which machine it met (loadtests/RESULTS.md, 2026-12-05 evening: there a
-ping-pong after 20-80 ms of idle took 123-149 us held and 136-148 us not).
+ping-pong between two processes after 20-80 ms of idle took 90-294 us, held or not).
 """
 
 from __future__ import annotations

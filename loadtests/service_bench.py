@@ -213,6 +213,10 @@ class C1AgainstBareEngine(BaseModel):
     """What the idle stack used while the bare engine ran beside it."""
     stack_cpu_paused: list[ProcessCpu]
     """What anything but the bare engine used while our service was paused (the check that it was)."""
+    bare_paced: BareEngine | None = None
+    """Alone too, with a pause of PACE_S before each clip, as serving puts one between a lone
+    client's engine runs: for reading the ratio on a machine whose idle CPUs halt, where the
+    engine runs slower after one (the goal stays against the bare engine back to back)."""
 
     @property
     def overhead(self) -> float | None:
@@ -483,6 +487,10 @@ C1_BLOCK = 4
 C1_PASSES = 2
 """Each clip is timed this many times each way: a p50 over 24 requests moves 5-8 % with the machine's jitter."""
 RESUME_SETTLE_S = 1.0
+PACE_S = 0.010
+"""The paced bare engine's pause before each clip: about what serving puts between two engine runs
+of a lone client (8-10 ms), long enough for an idle CPU to halt (loadtests/RESULTS.md, 2026-12-05
+evening: a 10-ms pause made the bare engine 1.06x slower on a VM without a cpuidle driver)."""
 """After a pause, the service's periodic work that came due meanwhile runs before ours is timed again."""
 
 
@@ -497,9 +505,9 @@ class BareEngineWorker:
     def pid(self) -> int:
         return self._proc.pid
 
-    def time_clips(self, positions: list[int]) -> list[float]:
-        """Seconds per clip for the clips at these positions of `order`."""
-        self._proc.stdin.write(json.dumps(positions) + "\n")
+    def time_clips(self, positions: list[int], pause_s: float = 0.0) -> list[float]:
+        """Seconds per clip for the clips at these positions of `order`, each after `pause_s` of sleep."""
+        self._proc.stdin.write(json.dumps({"positions": positions, "pause_s": pause_s}) + "\n")
         self._proc.stdin.flush()
         return self.reply()
 
@@ -532,8 +540,8 @@ def bare_engine(order: list[int], threads: int) -> Iterator[BareEngineWorker]:
 
 
 def _bare_engine_worker(job: dict) -> None:
-    """Prints a line once loaded, then reads lines of positions into job["order"] and prints each
-    one's per-clip latencies (a JSON list)."""
+    """Prints a line once loaded, then reads lines of positions into job["order"] (with a pause
+    before each clip) and prints each one's per-clip latencies (a JSON list)."""
     from asrops.audio import decode_audio
     from asrops.engines import engine_lanes, load_engine
     from asrops.registry import ModelRegistry
@@ -552,8 +560,10 @@ def _bare_engine_worker(job: dict) -> None:
         engine.transcribe([audio], options)
     print(json.dumps("ready"), flush=True)
     for line in sys.stdin:
-        latencies = []
-        for position in json.loads(line):
+        latencies, asked = [], json.loads(line)
+        for position in asked["positions"]:
+            if asked["pause_s"]:
+                time.sleep(asked["pause_s"])
             start = time.perf_counter()
             engine.transcribe([audios[position]], options)
             latencies.append(time.perf_counter() - start)
@@ -588,8 +598,9 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
                                    say: Callable[[str], None]) -> C1AgainstBareEngine | None:
     """Ours at concurrency 1 and the bare engine on the same clips, in blocks of C1_BLOCK clips:
     per block, ours one request at a time, then the bare engine beside our idle service, then
-    the bare engine alone (our service paused, when it was started here). This machine's speed
-    drifts by 15-25 % within minutes; within a block, seconds apart, it does not.
+    the bare engine alone (our service paused, when it was started here), back to back and then
+    paced (PACE_S before each clip). This machine's speed drifts by 15-25 % within minutes;
+    within a block, seconds apart, it does not.
 
     Each side sends one untimed request (the block's first clip) before its timed ones. Ours
     follows the pause, which slowed its next request beyond anything a running service's clients
@@ -601,11 +612,13 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
     alone_too = server.pid is not None
     say(f"ours at c=1 against the bare engine (onnx-int8, {threads} threads), {len(order)} clips {C1_PASSES} times, "
         f"in blocks of {C1_BLOCK}: ours, the bare engine beside our idle service"
-        + (", the bare engine alone (our service paused)" if alone_too else " (our service was not started here: "
+        + (", the bare engine alone (our service paused), back to back and paced" if alone_too
+           else " (our service was not started here: "
            "it cannot be paused, so the bare engine alone is not measured)"))
     samples: list[Sample] = []
     beside: list[float] = []
     alone: list[float] = []
+    paced: list[float] = []
     wall: Counter[str] = Counter()
     beside_cpu: Counter[str] = Counter()
     paused_cpu: Counter[str] = Counter()
@@ -629,6 +642,7 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
                         alone.extend(worker.time_clips(positions))
                         wall["alone"] += time.perf_counter() - start
                         paused_cpu.update(cpu_used(before, cpu_snapshot(), exclude=worker.pid))
+                        paced.extend(worker.time_clips(positions, PACE_S))
                     await asyncio.sleep(RESUME_SETTLE_S)
 
     try:
@@ -645,6 +659,7 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
         bare_alone=_bare(alone, threads) if alone else None,
         stack_cpu_beside=as_cores(beside_cpu, wall["beside"]),
         stack_cpu_paused=as_cores(paused_cpu, wall["alone"]) if alone else [],
+        bare_paced=_bare(paced, threads) if paced else None,
     )
 
 
@@ -670,12 +685,16 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
 
 
 # --- report ------------------------------------------------------------------------------
+def idle_driver_note(driver: str) -> str:
+    """Which cpuidle driver the run met: without one the held bound does nothing (asrops/cpu_wakeup.py)."""
+    halts = ", so idle CPUs halt regardless" if driver == NO_CPUIDLE_DRIVER else ""
+    return f" (cpuidle driver: {driver}{halts})"
+
+
 def format_table(result: BenchResult) -> str:
     lines = [("CPU wake-up latency left to the machine" if result.cpu_wakeup_latency_us is None else
               f"CPU wake-up latency held at {result.cpu_wakeup_latency_us} us") + " for every server and engine below"
-             + (f" (cpuidle driver: {result.cpuidle_driver}"
-                + (", so idle CPUs halt regardless" if result.cpuidle_driver == NO_CPUIDLE_DRIVER else "") + ")"
-                if result.cpuidle_driver else ""),
+             + (idle_driver_note(result.cpuidle_driver) if result.cpuidle_driver else ""),
              f"{'server':6} {'conc':>4} {'req':>4} {'err':>4} {'audio-s/s':>9} {'req/s':>6} "
              f"{'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>5} {'WER %':>6}"]
     for server in (result.ours, result.peer):
@@ -722,6 +741,12 @@ def format_table(result: BenchResult) -> str:
             used = ", ".join(f"{c.process} {c.cores:.2f}" for c in c1.stack_cpu_paused) or "nothing over 1 %"
             lines.append(f"  while our service was paused for the bare engine alone, the rest of the machine used "
                          f"{sum(c.cores for c in c1.stack_cpu_paused):.2f} cores ({used})")
+        if c1.bare_alone and c1.bare_paced:
+            lines.append(f"  the bare engine alone, paced like a server ({PACE_S * 1000:.0f} ms of sleep before each "
+                         f"clip): p50 {c1.bare_paced.p50_s:.3f} s = "
+                         f"{_fmt(ratio(c1.bare_paced.p50_s, c1.bare_alone.p50_s), '.2f')} x back to back; ours / it "
+                         f"{_fmt(ratio(c1.ours.p50_s, c1.bare_paced.p50_s), '.2f')} (for reading only: the goal is "
+                         "against the bare engine back to back)")
     else:
         lines.append("ours at c=1 against the bare engine: not measured")
     if e := result.engine:
@@ -783,10 +808,9 @@ def measure_on_one_machine_state(say: Callable[[str], None]) -> Iterator[int | N
     with cpu_wakeup_latency_held(bound) as held:
         if held:
             say(f"CPU wake-up latency held at {bound} us for the whole run, for the peer and the engines as for ours"
-                + (" (but this kernel has no cpuidle driver: idle CPUs halt regardless)"
-                   if cpuidle_driver() == NO_CPUIDLE_DRIVER else ""))
+                + idle_driver_note(cpuidle_driver()))
         else:
-            say("CPU wake-up latency left to the machine for the whole run")
+            say("CPU wake-up latency left to the machine for the whole run" + idle_driver_note(cpuidle_driver()))
         yield bound if held else None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import httpx
@@ -74,7 +75,7 @@ def test_the_log_says_whether_the_kernel_applies_the_bound(tmp_path, caplog, dri
         driver_file.write_text(driver + "\n")
     with caplog.at_level(logging.INFO, logger="asrops.cpu_wakeup"), \
             cpu_wakeup_latency_held(0, device, driver_file) as held:
-        assert held and device.read_bytes() == (0).to_bytes(4, "little")
+        assert held and device.read_bytes() == (0).to_bytes(4, sys.byteorder)
     assert cpuidle_driver(driver_file) == (driver or "none")
     assert ("no cpuidle driver" not in caplog.text) == has_effect
     assert ("held at 0 us" in caplog.text) == has_effect

@@ -1,6 +1,6 @@
 """The service benchmark's statistics, where its speech comes from, and the peer server's
-one-request-at-a-time rule (with a fake transcriber and a fake engine benchmark: no model, no
-servers)."""
+one-request-at-a-time rule (with a fake transcriber and a fake engine benchmark: no servers), and
+the bare engine's worker (the real model)."""
 
 from __future__ import annotations
 
@@ -126,6 +126,12 @@ def test_the_table_splits_the_c1_overhead_into_the_idle_stack_and_serving():
     assert "beside our idle service: p50 0.240 s = 1.20 x alone; the idle stack used 0.07 cores" in table
     assert "ray::ServeController 0.05, gcs_server 0.02" in table
     assert "our service was paused for the bare engine alone, the rest of the machine used 0.01 cores" in table
+    assert "paced like a server" not in table  # not measured: not said
+    paced = format_table(result.model_copy(update={"c1_against_bare_engine": c1.model_copy(
+        update={"bare_paced": bare(0.25)})}))
+    assert ("the bare engine alone, paced like a server (10 ms of sleep before each clip): p50 0.250 s = 1.25 x back "
+            "to back; ours / it 1.20") in paced
+    assert "bare engine alone p50 0.200 s = 1.50 (MISSES target <= 1.15)" in paced  # the goal's yardstick stays
     unpaused = format_table(result.model_copy(update={"c1_against_bare_engine": c1.model_copy(
         update={"bare_alone": None, "stack_cpu_paused": []})}))
     assert "the bare engine alone: not measured (our service was not started here)" in unpaused
@@ -251,6 +257,23 @@ def test_a_profile_counts_own_time_per_function_per_request():
     assert profile.cpu_ms_per_request == round(230 * per_sample_ms, 1)
     assert profile.top_functions == [("run (onnx_backend.py:70)", round(200 * per_sample_ms, 2)),
                                      ("_run (lanes.py:80)", round(30 * per_sample_ms, 2))]
+
+
+def test_the_bare_engine_times_each_clip_without_the_pause_before_it(monkeypatch, data_dir, speech_dir):
+    """The worker the c=1 comparison times (a process of its own, the stable version's engine):
+    back to back, and paced, where the pause before each clip is slept but not counted."""
+    from loadtests.service_bench import bare_engine
+
+    monkeypatch.setenv("ASROPS_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("ASROPS_SPEECH_DATA_DIR", str(speech_dir))
+    with bare_engine([0, 1], threads=2) as worker:
+        back_to_back = worker.time_clips([0, 1])
+        start = time.perf_counter()
+        paced = worker.time_clips([1, 0], pause_s=0.2)
+        elapsed = time.perf_counter() - start
+    assert len(back_to_back) == len(paced) == 2
+    assert all(0 < s < 30 for s in back_to_back + paced)
+    assert elapsed >= sum(paced) + 2 * 0.2  # both pauses were slept, and not counted in the clips' times
 
 
 def test_the_engine_benchmark_reads_the_checkouts_speech_without_the_variable(monkeypatch):
