@@ -796,22 +796,23 @@ def plot(result: BenchResult, path: Path) -> None:
 
 # --- CLI ---------------------------------------------------------------------------------
 @contextmanager
-def measure_on_one_machine_state(say: Callable[[str], None]) -> Iterator[int | None]:
+def measure_on_one_machine_state(say: Callable[[str], None]) -> Iterator[tuple[int | None, str]]:
     """The CPU wake-up latency bound our model replicas hold (`serve.cpu_wakeup_latency_us`,
     asrops/cpu_wakeup.py), held here too for the whole run, so that the peer and both engine
     benchmarks meet the machine our service makes: with idle CPUs polling, every server's
-    wake-ups are cheaper, not only ours. Yields the bound, or None when none is held."""
+    wake-ups are cheaper, not only ours. Yields the bound (None when none is held) and the kernel's
+    cpuidle driver, read once for the run's log and its record."""
     from asrops.cpu_wakeup import cpu_wakeup_latency_held
     from asrops.settings import load_settings
 
-    bound = load_settings().serve.cpu_wakeup_latency_us
+    bound, driver = load_settings().serve.cpu_wakeup_latency_us, cpuidle_driver()
     with cpu_wakeup_latency_held(bound) as held:
         if held:
             say(f"CPU wake-up latency held at {bound} us for the whole run, for the peer and the engines as for ours"
-                + idle_driver_note(cpuidle_driver()))
+                + idle_driver_note(driver))
         else:
-            say("CPU wake-up latency left to the machine for the whole run" + idle_driver_note(cpuidle_driver()))
-        yield bound if held else None
+            say("CPU wake-up latency left to the machine for the whole run" + idle_driver_note(driver))
+        yield (bound if held else None), driver
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -849,7 +850,7 @@ def main(argv: list[str] | None = None) -> None:
 
     py = sys.executable
     c1_order = [level_clip(i, len(clips)) for i in range(args.requests_per_level or default_requests(1))]
-    with measure_on_one_machine_state(say) as wakeup_us:
+    with measure_on_one_machine_state(say) as (wakeup_us, idle_driver):
         with running_server(args.ours, [py, "-m", "asrops.cli", "serve"], "/readyz",
                             args.out_dir / "ours.log", args.startup_timeout, say) as server:
             ours = bench_server("ours", server.url, clips, levels, args.requests_per_level, core_set, say)
@@ -861,7 +862,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = BenchResult(
         cpu_wakeup_latency_us=wakeup_us,
-        cpuidle_driver=cpuidle_driver(),
+        cpuidle_driver=idle_driver,
         clips=len(clips),
         clip_audio_s=sum(c.audio_s for c in clips),
         levels=levels,
