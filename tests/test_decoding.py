@@ -109,3 +109,47 @@ def test_sampling_is_seeded_by_the_window_not_by_its_batch(looping):
     assert alone == beside
     others = {looping.transcribe([_speech(s)], options)[0].text for s in range(6, 12)}
     assert len(others) > 1, "sampling at 0.6 must vary with the audio"
+
+
+TOY = SpecialTokens(eot=10, sot=11, sot_prev=12, no_speech=13, no_timestamps=14, timestamp_begin=15)
+"""A vocabulary of 15 text tokens and 40 timestamps, enough for the rules' arithmetic."""
+
+
+def test_logsumexp_matches_scipy_and_takes_rows_that_are_all_minus_infinity():
+    from scipy.special import logsumexp
+
+    from asrops.engines.decoding import _logsumexp
+
+    logits = np.random.default_rng(0).normal(0, 8, (4, 55)).astype(np.float32)
+    logits[1, ::2] = -np.inf
+    logits[3] = -np.inf
+    with np.errstate(all="raise"):  # no warning either
+        got = _logsumexp(logits.copy())
+    np.testing.assert_allclose(got[:3], logsumexp(logits[:3].astype(np.float64), axis=-1), rtol=1e-5)
+    assert got[3] == -np.inf
+
+
+def test_timestamps_win_where_openai_whispers_log_probabilities_say_they_do():
+    """openai/whisper compares the timestamps' summed log-probability with the best text token's
+    after a softmax over the whole vocabulary; the rule compares logits. Rows of every kind of
+    outcome: the text suppressed where the timestamps' mass wins, left where it does not."""
+    from scipy.special import log_softmax, logsumexp
+
+    from asrops.engines.decoding import LogitRules
+
+    rng = np.random.default_rng(1)
+    rows = 64
+    logits = rng.normal(0, 1, (rows, 55)).astype(np.float32)
+    logits[:, TOY.timestamp_begin :] += np.linspace(-8, 2, rows, dtype=np.float32)[:, None]
+    tokens = np.tile([TOY.sot, TOY.no_timestamps, 5], (rows, 1))  # one text token sampled so far
+    rules = LogitRules(TOY, np.array([], dtype=np.int64), np.array([], dtype=np.int64), sample_begin=2, timestamps=True)
+
+    expected = logits.astype(np.float64)
+    expected[:, TOY.no_timestamps] = -np.inf
+    logprobs = log_softmax(expected, axis=-1)
+    timestamps_win = logsumexp(logprobs[:, TOY.timestamp_begin :], axis=-1) > logprobs[:, : TOY.timestamp_begin].max(-1)
+    expected[timestamps_win, : TOY.timestamp_begin] = -np.inf
+
+    rules.apply(logits, tokens)
+    assert 0 < timestamps_win.sum() < rows
+    np.testing.assert_array_equal(np.isneginf(logits), np.isneginf(expected))
