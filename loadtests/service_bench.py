@@ -487,11 +487,11 @@ C1_BLOCK = 4
 C1_PASSES = 2
 """Each clip is timed this many times each way: a p50 over 24 requests moves 5-8 % with the machine's jitter."""
 RESUME_SETTLE_S = 1.0
+"""After a pause, the service's periodic work that came due meanwhile runs before ours is timed again."""
 PACE_S = 0.010
 """The paced bare engine's pause before each clip: about what serving puts between two engine runs
 of a lone client (8-10 ms), long enough for an idle CPU to halt (loadtests/RESULTS.md, 2026-12-05
 evening: a 10-ms pause made the bare engine 1.06x slower on a VM without a cpuidle driver)."""
-"""After a pause, the service's periodic work that came due meanwhile runs before ours is timed again."""
 
 
 class BareEngineWorker:
