@@ -24,7 +24,9 @@ meanwhile is printed, to show it was alone. Each side's first request of a block
 (`measure_c1_against_bare_engine` says why). The
 engine ratio (`asrops bench engine`, onnx-int8 against faster-whisper int8: RTFx and peak RSS)
 is measured in the same run, and every timed loop lists the CPU each process on the machine
-used (Ray's processes, the replicas, the side processes, this client), to show where it goes.
+used (Ray's processes, the replicas, the side processes, this client), to show where it goes,
+and what the hypervisor took from this VM meanwhile (CPU steal), to show when a contended host,
+not a server, set a figure.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ CORE_SET_CONCURRENCY = 16
 """Clients while each server transcribes the whole core set for its WER (`--wer-clips`)."""
 MIN_CPU_SHARE = 0.01
 """Processes that used less than 1 % of a core during a loop are left out of its CPU list."""
+STEAL_NOTE_CORES = 0.05
+"""CPU steal (the hypervisor running others on this VM's CPUs) from which the report's second
+line warns that a loop's figures are the host's doing: 5 % of a core."""
 
 
 # --- clips -------------------------------------------------------------------------------
@@ -147,6 +152,9 @@ class LevelResult(BaseModel):
     (batching, window packing) must not cost accuracy."""
     cpu: list[ProcessCpu] = []
     """CPU time of every process on the machine during the timed loop, busiest first."""
+    host_steal_cores: float | None = None
+    """Cores the hypervisor took from this VM during the loop (CPU steal; None where the kernel
+    does not count it): a contended host slows whichever server it meets."""
 
 
 class ServerResult(BaseModel):
@@ -187,6 +195,8 @@ class EngineRatio(BaseModel):
     peer_peak_rss_mb: float
     wer: float | None = None
     peer_wer: float | None = None
+    host_steal_cores: float | None = None
+    """Cores the hypervisor took from this VM during the engine benchmark (CPU steal)."""
 
     @property
     def rtfx_ratio(self) -> float:
@@ -217,6 +227,8 @@ class C1AgainstBareEngine(BaseModel):
     """Alone too, with a pause of PACE_S before each clip, as serving puts one between a lone
     client's engine runs: for reading the ratio on a machine whose idle CPUs halt, where the
     engine runs slower after one (the goal stays against the bare engine back to back)."""
+    host_steal_cores: float | None = None
+    """Cores the hypervisor took from this VM during the interleaved blocks (CPU steal)."""
 
     @property
     def overhead(self) -> float | None:
@@ -336,12 +348,14 @@ async def run_level(url: str, clips: list[Clip], concurrency: int, n_requests: i
             for i in order:
                 samples.append(await _post(client, url, clips[level_clip(i, len(clips))]))
 
-        before = cpu_snapshot()
+        before, steal_before = cpu_snapshot(), host_steal_s()
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         wall_s = time.perf_counter() - start
-        after = cpu_snapshot()
-    return summarize(samples, concurrency, wall_s).model_copy(update={"cpu": cpu_by_process(before, after, wall_s)})
+        after, steal_after = cpu_snapshot(), host_steal_s()
+    return summarize(samples, concurrency, wall_s).model_copy(update={
+        "cpu": cpu_by_process(before, after, wall_s),
+        "host_steal_cores": steal_cores(steal_before, steal_after, wall_s)})
 
 
 # --- CPU per process ---------------------------------------------------------------------
@@ -392,6 +406,21 @@ def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, f
         if pid != exclude:
             used[label] += cpu - before.get(pid, (label, 0.0))[1]
     return used
+
+
+def host_steal_s() -> float | None:
+    """CPU seconds this VM's CPUs have spent running someone else since boot, all CPUs together
+    (Linux's `steal` in /proc/stat); None where the kernel does not count it."""
+    import psutil
+
+    return getattr(psutil.cpu_times(), "steal", None)
+
+
+def steal_cores(before: float | None, after: float | None, wall_s: float) -> float | None:
+    """Cores the hypervisor took between two `host_steal_s` readings `wall_s` apart."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    return round((after - before) / wall_s, 3)
 
 
 def as_cores(used: Counter[str], wall_s: float) -> list[ProcessCpu]:
@@ -647,7 +676,9 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
 
     try:
         with bare_engine(order, threads) as worker:
+            steal_before, start = host_steal_s(), time.perf_counter()
             asyncio.run(interleave(worker))
+            steal = steal_cores(steal_before, host_steal_s(), time.perf_counter() - start)
     except RuntimeError as exc:
         say(f"the bare engine failed; reporting without it: {exc}")
         return None
@@ -660,6 +691,7 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
         stack_cpu_beside=as_cores(beside_cpu, wall["beside"]),
         stack_cpu_paused=as_cores(paused_cpu, wall["alone"]) if alone else [],
         bare_paced=_bare(paced, threads) if paced else None,
+        host_steal_cores=steal,
     )
 
 
@@ -673,6 +705,7 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
     from asrops.benchmarks.engine_bench import PEER, run_engine_benchmark
     from asrops.errors import AsropsError
 
+    steal_before, start = host_steal_s(), time.perf_counter()
     try:  # the core clips of the same speech as the levels', ASROPS_SPEECH_DATA_DIR set or not
         result = run_engine_benchmark(speech_settings(), None, "stable", ["onnx-int8", PEER], clips, threads, say)
     except (subprocess.CalledProcessError, AsropsError) as exc:
@@ -681,7 +714,8 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
     ours, peer = result["engines"]["onnx-int8"], result["engines"][PEER]
     return EngineRatio(clips=result["clips"], rtfx=ours["rtfx"], peer_rtfx=peer["rtfx"],
                        peak_rss_mb=ours["peak_rss_mb"], peer_peak_rss_mb=peer["peak_rss_mb"],
-                       wer=ours.get("wer"), peer_wer=peer.get("wer"))
+                       wer=ours.get("wer"), peer_wer=peer.get("wer"),
+                       host_steal_cores=steal_cores(steal_before, host_steal_s(), time.perf_counter() - start))
 
 
 # --- report ------------------------------------------------------------------------------
@@ -691,10 +725,36 @@ def idle_driver_note(driver: str) -> str:
     return f" (cpuidle driver: {driver}{halts})"
 
 
+def stolen(cores: float | None) -> str:
+    """What the hypervisor took during a loop, for the end of its line; nothing when under 1 % of a core."""
+    return f"; the host took {cores:.2f} cores (steal)" if cores is not None and cores >= MIN_CPU_SHARE else ""
+
+
+def steal_note(result: BenchResult) -> list[str]:
+    """A line when the hypervisor took CPU from this VM in some timed loop: the figures of a loop it
+    hit measure the host's other tenants as much as the server."""
+    loops: dict[str, float | None] = {}
+    for server in (result.ours, result.peer):
+        loops.update({f"{server.name} c={r.concurrency}": r.host_steal_cores for r in server.levels})
+        if server.core_set:
+            loops[f"{server.name} core set"] = server.core_set.host_steal_cores
+    if c1 := result.c1_against_bare_engine:
+        loops["ours at c=1 against the bare engine"] = c1.host_steal_cores
+    if result.engine:
+        loops["the engine benchmark"] = result.engine.host_steal_cores
+    hit = {name: cores for name, cores in loops.items() if cores is not None and cores >= STEAL_NOTE_CORES}
+    if not hit:
+        return []
+    worst = max(hit, key=hit.get)
+    return [f"The host took CPU from this VM (steal) during {len(hit)} of {len(loops)} timed parts, up to "
+            f"{hit[worst]:.2f} cores ({worst}): figures from those parts measure the host's other tenants too"]
+
+
 def format_table(result: BenchResult) -> str:
     lines = [("CPU wake-up latency left to the machine" if result.cpu_wakeup_latency_us is None else
               f"CPU wake-up latency held at {result.cpu_wakeup_latency_us} us") + " for every server and engine below"
              + (idle_driver_note(result.cpuidle_driver) if result.cpuidle_driver else ""),
+             *steal_note(result),
              f"{'server':6} {'conc':>4} {'req':>4} {'err':>4} {'audio-s/s':>9} {'req/s':>6} "
              f"{'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'batch':>5} {'WER %':>6}"]
     for server in (result.ours, result.peer):
@@ -715,13 +775,15 @@ def format_table(result: BenchResult) -> str:
     for server in (result.ours, result.peer):
         for r in server.levels:
             used = ", ".join(f"{c.process} {c.cores:.2f}" for c in r.cpu) or "-"
-            lines.append(f"  {server.name} c={r.concurrency}: {used}")
+            lines.append(f"  {server.name} c={r.concurrency}: {used}{stolen(r.host_steal_cores)}")
     lines.append("")
     if (ours := result.ours.core_set) and (peer := result.peer.core_set):
         lines.append(f"core set ({ours.requests} clips, once each, c={ours.concurrency}): WER ours "
                      f"{_fmt(ours.wer, '.2f')} % / peer {_fmt(peer.wer, '.2f')} %; throughput "
                      f"{ours.throughput:.2f} / {peer.throughput:.2f} audio-s/s = "
-                     f"{_fmt(ratio(ours.throughput, peer.throughput), '.2f')}; errors {ours.errors} / {peer.errors}")
+                     f"{_fmt(ratio(ours.throughput, peer.throughput), '.2f')}; errors {ours.errors} / {peer.errors}"
+                     + (f"; the host took {_fmt(ours.host_steal_cores, '.2f')} / {_fmt(peer.host_steal_cores, '.2f')} "
+                        "cores (steal)" if stolen(ours.host_steal_cores) or stolen(peer.host_steal_cores) else ""))
     if c1 := result.c1_against_bare_engine:
         head = (f"ours at c=1 against the bare engine on the same clips ({c1.ours.requests} requests), interleaved in "
                 f"blocks of {C1_BLOCK}: ours p50 {_fmt(c1.ours.p50_s)} s (the engine in its replica "
@@ -747,6 +809,8 @@ def format_table(result: BenchResult) -> str:
                          f"{_fmt(ratio(c1.bare_paced.p50_s, c1.bare_alone.p50_s), '.2f')} x back to back; ours / it "
                          f"{_fmt(ratio(c1.ours.p50_s, c1.bare_paced.p50_s), '.2f')} (for reading only: the goal is "
                          "against the bare engine back to back)")
+        if stolen(c1.host_steal_cores):
+            lines.append(f"  the host took {c1.host_steal_cores:.2f} cores (steal) during these blocks")
     else:
         lines.append("ours at c=1 against the bare engine: not measured")
     if e := result.engine:
@@ -755,7 +819,7 @@ def format_table(result: BenchResult) -> str:
             f"({'meets' if e.rtfx_ratio >= ENGINE_GOALS['rtfx'] else 'MISSES'} >= {ENGINE_GOALS['rtfx']}); peak RSS "
             f"{e.peak_rss_mb:.0f} / {e.peer_peak_rss_mb:.0f} MB = {e.rss_ratio:.2f} "
             f"({'meets' if e.rss_ratio <= ENGINE_GOALS['peak_rss'] else 'MISSES'} <= {ENGINE_GOALS['peak_rss']}); "
-            f"WER {_fmt(e.wer, '.2f')} / {_fmt(e.peer_wer, '.2f')} %")
+            f"WER {_fmt(e.wer, '.2f')} / {_fmt(e.peer_wer, '.2f')} %{stolen(e.host_steal_cores)}")
     else:
         lines.append("engine ratio: not measured")
     lines.append(f"({result.clips} clips, {result.clip_audio_s:.0f} s of audio; throughput = audio s / wall s; "

@@ -29,10 +29,12 @@ from loadtests.service_bench import (
     cpu_snapshot,
     default_requests,
     format_table,
+    host_steal_s,
     paused,
     percentile,
     process_label,
     ratio,
+    steal_cores,
     summarize,
 )
 
@@ -149,6 +151,38 @@ def test_the_table_says_when_the_held_wake_up_latency_has_no_effect():
         "halt regardless)")
     polled = format_table(result.model_copy(update={"cpuidle_driver": "haltpoll"})).splitlines()[0]
     assert polled.endswith("(cpuidle driver: haltpoll)")
+
+
+def test_the_table_says_which_loops_the_host_took_cpu_from():
+    """CPU steal moves a loop's figures as much as a server does: the report names the loops it hit
+    and warns in its second line from STEAL_NOTE_CORES; a run on a quiet host says nothing of it."""
+
+    def server(name: str, *steals: float | None) -> ServerResult:
+        levels = [_level(c, 10.0, 0.3).model_copy(update={"host_steal_cores": steal})
+                  for c, steal in zip((1, 4), steals, strict=True)]
+        return ServerResult(name=name, url="", levels=levels)
+
+    result = BenchResult(clips=1, clip_audio_s=5.0, levels=[1, 4], ours=server("ours", 0.0, 0.02),
+                         peer=server("peer", 0.41, 0.07), ratios=[], c1_against_bare_engine=None)
+    lines = format_table(result).splitlines()
+    assert lines[1] == ("The host took CPU from this VM (steal) during 2 of 4 timed parts, up to 0.41 cores "
+                        "(peer c=1): figures from those parts measure the host's other tenants too")
+    cpu = {line.split(":")[0].strip(): line for line in lines if line.startswith("  ")}
+    assert cpu["ours c=1"].endswith(": -")  # under 1 % of a core: not said
+    assert cpu["ours c=4"].endswith("; the host took 0.02 cores (steal)")
+    assert cpu["peer c=1"].endswith("; the host took 0.41 cores (steal)")
+    under = format_table(result.model_copy(update={"peer": server("peer", 0.04, None)}))
+    assert "The host took" not in under and "the host took 0.04 cores (steal)" in under  # listed, no warning
+    assert "steal" not in format_table(result.model_copy(update={"ours": server("ours", None, 0.0),
+                                                                  "peer": server("peer", 0.001, None)}))
+
+
+def test_steal_is_read_from_the_kernel_and_turned_into_cores():
+    assert steal_cores(10.0, 11.5, wall_s=3.0) == 0.5
+    assert steal_cores(None, 1.0, wall_s=3.0) is None and steal_cores(1.0, 2.0, wall_s=0.0) is None
+    if os.path.exists("/proc/stat"):  # Linux counts it for every machine, virtual or not
+        first = host_steal_s()
+        assert isinstance(first, float) and 0 <= first <= host_steal_s()
 
 
 def test_a_paused_service_uses_no_cpu_until_it_is_resumed():
