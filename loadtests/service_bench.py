@@ -228,7 +228,9 @@ class C1AgainstBareEngine(BaseModel):
     client's engine runs: for reading the ratio on a machine whose idle CPUs halt, where the
     engine runs slower after one (the goal stays against the bare engine back to back)."""
     host_steal_cores: float | None = None
-    """Cores the hypervisor took from this VM during the interleaved blocks (CPU steal)."""
+    """Cores the hypervisor took from this VM during the interleaved blocks (CPU steal): the
+    blocks' only reading, since ours and the bare engine take turns within them (so `ours`, the
+    level summed from ours' turns, has none of its own)."""
 
     @property
     def overhead(self) -> float | None:
