@@ -204,7 +204,8 @@ class WindowDecoder:
         tokens = np.tile(np.asarray(initial, dtype=np.int64), (batch, 1))
         logits, cache = self.backend.start(encoded, tokens)
         sot_logits = logits[:, sot_index].astype(np.float32)
-        no_speech = np.exp(_log_softmax(sot_logits))[:, self.special.no_speech]
+        # one token's probability: its logit against the normaliser, not a softmax over the vocabulary
+        no_speech = np.exp(sot_logits[:, self.special.no_speech] - _logsumexp(sot_logits))
         last = logits[:, -1].astype(np.float32)
         if options.beam_size > 1 and options.temperature == 0:
             results = self._beam(last, cache, tokens, rules, max_len, options.beam_size)
