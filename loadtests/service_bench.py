@@ -515,8 +515,11 @@ def _stop(proc: subprocess.Popen) -> None:
 # --- ours at concurrency 1 against the bare engine ---------------------------------------
 C1_BLOCK = 4
 """Clips per block of the interleaved c=1 comparison: a block's three timings lie seconds apart."""
-C1_PASSES = 2
-"""Each clip is timed this many times each way: a p50 over 24 requests moves 5-8 % with the machine's jitter."""
+C1_PASSES = 6
+"""Each clip is timed this many times each way (`--c1-passes`). The same clip's engine run moves by
+up to 2x between blocks on this machine (a quiet host by steal), so the ratio of two p50s over few
+passes is mostly noise: in one run of 8 passes (loadtests/RESULTS.md, 2026-12-06), the ratio over
+any 2 of them spread with a standard deviation of 6.3 points, over any 4 of them 2.9."""
 RESUME_SETTLE_S = 1.0
 """After a pause, the service's periodic work that came due meanwhile runs before ours is timed again."""
 PACE_S = 0.010
@@ -626,7 +629,7 @@ def paused(pid: int) -> Iterator[None]:
 
 
 def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], order: list[int], threads: int,
-                                   say: Callable[[str], None]) -> C1AgainstBareEngine | None:
+                                   passes: int, say: Callable[[str], None]) -> C1AgainstBareEngine | None:
     """Ours at concurrency 1 and the bare engine on the same clips, in blocks of C1_BLOCK clips:
     per block, ours one request at a time, then the bare engine beside our idle service, then
     the bare engine alone (our service paused, when it was started here), back to back and then
@@ -641,7 +644,7 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
         say("our service is not ready: ours at c=1 against the bare engine is not measured")
         return None
     alone_too = server.pid is not None
-    say(f"ours at c=1 against the bare engine (onnx-int8, {threads} threads), {len(order)} clips {C1_PASSES} times, "
+    say(f"ours at c=1 against the bare engine (onnx-int8, {threads} threads), {len(order)} clips {passes} times, "
         f"in blocks of {C1_BLOCK}: ours, the bare engine beside our idle service"
         + (", the bare engine alone (our service paused), back to back and paced" if alone_too
            else " (our service was not started here: "
@@ -656,8 +659,9 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
 
     async def interleave(worker: BareEngineWorker) -> None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-            for first in range(0, C1_PASSES * len(order), C1_BLOCK):
-                positions = [p % len(order) for p in range(first, min(first + C1_BLOCK, C1_PASSES * len(order)))]
+            total = passes * len(order)
+            for first in range(0, total, C1_BLOCK):
+                positions = [p % len(order) for p in range(first, min(first + C1_BLOCK, total))]
                 await _post(client, server.url, clips[order[positions[0]]])  # untimed (see above)
                 start = time.perf_counter()
                 samples.extend([await _post(client, server.url, clips[order[p]]) for p in positions])
@@ -675,6 +679,11 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
                         paused_cpu.update(cpu_used(before, cpu_snapshot(), exclude=worker.pid))
                         paced.extend(worker.time_clips(positions, PACE_S))
                     await asyncio.sleep(RESUME_SETTLE_S)
+                done = first + len(positions)
+                if done // len(order) > first // len(order):  # a pass ended in this block
+                    ours_p50 = percentile([x.latency_s for x in samples], 50)
+                    say(f"  pass {done // len(order)}/{passes}: p50 so far ours {_fmt(ours_p50)} s, "
+                        f"the bare engine alone {_fmt(percentile(alone, 50))} s")
 
     try:
         with bare_engine(order, threads) as worker:
@@ -893,6 +902,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="core clips each server transcribes once more, untimed by level, for its WER (0 skips it)")
     parser.add_argument("--engine-clips", type=int, default=245,
                         help="core clips for the engine ratio (asrops bench engine, onnx-int8 vs fw-int8); 0 skips it")
+    parser.add_argument("--c1-passes", type=int, default=C1_PASSES,
+                        help=f"times each c=1 clip is timed each way against the bare engine (default {C1_PASSES})")
     parser.add_argument("--out-dir", type=Path, default=Path("out/service-bench"))
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a started server")
     parser.add_argument("--bare-engine-worker", help=argparse.SUPPRESS)
@@ -920,7 +931,7 @@ def main(argv: list[str] | None = None) -> None:
         with running_server(args.ours, [py, "-m", "asrops.cli", "serve"], "/readyz",
                             args.out_dir / "ours.log", args.startup_timeout, say) as server:
             ours = bench_server("ours", server.url, clips, levels, args.requests_per_level, core_set, say)
-            c1 = measure_c1_against_bare_engine(server, clips, c1_order, args.threads, say)
+            c1 = measure_c1_against_bare_engine(server, clips, c1_order, args.threads, args.c1_passes, say)
         with running_server(args.peer, [py, "-m", "loadtests.peer_server", "--threads", str(args.threads)],
                             "/healthz", args.out_dir / "peer.log", args.startup_timeout, say) as server:
             peer = bench_server("peer", server.url, clips, levels, args.requests_per_level, core_set, say)
