@@ -628,6 +628,17 @@ def paused(pid: int) -> Iterator[None]:
                 continue
 
 
+def c1_blocks(n_clips: int, passes: int) -> Iterator[tuple[list[int], int | None]]:
+    """The c=1 comparison's blocks in order: positions into its clips (every clip `passes` times,
+    C1_BLOCK at a time), each with the number of passes complete once it is done, or None when no
+    pass ends in it."""
+    total = passes * n_clips
+    for first in range(0, total, C1_BLOCK):
+        done = min(first + C1_BLOCK, total)
+        passes_done = done // n_clips if done // n_clips > first // n_clips else None
+        yield [p % n_clips for p in range(first, done)], passes_done
+
+
 def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], order: list[int], threads: int,
                                    passes: int, say: Callable[[str], None]) -> C1AgainstBareEngine | None:
     """Ours at concurrency 1 and the bare engine on the same clips, in blocks of C1_BLOCK clips:
@@ -659,9 +670,7 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
 
     async def interleave(worker: BareEngineWorker) -> None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
-            total = passes * len(order)
-            for first in range(0, total, C1_BLOCK):
-                positions = [p % len(order) for p in range(first, min(first + C1_BLOCK, total))]
+            for positions, passes_done in c1_blocks(len(order), passes):
                 await _post(client, server.url, clips[order[positions[0]]])  # untimed (see above)
                 start = time.perf_counter()
                 samples.extend([await _post(client, server.url, clips[order[p]]) for p in positions])
@@ -679,10 +688,9 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
                         paused_cpu.update(cpu_used(before, cpu_snapshot(), exclude=worker.pid))
                         paced.extend(worker.time_clips(positions, PACE_S))
                     await asyncio.sleep(RESUME_SETTLE_S)
-                done = first + len(positions)
-                if done // len(order) > first // len(order):  # a pass ended in this block
+                if passes_done:
                     ours_p50 = percentile([x.latency_s for x in samples], 50)
-                    say(f"  pass {done // len(order)}/{passes}: p50 so far ours {_fmt(ours_p50)} s, "
+                    say(f"  pass {passes_done}/{passes}: p50 so far ours {_fmt(ours_p50)} s, "
                         f"the bare engine alone {_fmt(percentile(alone, 50))} s")
 
     try:

@@ -17,6 +17,7 @@ from asrops.audio import audio_to_wav_bytes
 from asrops.formats import engine_time, server_timing
 from loadtests.peer_server import build_app
 from loadtests.service_bench import (
+    C1_BLOCK,
     BareEngine,
     BenchResult,
     C1AgainstBareEngine,
@@ -24,6 +25,7 @@ from loadtests.service_bench import (
     ProcessCpu,
     Sample,
     ServerResult,
+    c1_blocks,
     compare,
     cpu_by_process,
     cpu_snapshot,
@@ -230,6 +232,18 @@ def test_cpu_is_summed_by_process_kind_and_idle_ones_left_out():
     assert process_label("prometheus", ["prometheus", "--config.file=x"]) == "prometheus"
     label, cpu = cpu_snapshot()[os.getpid()]
     assert cpu > 0 and label
+
+
+@pytest.mark.parametrize("n_clips, passes", [(24, 6), (10, 3), (3, 2), (5, 1)])
+def test_the_c1_blocks_time_every_clip_as_often_and_mark_each_pass_once(n_clips, passes):
+    """The goal's two p50s are only comparable when both sides saw every clip equally often;
+    the progress line needs each pass's end, also where a pass ends inside a block."""
+    blocks = list(c1_blocks(n_clips, passes))
+    positions = [p for block, _ in blocks for p in block]
+    assert positions == [p % n_clips for p in range(n_clips * passes)]
+    assert all(1 <= len(block) <= C1_BLOCK for block, _ in blocks)
+    assert [done for _, done in blocks if done] == list(range(1, passes + 1))
+    assert blocks[-1][1] == passes
 
 
 def test_default_requests_grow_with_concurrency():
