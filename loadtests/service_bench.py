@@ -916,6 +916,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a started server")
     parser.add_argument("--bare-engine-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.c1_passes < 1:
+        parser.error("--c1-passes must be at least 1")
     if args.bare_engine_worker:
         return _bare_engine_worker(json.loads(args.bare_engine_worker))
 

@@ -39,6 +39,7 @@ from loadtests.service_bench import (
     steal_cores,
     summarize,
 )
+from loadtests.service_bench import main as service_bench_main
 
 
 def test_percentile_interpolates_and_handles_empty():
@@ -244,6 +245,12 @@ def test_the_c1_blocks_time_every_clip_as_often_and_mark_each_pass_once(n_clips,
     assert all(1 <= len(block) <= C1_BLOCK for block, _ in blocks)
     assert [done for _, done in blocks if done] == list(range(1, passes + 1))
     assert blocks[-1][1] == passes
+
+
+def test_the_benchmark_refuses_a_c1_comparison_of_no_passes(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        service_bench_main(["--c1-passes", "0"])
+    assert stopped.value.code == 2 and "--c1-passes must be at least 1" in capsys.readouterr().err
 
 
 def test_default_requests_grow_with_concurrency():
