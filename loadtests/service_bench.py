@@ -350,14 +350,14 @@ async def run_level(url: str, clips: list[Clip], concurrency: int, n_requests: i
             for i in order:
                 samples.append(await _post(client, url, clips[level_clip(i, len(clips))]))
 
-        before, steal_before = cpu_snapshot(), host_steal_s()
+        before, meter = cpu_snapshot(), StealMeter()
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         wall_s = time.perf_counter() - start
-        after, steal_after = cpu_snapshot(), host_steal_s()
+        after, steal = cpu_snapshot(), meter.cores()
     return summarize(samples, concurrency, wall_s).model_copy(update={
         "cpu": cpu_by_process(before, after, wall_s),
-        "host_steal_cores": steal_cores(steal_before, steal_after, wall_s)})
+        "host_steal_cores": steal})
 
 
 # --- CPU per process ---------------------------------------------------------------------
@@ -423,6 +423,16 @@ def steal_cores(before: float | None, after: float | None, wall_s: float) -> flo
     if before is None or after is None or wall_s <= 0:
         return None
     return round((after - before) / wall_s, 3)
+
+
+class StealMeter:
+    """Started where a timed part starts; `cores()` is what the hypervisor took since."""
+
+    def __init__(self) -> None:
+        self._steal_s, self._start = host_steal_s(), time.perf_counter()
+
+    def cores(self) -> float | None:
+        return steal_cores(self._steal_s, host_steal_s(), time.perf_counter() - self._start)
 
 
 def as_cores(used: Counter[str], wall_s: float) -> list[ProcessCpu]:
@@ -695,9 +705,9 @@ def measure_c1_against_bare_engine(server: RunningServer, clips: list[Clip], ord
 
     try:
         with bare_engine(order, threads) as worker:
-            steal_before, start = host_steal_s(), time.perf_counter()
+            meter = StealMeter()
             asyncio.run(interleave(worker))
-            steal = steal_cores(steal_before, host_steal_s(), time.perf_counter() - start)
+            steal = meter.cores()
     except RuntimeError as exc:
         say(f"the bare engine failed; reporting without it: {exc}")
         return None
@@ -724,7 +734,7 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
     from asrops.benchmarks.engine_bench import PEER, run_engine_benchmark
     from asrops.errors import AsropsError
 
-    steal_before, start = host_steal_s(), time.perf_counter()
+    meter = StealMeter()
     try:  # the core clips of the same speech as the levels', ASROPS_SPEECH_DATA_DIR set or not
         result = run_engine_benchmark(speech_settings(), None, "stable", ["onnx-int8", PEER], clips, threads, say)
     except (subprocess.CalledProcessError, AsropsError) as exc:
@@ -734,7 +744,7 @@ def measure_engine_ratio(clips: int, threads: int, say: Callable[[str], None]) -
     return EngineRatio(clips=result["clips"], rtfx=ours["rtfx"], peer_rtfx=peer["rtfx"],
                        peak_rss_mb=ours["peak_rss_mb"], peer_peak_rss_mb=peer["peak_rss_mb"],
                        wer=ours.get("wer"), peer_wer=peer.get("wer"),
-                       host_steal_cores=steal_cores(steal_before, host_steal_s(), time.perf_counter() - start))
+                       host_steal_cores=meter.cores())
 
 
 # --- report ------------------------------------------------------------------------------

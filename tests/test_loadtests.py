@@ -25,6 +25,7 @@ from loadtests.service_bench import (
     ProcessCpu,
     Sample,
     ServerResult,
+    StealMeter,
     c1_blocks,
     compare,
     cpu_by_process,
@@ -186,6 +187,10 @@ def test_steal_is_read_from_the_kernel_and_turned_into_cores():
     if os.path.exists("/proc/stat"):  # Linux counts it for every machine, virtual or not
         first = host_steal_s()
         assert isinstance(first, float) and 0 <= first <= host_steal_s()
+        meter = StealMeter()
+        time.sleep(0.2)
+        cores = meter.cores()  # cores over the part, never more than the machine has
+        assert isinstance(cores, float) and 0 <= cores <= os.cpu_count()
 
 
 def test_a_paused_service_uses_no_cpu_until_it_is_resumed():
