@@ -908,7 +908,8 @@ def measure_on_one_machine_state(say: Callable[[str], None]) -> Iterator[tuple[i
         yield (bound if held else None), driver
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked before anything starts."""
     parser = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ours", help="base URL of a running asrops (default: start one)")
     parser.add_argument("--peer", help="base URL of a running peer (default: start loadtests.peer_server)")
@@ -928,6 +929,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.c1_passes < 1:
         parser.error("--c1-passes must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.bare_engine_worker:
         return _bare_engine_worker(json.loads(args.bare_engine_worker))
 

@@ -33,6 +33,7 @@ from loadtests.service_bench import (
     default_requests,
     format_table,
     host_steal_s,
+    parse_args,
     paused,
     percentile,
     process_label,
@@ -40,7 +41,6 @@ from loadtests.service_bench import (
     steal_cores,
     summarize,
 )
-from loadtests.service_bench import main as service_bench_main
 
 
 def test_percentile_interpolates_and_handles_empty():
@@ -254,7 +254,7 @@ def test_the_c1_blocks_time_every_clip_as_often_and_mark_each_pass_once(n_clips,
 
 def test_the_benchmark_refuses_a_c1_comparison_of_no_passes(capsys):
     with pytest.raises(SystemExit) as stopped:
-        service_bench_main(["--c1-passes", "0"])
+        parse_args(["--c1-passes", "0"])
     assert stopped.value.code == 2 and "--c1-passes must be at least 1" in capsys.readouterr().err
 
 
